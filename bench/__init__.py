@@ -1,0 +1,1 @@
+"""Serving benchmark for turnout: model builder, baselines and the load runner."""

@@ -1,0 +1,1 @@
+"""Hand-written servers that turnout is measured against."""

@@ -1,0 +1,87 @@
+"""The benchmark model: an ONNX MLP built with onnx.helper, and a turnout model repository."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+MODEL_NAME = "mlp"
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+INPUT_DIM = 256
+OUTPUT_DIM = 10
+LAYERS = (INPUT_DIM, 1024, 1024, OUTPUT_DIM)
+
+# turnout's per-model config; a plain dict so a benchmark variant can override any key.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "max_batch_size": 64,
+    "max_queue_delay_us": 500,
+    "max_queue_size": 4096,
+    "num_replicas": 1,
+    "max_inflight_batches": 2,
+    "intra_op_threads": 1,
+}
+
+
+def build_mlp(path: Path, seed: int = 0) -> None:
+    """Write the MLP 256 -> 1024 -> 1024 -> 10 (ReLU between layers) as ONNX to `path`."""
+    rng = np.random.default_rng(seed)
+    initializers: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    current = INPUT_NAME
+    last = len(LAYERS) - 2
+    for i, (fan_in, fan_out) in enumerate(pairwise(LAYERS)):
+        # Scale 1/sqrt(fan_in) keeps activations O(1) through the stack, so outputs stay finite.
+        weight = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        bias = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"w{i}"),
+            numpy_helper.from_array(bias, f"b{i}"),
+        ]
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"]))
+        out = OUTPUT_NAME if i == last else f"pre{i}"
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], [out]))
+        if i != last:
+            nodes.append(helper.make_node("Relu", [out], [f"act{i}"]))
+            current = f"act{i}"
+    graph = helper.make_graph(
+        nodes,
+        MODEL_NAME,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", INPUT_DIM])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", OUTPUT_DIM])],
+        initializers,
+    )
+    # Opset 17 / IR 8 load in every onnxruntime release turnout supports.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def build_repository(
+    root: Path,
+    max_batch_size: int = DEFAULT_CONFIG["max_batch_size"],
+    max_queue_delay_us: int = DEFAULT_CONFIG["max_queue_delay_us"],
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Write `root/mlp/1/model.onnx` and `root/mlp/config.yaml`; return `root`.
+
+    `overrides` replace or add turnout config keys (e.g. num_replicas=2).
+    """
+    model_dir = root / MODEL_NAME
+    build_mlp(model_dir / "1" / "model.onnx", seed=seed)
+    config = {
+        **DEFAULT_CONFIG,
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_us": max_queue_delay_us,
+        **overrides,
+    }
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root

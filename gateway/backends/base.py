@@ -1,0 +1,42 @@
+"""The replica backend interface: load a model version, run one stacked batch, unload."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from gateway.repository import ModelSpec
+
+__all__ = ["ReplicaBackend"]
+
+Tensors = dict[str, np.ndarray[Any, Any]]
+
+
+class ReplicaBackend(ABC):
+    """Runs ONNX models somewhere; the batcher calls ``infer`` once per batch."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Acquire what the backend needs (threads, a Ray connection)."""
+
+    @abstractmethod
+    async def load(self, spec: ModelSpec) -> None:
+        """Make ``spec`` ready to serve; raise a TurnoutError with a clear cause if it can't."""
+
+    @abstractmethod
+    async def unload(self, spec: ModelSpec) -> None:
+        """Release the replicas of ``spec`` (callers drain its batcher first)."""
+
+    @abstractmethod
+    async def infer(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
+        """Run one batch and return every output of the model."""
+
+    @abstractmethod
+    def describe(self, spec: ModelSpec) -> dict[str, str]:
+        """Facts for model metadata ``properties`` (backend, device, replicas)."""
+
+    async def close(self) -> None:
+        """Release everything; called once at shutdown."""

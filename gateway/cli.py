@@ -1,0 +1,86 @@
+"""``turnout``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.settings import SettingsError, load_settings
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import run_gateway
+
+    try:
+        settings = load_settings(
+            args.config,
+            model_repository=args.model_repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            backend=args.backend,
+            ray_address=args.ray_address,
+        )
+    except SettingsError as exc:
+        print(f"turnout: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if not settings.model_repository.is_dir():
+        print(
+            f"turnout: model repository {settings.model_repository} is not a directory",
+            file=sys.stderr,
+        )
+        return 2
+    return run_gateway(settings)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(
+        Path(args.models),
+        backend=args.backend,
+        requests=args.requests,
+        keep_serving=not args.no_wait,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"turnout {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over HTTP and gRPC")
+    serve.add_argument("--model-repository", type=Path, help="DIR/<model>/<version>/model.onnx")
+    serve.add_argument("--config", type=Path, help="YAML settings file")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    serve.add_argument("--backend", choices=["ray", "local"], help="replica backend (default ray)")
+    serve.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    serve.set_defaults(func=_serve)
+
+    demo = commands.add_parser("demo", help="build demo models, serve them and show traffic")
+    demo.add_argument("--models", default="demo-models", help="where to write the demo models")
+    demo.add_argument("--backend", choices=["ray", "local"], default="ray")
+    demo.add_argument("--requests", type=int, default=2000, help="size of the traffic burst")
+    demo.add_argument("--http-port", type=int, default=8000)
+    demo.add_argument("--grpc-port", type=int, default=8001)
+    demo.add_argument("--no-wait", action="store_true", help="stop after the summary")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

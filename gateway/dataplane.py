@@ -1,0 +1,309 @@
+"""The transport-agnostic data plane: health, metadata, and inference.
+
+REST and gRPC adapters convert wire messages into :mod:`gateway.types` and call this; every
+decision (which version, is the request valid, how it is batched) is made here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway import __version__
+from gateway.backends.base import ReplicaBackend
+from gateway.batching import Batcher, Tensors
+from gateway.errors import InvalidInput, ModelNotFound, ServerShuttingDown
+from gateway.repository import ModelSpec, Repository, TensorSpec, parse_version
+from gateway.types import InferOutput, InferRequest, InferResponse
+
+__all__ = ["DataPlane", "HighestVersion", "LoadedModel", "VersionSelector"]
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "turnout"
+EXTENSIONS = ("binary_tensor_data", "statistics")
+PLATFORM = "onnxruntime_onnx"
+
+
+class VersionSelector(Protocol):
+    """Chooses the version that serves a request; traffic policies plug in here."""
+
+    def select(self, model: str, request: InferRequest, ready: list[int]) -> int: ...
+
+
+class HighestVersion:
+    """Without an explicit version, the highest ready version serves."""
+
+    def select(self, model: str, request: InferRequest, ready: list[int]) -> int:
+        if request.model_version:
+            return parse_version(model, request.model_version)
+        return ready[-1]
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    spec: ModelSpec
+    batcher: Batcher
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: Repository,
+        backend: ReplicaBackend,
+        selector: VersionSelector | None = None,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.repository = repository
+        self.backend = backend
+        self.selector: VersionSelector = selector or HighestVersion()
+        self._drain_timeout_s = drain_timeout_s
+        self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._ready = False
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, specs: Iterable[ModelSpec] | None = None) -> None:
+        """Start the backend and load every version in the repository (or ``specs``)."""
+        await self.backend.start()
+        to_load = list(specs) if specs is not None else self.repository.read_all()
+        await asyncio.gather(*(self.load(spec) for spec in to_load))
+        self._ready = True
+
+    async def load(self, spec: ModelSpec) -> LoadedModel:
+        await self.backend.load(spec)
+
+        async def run_batch(inputs: Tensors) -> Tensors:
+            return await self.backend.infer(spec, inputs)
+
+        batcher = Batcher(
+            spec.key,
+            run_batch,
+            spec.config,
+            batchable=spec.batchable,
+            replicas=spec.config.num_replicas,
+        )
+        batcher.start()
+        loaded = LoadedModel(
+            spec=spec,
+            batcher=batcher,
+            inputs={t.name: t for t in spec.inputs},
+            outputs={t.name: t for t in spec.outputs},
+        )
+        versions = self._models.setdefault(spec.name, {})
+        versions[spec.version] = loaded
+        self._models[spec.name] = dict(sorted(versions.items()))
+        log.info(
+            "loaded %s (%s, batch %s)", spec.key, self.backend.name, batcher.max_batch_size
+        )
+        return loaded
+
+    async def unload(self, model: str, version: int) -> None:
+        loaded = self._models.get(model, {}).pop(version, None)
+        if loaded is None:
+            raise ModelNotFound(f"model '{model}' version {version} is not loaded")
+        if not self._models[model]:
+            del self._models[model]
+        await loaded.batcher.close(self._drain_timeout_s)
+        await self.backend.unload(loaded.spec)
+
+    async def stop(self) -> None:
+        """Refuse new requests, drain what is queued or running, release the backend."""
+        self._stopping = True
+        self._ready = False
+        await asyncio.gather(
+            *(m.batcher.close(self._drain_timeout_s) for m in self.loaded_models())
+        )
+        await self.backend.close()
+
+    # -- health and metadata -------------------------------------------------------------
+
+    def live(self) -> bool:
+        return not self._stopping
+
+    def ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def loaded_models(self) -> list[LoadedModel]:
+        return [m for versions in self._models.values() for m in versions.values()]
+
+    def get_model(self, name: str, version: str = "") -> LoadedModel:
+        """The loaded version named, or the highest one; NOT_FOUND names what is missing."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model '{name}' is not served (known: {self._known()})")
+        if not version:
+            return versions[next(reversed(versions))]
+        number = parse_version(name, version)
+        try:
+            return versions[number]
+        except KeyError:
+            raise ModelNotFound(
+                f"model '{name}' has no version {version} (loaded: "
+                f"{', '.join(str(v) for v in versions)})"
+            ) from None
+
+    def _known(self) -> str:
+        return ", ".join(sorted(self._models)) or "none"
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self.get_model(name, version)
+        return self.ready()
+
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        model = self.get_model(name, version)
+        versions = self._models[name]
+        spec = model.spec
+
+        def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in specs]
+
+        return {
+            "name": name,
+            "versions": [str(v) for v in versions] if not version else [str(spec.version)],
+            "platform": PLATFORM,
+            "inputs": tensors(spec.inputs),
+            "outputs": tensors(spec.outputs),
+            "properties": {
+                **self.backend.describe(spec),
+                "max_batch_size": str(model.batcher.max_batch_size),
+            },
+        }
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Triton's statistics extension: counts and cumulative durations per version."""
+        models = [self.get_model(name, version)] if name and version else [
+            m for m in self.loaded_models() if not name or m.spec.name == name
+        ]
+        if name and not models:
+            raise ModelNotFound(f"model '{name}' is not served (known: {self._known()})")
+        result = []
+        for model in models:
+            s = model.batcher.stats
+            result.append(
+                {
+                    "name": model.spec.name,
+                    "version": str(model.spec.version),
+                    "inference_count": s.inference_count,
+                    "execution_count": s.execution_count,
+                    "inference_stats": {
+                        "success": {"count": s.success_count},
+                        "fail": {"count": s.fail_count},
+                        "queue": {"count": s.success_count + s.fail_count, "ns": s.queue_ns},
+                        "compute_infer": {"count": s.execution_count, "ns": s.compute_ns},
+                    },
+                    "batch_stats": [
+                        {"batch_size": size, "compute_infer": {"count": count}}
+                        for size, count in sorted(s.batch_sizes.items())
+                    ],
+                }
+            )
+        return result
+
+    # -- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if self._stopping:
+            raise ServerShuttingDown("server is shutting down")
+        versions = self._models.get(request.model_name)
+        if not versions:
+            raise ModelNotFound(
+                f"model '{request.model_name}' is not served (known: {self._known()})"
+            )
+        number = self.selector.select(request.model_name, request, list(versions))
+        model = versions.get(number)
+        if model is None:
+            raise ModelNotFound(
+                f"model '{request.model_name}' has no version {number} (loaded: "
+                f"{', '.join(str(v) for v in versions)})"
+            )
+        tensors, rows = self._validate_inputs(model, request)
+        wanted = self._requested_outputs(model, request)
+        results = await model.batcher.submit(tensors, rows, request.timeout_s)
+        outputs = [
+            InferOutput(
+                name=name,
+                datatype=model.outputs[name].datatype,
+                shape=results[name].shape,
+                data=results[name],
+            )
+            for name in wanted
+        ]
+        return InferResponse(
+            model_name=request.model_name,
+            model_version=str(model.spec.version),
+            id=request.id,
+            outputs=outputs,
+        )
+
+    def _validate_inputs(self, model: LoadedModel, request: InferRequest) -> tuple[Tensors, int]:
+        expected = model.inputs
+        tensors: Tensors = {}
+        for item in request.inputs:
+            spec = expected.get(item.name)
+            if spec is None:
+                raise InvalidInput(
+                    f"unexpected input '{item.name}' for model '{model.spec.name}' "
+                    f"(expected: {', '.join(expected)})"
+                )
+            if item.name in tensors:
+                raise InvalidInput(f"input '{item.name}' is given more than once")
+            if item.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input '{item.name}': datatype {item.datatype} does not match the "
+                    f"model's {spec.datatype}"
+                )
+            _check_shape(item.name, item.shape, spec.shape)
+            tensors[item.name] = item.data
+        if len(tensors) != len(expected):
+            missing = [name for name in expected if name not in tensors]
+            raise InvalidInput(
+                f"missing input{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(repr(m) for m in missing)} for model '{model.spec.name}'"
+            )
+        rows = 1
+        if model.spec.batchable:
+            batch_dims = {t.shape[0] for t in tensors.values()}
+            if len(batch_dims) > 1:
+                raise InvalidInput(
+                    f"inputs disagree on the batch dimension: {sorted(batch_dims)}"
+                )
+            rows = batch_dims.pop()
+        return tensors, rows
+
+    @staticmethod
+    def _requested_outputs(model: LoadedModel, request: InferRequest) -> list[str]:
+        if not request.outputs:
+            return list(model.outputs)
+        names = []
+        for output in request.outputs:
+            if output.name not in model.outputs:
+                raise InvalidInput(
+                    f"unknown output '{output.name}' for model '{model.spec.name}' "
+                    f"(outputs: {', '.join(model.outputs)})"
+                )
+            names.append(output.name)
+        return names
+
+
+def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if len(got) != len(want):
+        raise InvalidInput(
+            f"input '{name}': shape {list(got)} has rank {len(got)}, the model expects "
+            f"rank {len(want)} {list(want)}"
+        )
+    for axis, (g, w) in enumerate(zip(got, want, strict=True)):
+        if w != -1 and g != w:
+            raise InvalidInput(
+                f"input '{name}': dimension {axis} is {g}, the model expects {w} "
+                f"(shape {list(want)})"
+            )

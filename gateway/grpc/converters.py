@@ -1,0 +1,143 @@
+"""Protobuf messages of the OIP gRPC service <-> data plane types; the only place they meet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gateway._generated import inference_pb2 as pb
+from gateway.codecs import decode_raw, element_count, encode_raw, lookup
+from gateway.errors import InvalidInput
+from gateway.types import InferInput, InferRequest, InferResponse, Parameters, RequestedOutput
+
+__all__ = [
+    "decode_parameters",
+    "encode_parameters",
+    "infer_request_from_proto",
+    "infer_response_to_proto",
+    "model_metadata_to_proto",
+]
+
+_CONTENT_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
+
+
+def decode_parameters(params: Any) -> Parameters:
+    out: Parameters = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(value, choice)
+    return out
+
+
+def encode_parameters(target: Any, params: Parameters) -> None:
+    for key, value in params.items():
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        elif isinstance(value, float):
+            slot.double_param = value
+        else:
+            slot.string_param = str(value)
+
+
+def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> Any:
+    dtype = lookup(name, datatype)
+    if dtype.contents_field is None:
+        raise InvalidInput(f"input '{name}': {datatype} travels only in raw_input_contents")
+    values = getattr(contents, dtype.contents_field)
+    expected = element_count(shape)
+    if len(values) != expected:
+        others = [f for f in _CONTENT_FIELDS if f != dtype.contents_field and getattr(contents, f)]
+        if others:
+            raise InvalidInput(
+                f"input '{name}': {datatype} data belongs in contents.{dtype.contents_field}, "
+                f"got contents.{others[0]}"
+            )
+        raise InvalidInput(
+            f"input '{name}': shape {list(shape)} needs {expected} elements, "
+            f"contents.{dtype.contents_field} has {len(values)}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(expected, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    array = np.asarray(values, dtype=dtype.dtype if dtype.dtype.itemsize >= 4 else None)
+    if array.dtype != dtype.dtype:  # INT8/INT16/UINT8/UINT16 travel widened to 32 bits
+        info = np.iinfo(dtype.dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise InvalidInput(f"input '{name}': values out of range for {datatype}")
+        array = array.astype(dtype.dtype)
+    return array.reshape(shape)
+
+
+def infer_request_from_proto(message: Any, timeout_s: float | None) -> InferRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
+        )
+    inputs: list[InferInput] = []
+    for index, item in enumerate(message.inputs):
+        name = item.name
+        if not name:
+            raise InvalidInput(f"inputs[{index}].name must be set")
+        if any(d < 0 for d in item.shape):
+            raise InvalidInput(f"input '{name}': shape {list(item.shape)} has a negative dimension")
+        shape = tuple(item.shape)
+        if raw:
+            if item.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}': contents and raw_input_contents cannot be mixed"
+                )
+            data = decode_raw(name, item.datatype, shape, raw[index])
+        else:
+            data = _from_contents(name, item.datatype, shape, item.contents)
+        inputs.append(
+            InferInput(name, item.datatype, shape, data, decode_parameters(item.parameters))
+        )
+    if not inputs:
+        raise InvalidInput("'inputs' must not be empty")
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        parameters=decode_parameters(message.parameters),
+        inputs=inputs,
+        outputs=[
+            RequestedOutput(o.name, decode_parameters(o.parameters)) for o in message.outputs
+        ],
+        timeout_s=timeout_s,
+    )
+
+
+def infer_response_to_proto(response: InferResponse) -> Any:
+    message = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+    )
+    encode_parameters(message.parameters, response.parameters)
+    for output in response.outputs:
+        tensor = message.outputs.add(
+            name=output.name, datatype=output.datatype, shape=output.shape
+        )
+        encode_parameters(tensor.parameters, output.parameters)
+        message.raw_output_contents.append(encode_raw(output.data, output.datatype))
+    return message
+
+
+def model_metadata_to_proto(meta: dict[str, Any]) -> Any:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta["name"],
+        versions=meta["versions"],
+        platform=meta["platform"],
+        inputs=[tensor(**t) for t in meta["inputs"]],
+        outputs=[tensor(**t) for t in meta["outputs"]],
+        properties=meta["properties"],
+    )
+

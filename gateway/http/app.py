@@ -1,0 +1,181 @@
+"""The REST adapter: a plain ASGI app that converts HTTP to data plane calls.
+
+Written against ASGI directly rather than a framework: the inference route is the hot path,
+and a request/response object per call is measurable at thousands of requests a second.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from gateway.dataplane import DataPlane
+from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError
+from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
+
+__all__ = ["HttpApp"]
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON = b"application/json"
+_OCTETS = b"application/octet-stream"
+
+
+class _Reply(Exception):
+    """Short-circuits a handler with a finished response (404/405 on routing)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+
+
+class HttpApp:
+    """ASGI application serving the OIP REST endpoints."""
+
+    def __init__(self, dataplane: DataPlane, max_request_bytes: int) -> None:
+        self.dataplane = dataplane
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except _Reply as reply:
+            await _send(send, reply.status, orjson.dumps(reply.body))
+        except TurnoutError as exc:
+            headers = [(k.encode(), v.encode()) for k, v in exc.http_headers().items()]
+            await _send(send, exc.http_status, orjson.dumps({"error": exc.message}), headers)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await _send(send, 500, orjson.dumps({"error": f"internal error: {exc}"}))
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        parts = scope["path"].strip("/").split("/")
+        if not parts or parts[0] != "v2":
+            raise _Reply(404, {"error": f"no route for {scope['path']}"})
+        rest = parts[1:]
+        dp = self.dataplane
+        if not rest:
+            _expect(method, "GET")
+            await _send(send, 200, orjson.dumps(dp.server_metadata()))
+            return
+        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+            _expect(method, "GET")
+            ok = dp.live() if rest[1] == "live" else dp.ready()
+            await _send(send, 200 if ok else 503, orjson.dumps({rest[1]: ok}))
+            return
+        if rest[0] != "models" or len(rest) < 2:
+            raise _Reply(404, {"error": f"no route for {scope['path']}"})
+        if rest[1] == "stats" and len(rest) == 2:
+            _expect(method, "GET")
+            await _send(send, 200, orjson.dumps({"model_stats": dp.statistics()}))
+            return
+        model, tail = rest[1], rest[2:]
+        version = ""
+        if len(tail) >= 2 and tail[0] == "versions":
+            version, tail = tail[1], tail[2:]
+        action = tail[0] if len(tail) == 1 else "" if not tail else None
+        if action == "infer":
+            _expect(method, "POST")
+            await self._infer(scope, receive, send, model, version)
+        elif action == "":
+            _expect(method, "GET")
+            await _send(send, 200, orjson.dumps(dp.model_metadata(model, version)))
+        elif action == "ready":
+            _expect(method, "GET")
+            ready = dp.model_ready(model, version)
+            await _send(send, 200 if ready else 503, orjson.dumps({"ready": ready}))
+        elif action == "stats":
+            _expect(method, "GET")
+            stats = dp.statistics(model, version)
+            await _send(send, 200, orjson.dumps({"model_stats": stats}))
+        else:
+            raise _Reply(404, {"error": f"no route for {scope['path']}"})
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, model: str, version: str
+    ) -> None:
+        headers = _headers(scope)
+        body = await self._read_body(receive, headers.get("content-length"))
+        request = decode_infer_request(model, version, body, headers.get(HEADER_LENGTH))
+        response = await self.dataplane.infer(request)
+        payload, json_length = encode_infer_response(response, request)
+        if json_length is None:
+            await _send(send, 200, payload)
+        else:
+            await _send(
+                send,
+                200,
+                payload,
+                [(HEADER_LENGTH.encode(), str(json_length).encode())],
+                content_type=_OCTETS,
+            )
+
+    async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
+        limit = self.max_request_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInput("client disconnected before sending the whole body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _expect(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise _Reply(405, {"error": f"method {method} not allowed here; use {allowed}"})
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = _JSON,
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # The server object owns start-up and shut-down; lifespan events are just acknowledged.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+

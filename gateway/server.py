@@ -1,0 +1,149 @@
+"""The gateway process: data plane, backend, and both servers on one event loop.
+
+HTTP (uvicorn, uvloop + httptools) and gRPC (grpc.aio) share the loop and the data plane,
+so a request's batcher sees every request for its model regardless of transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+import grpc
+import uvicorn
+
+from gateway.backends.base import ReplicaBackend
+from gateway.dataplane import DataPlane
+from gateway.grpc.servicer import build_grpc_server
+from gateway.http.app import HttpApp
+from gateway.repository import Repository
+from gateway.settings import ServerSettings
+
+__all__ = ["Gateway", "build_backend", "run_gateway"]
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(settings: ServerSettings) -> ReplicaBackend:
+    if settings.backend == "local":
+        from gateway.backends.local import LocalBackend
+
+        return LocalBackend()
+    from gateway.backends.ray import RayBackend
+
+    return RayBackend(address=settings.ray_address, namespace=settings.ray_namespace)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class Gateway:
+    """Owns the servers' lifetimes; ``start`` returns once both ports accept requests."""
+
+    def __init__(self, settings: ServerSettings, backend: ReplicaBackend | None = None) -> None:
+        self.settings = settings
+        self.backend = backend or build_backend(settings)
+        self.dataplane = DataPlane(
+            Repository(settings.model_repository, settings),
+            self.backend,
+            drain_timeout_s=settings.drain_timeout_s,
+        )
+        self.http_port = settings.http_port
+        self.grpc_port = settings.grpc_port
+        self._grpc: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._http_socket: socket.socket | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.dataplane.start()
+
+        self._grpc = build_grpc_server(
+            self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams
+        )
+        self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self._grpc.start()
+
+        self._http_socket = _bind(s.host, s.http_port)
+        self.http_port = self._http_socket.getsockname()[1]
+        config = uvicorn.Config(
+            HttpApp(self.dataplane, s.max_request_bytes),
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
+            backlog=4096,
+        )
+        self._http = uvicorn.Server(config)
+        # _serve, not serve: the gateway installs its own signal handlers.
+        self._http_task = asyncio.get_running_loop().create_task(
+            self._http._serve(sockets=[self._http_socket])
+        )
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError("HTTP server exited during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, then release the backend."""
+        grace = self.settings.drain_timeout_s
+        stops: list[Any] = []
+        if self._grpc is not None:
+            stops.append(self._grpc.stop(grace))
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            stops.append(self._http_task)
+        await asyncio.gather(*stops, return_exceptions=True)
+        await self.dataplane.stop()
+
+    def ready_line(self) -> str:
+        s = self.settings
+        models = ", ".join(m.spec.key for m in self.dataplane.loaded_models()) or "none"
+        return (
+            f"turnout ready: http://{s.host}:{self.http_port} grpc {s.host}:{self.grpc_port} "
+            f"backend {self.backend.name} models {models}"
+        )
+
+
+async def _serve_until_signalled(settings: ServerSettings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await gateway.stop()
+        raise
+    print(gateway.ready_line(), flush=True)
+    await stop.wait()
+    log.warning("turnout: draining and stopping")
+    await gateway.stop()
+    print("turnout stopped", flush=True)
+    return 0
+
+
+def run_gateway(settings: ServerSettings) -> int:
+    import uvloop
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return uvloop.run(_serve_until_signalled(settings))

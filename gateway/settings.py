@@ -1,0 +1,158 @@
+"""Settings: the server's (one YAML file + ``TURNOUT_`` environment variables) and each model's.
+
+Precedence, lowest first: defaults, the YAML file given with ``--config``, ``TURNOUT_*``
+environment variables, command-line flags. A model's knobs come from the server file's
+``model_defaults``, then ``DIR/<model>/config.yaml``, then the server file's ``models.<name>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ModelConfig", "ServerSettings", "SettingsError", "load_model_config", "load_settings"]
+
+
+class SettingsError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+class ModelConfig(BaseModel):
+    """Per-model knobs, read from ``DIR/<model>/config.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=64, ge=0)
+    """Most rows one backend call carries. 0 turns batching off (one request per call)."""
+
+    max_queue_delay_us: int = Field(default=500, ge=0)
+    """How long the first queued request may wait for others to join its batch."""
+
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    """Batch sizes dispatched as soon as they are reached, without waiting out the delay."""
+
+    max_queue_size: int = Field(default=1024, ge=1)
+    """Requests allowed to wait in the queue; beyond it requests get 429/RESOURCE_EXHAUSTED."""
+
+    default_timeout_us: int = Field(default=30_000_000, ge=1)
+    """Request timeout when the client sets none (gRPC deadline or HTTP ``timeout``)."""
+
+    max_inflight_batches: int = Field(default=2, ge=1)
+    """Batches in flight at once per replica, so the next batch is ready when one ends."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Replicas of each version (Ray backend: Serve replicas; local: concurrent sessions)."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs Ray reserves for each replica."""
+
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs Ray reserves for each replica (set it with ``device: cuda`` on a GPU cluster)."""
+
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Execution provider: ``cuda`` fails at load when CUDA is missing; ``auto`` falls back."""
+
+    intra_op_threads: int = Field(default=1, ge=0)
+    """ONNX Runtime threads inside one operator (0: ONNX Runtime's default)."""
+
+    inter_op_threads: int = Field(default=1, ge=0)
+    """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> ModelConfig:
+        for size in self.preferred_batch_sizes:
+            if size < 1 or (self.max_batch_size and size > self.max_batch_size):
+                raise ValueError(
+                    f"preferred_batch_sizes: {size} must be between 1 and max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+        return self
+
+
+class ServerSettings(BaseSettings):
+    """The gateway process."""
+
+    model_config = SettingsConfigDict(env_prefix="TURNOUT_", extra="forbid")
+
+    model_repository: Path = Path("models")
+    """Directory laid out as ``<model>/<version>/model.onnx``."""
+
+    host: str = "127.0.0.1"
+    """Address both servers bind."""
+
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    """HTTP (REST) port; 0 picks a free one."""
+
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """gRPC port; 0 picks a free one."""
+
+    backend: Literal["ray", "local"] = "ray"
+    """Where replicas run: Ray Serve deployments, or ONNX Runtime inside the gateway."""
+
+    ray_address: str | None = None
+    """Ray cluster to join (also read from ``RAY_ADDRESS``); unset starts a local Ray."""
+
+    ray_namespace: str = "turnout"
+    """Ray namespace holding turnout's Serve applications."""
+
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest request body (HTTP) or message (gRPC); beyond it: 413/RESOURCE_EXHAUSTED."""
+
+    grpc_max_concurrent_streams: int | None = None
+    """Cap on concurrent gRPC streams per connection (None: gRPC's default)."""
+
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGINT/SIGTERM, how long in-flight requests may take to finish."""
+
+    model_defaults: dict[str, Any] = Field(default_factory=dict)
+    """Knobs applied to every model before its own config.yaml."""
+
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-model overrides applied after the model's config.yaml."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _describe(exc: ValidationError, source: str) -> SettingsError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+    )
+    return SettingsError(f"{source}: {problems}")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Build server settings from a YAML file, the environment and explicit overrides."""
+    from_file = _read_yaml(config_file) if config_file else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        # Environment variables beat the file; explicit arguments beat both.
+        env_only = ServerSettings()
+        env_set = {name: getattr(env_only, name) for name in env_only.model_fields_set}
+        return ServerSettings(**{**from_file, **env_set, **given})
+    except ValidationError as exc:
+        raise _describe(exc, str(config_file or "settings")) from exc
+
+
+def load_model_config(model_dir: Path, settings: ServerSettings) -> ModelConfig:
+    """Merge defaults, ``<model_dir>/config.yaml`` and the server file's override."""
+    path = model_dir / "config.yaml"
+    merged: dict[str, Any] = dict(settings.model_defaults)
+    if path.exists():
+        merged.update(_read_yaml(path))
+    merged.update(settings.models.get(model_dir.name, {}))
+    try:
+        return ModelConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise _describe(exc, str(path)) from exc

@@ -1,0 +1,1 @@
+"""turnout's monitor sidecar (drift and latency statistics over live traffic)."""
