@@ -16,17 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Regenerate the protobuf/gRPC modules (committed; CI checks they match the .proto files).
+# Rebuild the OIP descriptor set (committed; loaded into a private pool by gateway/grpc/messages.py).
+DESCRIPTOR := gateway/grpc/inference.desc
 generate: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Igateway/_generated=protos \
-	  --python_out=. --grpc_python_out=. --mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
 
 check-generated: $(STAMP)
-	@tmp=$$(mktemp -d) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc \
-	  -Igateway/_generated=protos --python_out=$$tmp --grpc_python_out=$$tmp \
-	  --mypy_out=quiet:$$tmp --mypy_grpc_out=quiet:$$tmp $(PROTOS) && \
-	  diff -r -x __init__.py -x __pycache__ $$tmp/gateway/_generated gateway/_generated \
-	  && echo "generated code is up to date"; rc=$$?; rm -rf $$tmp; exit $$rc
+	@tmp=$$(mktemp -d) && $(PY) -m grpc_tools.protoc -Iprotos --descriptor_set_out=$$tmp/d $(PROTOS) \
+	  && cmp -s $$tmp/d $(DESCRIPTOR) && echo "generated descriptors are up to date" \
+	  || { echo "$(DESCRIPTOR) is stale: run make generate"; rm -rf $$tmp; exit 1; }; rm -rf $$tmp
 
 demo: $(STAMP)
 	$(VENV)/bin/turnout demo

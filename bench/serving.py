@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import orjson
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from bench.models import DEFAULT_CONFIG, INPUT_DIM, MODEL_NAME, build_repository
+from bench.models import INPUT_DIM, MODEL_NAME, build_repository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
@@ -50,7 +51,8 @@ READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 WARMUP_S = 2
 
-console = Console()
+# Piped output (make, CI logs) would otherwise be squeezed to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 130)
 
 
 @dataclass(frozen=True)
@@ -62,42 +64,14 @@ class System:
     stats_path: str | None
 
     def command(self, repo: Path, http_port: int, grpc_port: int) -> list[str]:
-        model = str(repo / MODEL_NAME / "1" / "model.onnx")
-        if self.key == "a":
-            return [
-                sys.executable,
-                "-m",
-                "bench.baselines.floor",
-                "--model",
-                model,
-                "--port",
-                str(http_port),
-            ]
-        if self.key == "b":
-            return [
-                sys.executable,
-                "-m",
-                "bench.baselines.ray_naive",
-                "--model",
-                model,
-                "--port",
-                str(http_port),
-            ]
+        if self.key in ("a", "b"):
+            module = "bench.baselines." + self.name  # the baselines' names are their modules
+            model = str(repo / MODEL_NAME / "1" / "model.onnx")
+            return [sys.executable, "-m", module, "--model", model, "--port", str(http_port)]
         backend = "local" if self.key == "c" else "ray"
-        return [
-            turnout_executable(),
-            "serve",
-            "--model-repository",
-            str(repo),
-            "--backend",
-            backend,
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-        ]
+        ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+        options = ["--model-repository", str(repo), "--backend", backend, "--host", "127.0.0.1"]
+        return [turnout_executable(), "serve", *options, *ports]
 
 
 SYSTEMS = {
@@ -324,21 +298,15 @@ def read_counts(port: int, path: str) -> tuple[int, int] | None:
 # ------------------------------------------------------------------------------ load generators
 
 
+def goodput(rate: float, ok: int, total: int) -> float:
+    # Load tools count failed requests in their rate; a server that sheds load answers errors
+    # fast, so only successful answers count.
+    return rate * ok / total if total else 0.0
+
+
 def run_hey(url: str, body: Path, duration: float, concurrency: int) -> LoadResult:
-    command = [
-        "hey",
-        "-z",
-        f"{duration:g}s",
-        "-c",
-        str(concurrency),
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-D",
-        str(body),
-        url,
-    ]
+    command = ["hey", "-z", f"{duration:g}s", "-c", str(concurrency), "-m", "POST"]
+    command += ["-T", "application/json", "-D", str(body), url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
     if done.returncode != 0:
         raise RuntimeError(f"hey exited {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -349,7 +317,8 @@ def parse_hey(text: str) -> LoadResult:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     if rps is None:
         raise RuntimeError(f"no Requests/sec in hey output:\n{text[-500:]}")
-    # hey omits the latency block when no request succeeded.
+    # hey prints latencies in seconds to 4 decimals (0.1 ms resolution), and omits the
+    # latency block when no request succeeded.
     p50 = re.search(r"^\s*50%+ in ([\d.]+) secs", text, re.MULTILINE)
     p99 = re.search(r"^\s*99%+ in ([\d.]+) secs", text, re.MULTILINE)
     statuses = {
@@ -360,11 +329,12 @@ def parse_hey(text: str) -> LoadResult:
     errors_block = text.split("Error distribution:", 1)[1] if "Error distribution:" in text else ""
     transport = re.findall(r"^\s*\[(\d+)\]\s+(.*)$", errors_block, re.MULTILINE)
     non_200 = sum(n for code, n in statuses.items() if code != 200)
+    requests = sum(statuses.values()) + sum(int(n) for n, _ in transport)
     result = LoadResult(
-        rps=float(rps.group(1)),
+        rps=goodput(float(rps.group(1)), statuses.get(200, 0), requests),
         p50_ms=float(p50.group(1)) * 1e3 if p50 else None,
         p99_ms=float(p99.group(1)) * 1e3 if p99 else None,
-        requests=sum(statuses.values()) + sum(int(n) for n, _ in transport),
+        requests=requests,
         errors=non_200 + sum(int(n) for n, _ in transport),
     )
     result.notes += [f"{n} x {msg.strip()[:200]}" for n, msg in transport]
@@ -373,29 +343,13 @@ def parse_hey(text: str) -> LoadResult:
 
 
 def run_h2load(url: str, body: Path, duration: float, concurrency: int, log: Path) -> LoadResult:
-    # One connection carrying `concurrency` streams, the way gRPC clients multiplex a channel.
-    # On 2 cores it also loads the server best: a single-threaded h2load and one server
-    # connection read many requests per syscall, where C connections cost C times the wakeups.
-    command = [
-        "h2load",
-        "-D",
-        f"{duration:g}",
-        "-c",
-        "1",
-        "-m",
-        str(concurrency),
-        "-t",
-        "1",
-        "-d",
-        str(body),
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
-        "--log-file",
-        str(log),
-        url,
-    ]
+    # C connections with one stream each: the same shape as hey's C workers, so HTTP and gRPC
+    # rows compare; against a grpc.aio ModelInfer server on 2 cores this also loaded the server
+    # 10-40% more than one connection carrying C streams (-c 1 -m C).
+    log.unlink(missing_ok=True)  # h2load appends to its log file
+    command = ["h2load", "-D", f"{duration:g}", "-c", str(concurrency), "-m", "1", "-t", "1"]
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    command += ["-d", str(body), *headers, "--log-file", str(log), url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
     if done.returncode != 0:
         raise RuntimeError(f"h2load exited {done.returncode}: {done.stdout[-500:]}{done.stderr}")
@@ -411,7 +365,7 @@ def parse_h2load(text: str, log: Path) -> LoadResult:
     )
     if rps is None or counts is None:
         raise RuntimeError(f"unexpected h2load output:\n{text[-800:]}")
-    done, _, failed, errored, timeouts = (int(g) for g in counts.groups())
+    done, succeeded, failed, errored, timeouts = (int(g) for g in counts.groups())
     # h2load prints no percentiles; its log has one row per request:
     # start time (us since epoch), HTTP status, microseconds until the end of the response.
     latencies_us = []
@@ -424,7 +378,7 @@ def parse_h2load(text: str, log: Path) -> LoadResult:
     if latencies_us:
         p50, p99 = (float(v) / 1e3 for v in np.percentile(latencies_us, [50, 99]))
     return LoadResult(
-        rps=float(rps.group(1)),
+        rps=goodput(float(rps.group(1)), succeeded, done),
         p50_ms=p50,
         p99_ms=p99,
         requests=done,
@@ -558,9 +512,13 @@ def print_table(rows: list[Row]) -> None:
             str(row.errors),
             fmt(row.ratio_a),
             fmt(row.ratio_b),
-            (row.error or "")[:60],
+            (row.error or "").split("\n", 1)[0][:50],
         )
     console.print(table)
+    for row in rows:
+        if row.error:
+            where = f"{row.protocol} c{row.concurrency}" if row.concurrency else "start"
+            console.print(f"[yellow]({row.system}) {row.name} {where}:[/yellow] {row.error}")
 
 
 @dataclass
@@ -703,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]{tool} not found: run `make bench-tools`")
             return 2
 
+    # Servers run in sessions of their own, out of reach of the terminal's signals; turning
+    # SIGTERM into SystemExit lets `running` stop the current one when the runner is killed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="turnout-bench-") as tmp:
         work = Path(tmp)
@@ -714,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = ort.InferenceSession(str(model_path), options).run(None, {"input": x})[0]
         (work / "body.json").write_bytes(http_body(x))
         (work / "body.grpc").write_bytes(grpc_body(x))
+        turnout_config = yaml.safe_load((repo / MODEL_NAME / "config.yaml").read_text())
 
         for key in args.systems:
             rows += bench_system(
@@ -733,9 +696,9 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency,
                 "systems": {k: SYSTEMS[k].name for k in args.systems},
                 "model": "MLP 256-1024-1024-10, FP32, one row per request",
-                "turnout_config": DEFAULT_CONFIG,
+                "turnout_config": turnout_config,
                 "http_load": "hey -z D -c C (one connection per worker)",
-                "grpc_load": "h2load -D D -c 1 -m C (one connection, C streams)",
+                "grpc_load": "h2load -D D -c C -m 1 (C connections, one stream each)",
             },
             "results": [asdict(row) for row in rows],
             "targets": verdicts,

@@ -145,6 +145,8 @@ def decode_json_data(
         raise InvalidInput(
             f"input '{tensor}': data is ragged; nested lists must be rectangular"
         ) from None
+    if values.dtype.kind in "fO" and dtype.dtype.kind in "iu":
+        values = _wide_integers(tensor, data, dtype)
     if values.size and values.dtype.kind not in dtype.kinds:
         wanted = "booleans" if dtype.kinds == "b" else "integers" if "f" not in dtype.kinds else "numbers"
         raise InvalidInput(f"input '{tensor}': {datatype} data must be {wanted}")
@@ -152,6 +154,19 @@ def decode_json_data(
         raise _length_mismatch(tensor, shape, expected, values.size)
     _check_int_range(tensor, values, dtype)
     return values.astype(dtype.dtype, copy=False).reshape(shape)
+
+
+def _wide_integers(tensor: str, data: list[Any], dtype: DataType) -> np.ndarray[Any, Any]:
+    """Integers beyond int64 (UINT64's upper half) make numpy fall back to floats or objects."""
+    flat = _flatten(tensor, data)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidInput(f"input '{tensor}': {dtype.name} data must be integers")
+    info = np.iinfo(dtype.dtype)
+    if any(v < info.min or v > info.max for v in flat):
+        raise InvalidInput(
+            f"input '{tensor}': values out of range for {dtype.name} [{info.min}, {info.max}]"
+        )
+    return np.array(flat, dtype=dtype.dtype)
 
 
 def _flatten(tensor: str, data: list[Any]) -> list[Any]:

@@ -121,10 +121,6 @@ class Gateway:
 
 
 async def _serve_until_signalled(settings: ServerSettings) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(settings)
     try:
         await gateway.start()
@@ -132,6 +128,11 @@ async def _serve_until_signalled(settings: ServerSettings) -> int:
         with contextlib.suppress(Exception):
             await gateway.stop()
         raise
+    # After start: ray.init installs its own SIGTERM handler, and ours must win.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     print(gateway.ready_line(), flush=True)
     await stop.wait()
     log.warning("turnout: draining and stopping")

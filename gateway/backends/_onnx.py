@@ -5,6 +5,7 @@ Kept free of Ray and asyncio so a Ray replica can import it cheaply.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Any
 
@@ -62,6 +63,9 @@ class OnnxSession:
             i.name for i in self._session.get_inputs() if i.type == "tensor(string)"
         }
         self._output_names = [o.name for o in self._session.get_outputs()]
+        self._has_bf16_output = any(
+            o.type == "tensor(bfloat16)" for o in self._session.get_outputs()
+        )
 
     def run(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         feed: dict[str, Any] = {}
@@ -76,10 +80,31 @@ class OnnxSession:
             else:
                 feed[name] = value
         try:
-            results = self._session.run(self._output_names, feed)
+            if self._has_bf16_output:
+                results = [_ortvalue_to_numpy(v) for v in self._run_ortvalues(feed)]
+            else:
+                results = self._session.run(self._output_names, feed)
         except Exception as exc:  # ORT raises its own types; the message is what matters
             raise BackendError(f"ONNX Runtime failed: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
+
+    def _run_ortvalues(self, feed: dict[str, Any]) -> list[Any]:
+        values = {
+            k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+            for k, v in feed.items()
+        }
+        return list(self._session.run_with_ort_values(self._output_names, values))
+
+
+def _ortvalue_to_numpy(value: Any) -> np.ndarray[Any, Any]:
+    """ONNX Runtime cannot hand bfloat16 to numpy: copy the bits out of the CPU buffer."""
+    if value.data_type() != "tensor(bfloat16)":
+        result: np.ndarray[Any, Any] = value.numpy()
+        return result
+    shape = tuple(value.shape())
+    count = int(np.prod(shape))
+    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return np.frombuffer(buffer, dtype=np.uint16).copy().view(_BF16).reshape(shape)
 
 
 def _to_str_array(name: str, value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway._generated import inference_pb2 as pb
 from gateway.codecs import decode_raw, element_count, encode_raw, lookup
 from gateway.errors import InvalidInput
+from gateway.grpc.messages import message
 from gateway.types import InferInput, InferRequest, InferResponse, Parameters, RequestedOutput
 
 __all__ = [
@@ -19,7 +19,9 @@ __all__ = [
     "model_metadata_to_proto",
 ]
 
-_CONTENT_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
+_CONTENT_FIELDS = tuple(message("InferTensorContents").DESCRIPTOR.fields_by_name)
+_InferResponse = message("ModelInferResponse")
+_ModelMetadataResponse = message("ModelMetadataResponse")
 
 
 def decode_parameters(params: Any) -> Parameters:
@@ -74,14 +76,14 @@ def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: A
     return array.reshape(shape)
 
 
-def infer_request_from_proto(message: Any, timeout_s: float | None) -> InferRequest:
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+def infer_request_from_proto(request: Any, timeout_s: float | None) -> InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
         )
     inputs: list[InferInput] = []
-    for index, item in enumerate(message.inputs):
+    for index, item in enumerate(request.inputs):
         name = item.name
         if not name:
             raise InvalidInput(f"inputs[{index}].name must be set")
@@ -102,37 +104,37 @@ def infer_request_from_proto(message: Any, timeout_s: float | None) -> InferRequ
     if not inputs:
         raise InvalidInput("'inputs' must not be empty")
     return InferRequest(
-        model_name=message.model_name,
-        model_version=message.model_version,
-        id=message.id,
-        parameters=decode_parameters(message.parameters),
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        parameters=decode_parameters(request.parameters),
         inputs=inputs,
         outputs=[
-            RequestedOutput(o.name, decode_parameters(o.parameters)) for o in message.outputs
+            RequestedOutput(o.name, decode_parameters(o.parameters)) for o in request.outputs
         ],
         timeout_s=timeout_s,
     )
 
 
 def infer_response_to_proto(response: InferResponse) -> Any:
-    message = pb.ModelInferResponse(
+    reply = _InferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
         id=response.id,
     )
-    encode_parameters(message.parameters, response.parameters)
+    encode_parameters(reply.parameters, response.parameters)
     for output in response.outputs:
-        tensor = message.outputs.add(
+        tensor = reply.outputs.add(
             name=output.name, datatype=output.datatype, shape=output.shape
         )
         encode_parameters(tensor.parameters, output.parameters)
-        message.raw_output_contents.append(encode_raw(output.data, output.datatype))
-    return message
+        reply.raw_output_contents.append(encode_raw(output.data, output.datatype))
+    return reply
 
 
 def model_metadata_to_proto(meta: dict[str, Any]) -> Any:
-    tensor = pb.ModelMetadataResponse.TensorMetadata
-    return pb.ModelMetadataResponse(
+    tensor = _ModelMetadataResponse.TensorMetadata
+    return _ModelMetadataResponse(
         name=meta["name"],
         versions=meta["versions"],
         platform=meta["platform"],

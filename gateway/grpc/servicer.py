@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
-from gateway._generated import inference_pb2 as pb
-from gateway._generated import inference_pb2_grpc as pb_grpc
 from gateway.dataplane import DataPlane
 from gateway.errors import TurnoutError
 from gateway.grpc.converters import (
@@ -17,61 +15,85 @@ from gateway.grpc.converters import (
     infer_response_to_proto,
     model_metadata_to_proto,
 )
+from gateway.grpc.messages import SERVICE, message
 
 __all__ = ["InferenceServicer", "build_grpc_server"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Context], Awaitable[Any]]
+
+_ServerLiveResponse = message("ServerLiveResponse")
+_ServerReadyResponse = message("ServerReadyResponse")
+_ModelReadyResponse = message("ModelReadyResponse")
+_ServerMetadataResponse = message("ServerMetadataResponse")
 
 
-async def _guard(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
+def _guarded(handler: Handler) -> Handler:
     """One error mapping for every RPC: TurnoutError keeps its code, anything else is INTERNAL."""
-    try:
-        return await call()
-    except TurnoutError as exc:
-        await context.abort(exc.grpc_code, exc.message)
-    except Exception as exc:
-        log.exception("unhandled error in gRPC call")
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-    raise AssertionError("unreachable: abort raises")
+
+    async def call(request: Any, context: Context) -> Any:
+        try:
+            return await handler(request, context)
+        except TurnoutError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        except Exception as exc:
+            log.exception("unhandled error in %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    call.__name__ = handler.__name__
+    return call
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
+    """The six OIP RPCs; each converts, calls the data plane, converts back."""
+
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
-    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC names)
-        return pb.ServerLiveResponse(live=self.dataplane.live())
+    async def server_live(self, request: Any, context: Context) -> Any:
+        return _ServerLiveResponse(live=self.dataplane.live())
 
-    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+    async def server_ready(self, request: Any, context: Context) -> Any:
+        return _ServerReadyResponse(ready=self.dataplane.ready())
 
-    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        async def call() -> Any:
-            ready = self.dataplane.model_ready(request.name, request.version)
-            return pb.ModelReadyResponse(ready=ready)
+    async def model_ready(self, request: Any, context: Context) -> Any:
+        return _ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
-        return await _guard(context, call)
+    async def server_metadata(self, request: Any, context: Context) -> Any:
+        return _ServerMetadataResponse(**self.dataplane.server_metadata())
 
-    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return pb.ServerMetadataResponse(**self.dataplane.server_metadata())
+    async def model_metadata(self, request: Any, context: Context) -> Any:
+        return model_metadata_to_proto(
+            self.dataplane.model_metadata(request.name, request.version)
+        )
 
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        async def call() -> Any:
-            meta = self.dataplane.model_metadata(request.name, request.version)
-            return model_metadata_to_proto(meta)
+    async def model_infer(self, request: Any, context: Context) -> Any:
+        infer_request = infer_request_from_proto(request, context.time_remaining())
+        response = await self.dataplane.infer(infer_request)
+        return infer_response_to_proto(response)
 
-        return await _guard(context, call)
-
-    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        async def call() -> Any:
-            remaining = context.time_remaining()
-            infer_request = infer_request_from_proto(request, remaining)
-            response = await self.dataplane.infer(infer_request)
-            return infer_response_to_proto(response)
-
-        return await _guard(context, call)
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+        }
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                name: grpc.unary_unary_rpc_method_handler(
+                    _guarded(method),
+                    request_deserializer=message(f"{name}Request").FromString,
+                    response_serializer=message(f"{name}Response").SerializeToString,
+                )
+                for name, method in methods.items()
+            },
+        )
 
 
 def build_grpc_server(
@@ -87,5 +109,5 @@ def build_grpc_server(
     if max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
     server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    server.add_generic_rpc_handlers([InferenceServicer(dataplane).handler()])
     return server

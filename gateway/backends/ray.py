@@ -1,0 +1,147 @@
+"""The Ray backend: one Ray Serve application per model version, called through handles.
+
+The gateway keeps protocol handling and batching; each handle call carries a whole batch,
+so Ray's per-call cost (milliseconds of CPU) is paid per batch, not per request. Ray's own
+HTTP/gRPC proxies are disabled: they are not on the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from typing import Any
+
+from gateway.backends._onnx import select_providers
+from gateway.backends.base import ReplicaBackend, Tensors
+from gateway.errors import BackendError, ModelNotReady
+from gateway.repository import ModelSpec
+
+__all__ = ["RayBackend"]
+
+log = logging.getLogger(__name__)
+
+
+def app_name(spec: ModelSpec) -> str:
+    return f"turnout-{spec.name}-v{spec.version}"
+
+
+class RayBackend(ReplicaBackend):
+    name = "ray"
+
+    def __init__(self, address: str | None = None, namespace: str = "turnout") -> None:
+        self._address = address or os.environ.get("RAY_ADDRESS") or None
+        self._namespace = namespace
+        self._handles: dict[str, Any] = {}
+        self._started_ray = False
+        # Serve's deployment API is not thread-safe: deploy one application at a time.
+        self._deploy_lock = asyncio.Lock()
+        self.batches_by_replica: collections.Counter[str] = collections.Counter()
+
+    async def start(self) -> None:
+        # On the loop's thread on purpose: nothing is served yet, and Ray installs its
+        # signal handlers only from the main thread.
+        self._connect()
+
+    def _connect(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            self._started_ray = self._address is None
+            ray.init(
+                # "local" starts a private instance rather than joining one found on disk.
+                address=self._address or "local",
+                namespace=self._namespace,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        serve.start(
+            proxy_location="Disabled",
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+
+    async def load(self, spec: ModelSpec) -> None:
+        cfg = spec.config
+        if cfg.device == "cuda" and cfg.num_gpus == 0:
+            # No GPU reserved for the replica: it runs where the gateway's ORT would, so a
+            # missing CUDA provider is known now rather than after a replica crash loop.
+            select_providers("cuda")
+        try:
+            async with self._deploy_lock:
+                handle = await asyncio.to_thread(self._deploy, spec)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"model '{spec.key}' failed to deploy on Ray: {exc}") from exc
+        self._handles[spec.key] = handle
+
+    def _deploy(self, spec: ModelSpec) -> Any:
+        from ray import serve
+
+        from gateway.backends._ray_replica import OnnxReplica
+
+        cfg = spec.config
+        deployment = serve.deployment(
+            OnnxReplica,
+            name=f"{spec.name}-v{spec.version}",
+            num_replicas=cfg.num_replicas,
+            # The gateway already caps in-flight batches; headroom here keeps Serve's router
+            # from probing replica queue lengths before calls it would have to hold anyway.
+            max_ongoing_requests=cfg.max_inflight_batches * 4,
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+        app = deployment.bind(
+            str(spec.path.resolve()), cfg.device, cfg.intra_op_threads, cfg.inter_op_threads
+        )
+        return serve.run(app, name=app_name(spec), route_prefix=None)
+
+    async def unload(self, spec: ModelSpec) -> None:
+        from ray import serve
+
+        if self._handles.pop(spec.key, None) is not None:
+            await asyncio.to_thread(serve.delete, app_name(spec))
+
+    async def infer(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
+        handle = self._handles.get(spec.key)
+        if handle is None:
+            raise ModelNotReady(f"model '{spec.name}' version {spec.version} is not loaded")
+        try:
+            outputs, replica = await handle.remote(inputs)
+        except BackendError:
+            raise
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, BackendError):
+                raise cause from None
+            raise BackendError(f"model '{spec.key}' replica failed: {cause}") from exc
+        self.batches_by_replica[replica] += 1
+        result: Tensors = outputs
+        return result
+
+    def describe(self, spec: ModelSpec) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "device": spec.config.device,
+            "replicas": str(spec.config.num_replicas),
+        }
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._disconnect)
+
+    def _disconnect(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        if self._started_ray:
+            serve.shutdown()
+            ray.shutdown()
+            return
+        for key in list(self._handles):
+            self._handles.pop(key)
+            serve.delete(f"turnout-{key.replace('/', '-v')}")

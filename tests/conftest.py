@@ -1,0 +1,86 @@
+"""Shared fixtures: a model repository of small real ONNX models and a real gateway.
+
+The gateway runs on its own event loop in a background thread with real HTTP and gRPC
+servers on loopback ports, so tests can drive it with real (blocking) clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from model_zoo import standard_repository
+
+from gateway.backends.base import ReplicaBackend
+from gateway.server import Gateway
+from gateway.settings import ServerSettings
+
+_FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in _FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, _FOLDER_MARKERS[folder]))
+
+
+class GatewayThread:
+    """A real gateway on a private uvloop loop in a daemon thread."""
+
+    def __init__(self, settings: ServerSettings, backend: ReplicaBackend | None = None) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gateway = Gateway(settings, backend)
+        self.call(self.gateway.start(), timeout=180)
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.gateway.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.gateway.grpc_port}"
+
+    def stop(self) -> None:
+        self.call(self.gateway.stop(), timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def local_settings(repository: Path, **overrides: Any) -> ServerSettings:
+    values: dict[str, Any] = {
+        "model_repository": repository,
+        "backend": "local",
+        "http_port": 0,
+        "grpc_port": 0,
+        "max_request_bytes": 256 * 1024,
+        "drain_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return standard_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def local_gateway(repository: Path) -> Iterator[GatewayThread]:
+    server = GatewayThread(local_settings(repository))
+    yield server
+    server.stop()
