@@ -53,12 +53,12 @@ class _Pending:
 class BatchStats:
     """Counters in the shape of Triton's statistics extension."""
 
-    inference_count: int = 0  # rows served
-    execution_count: int = 0  # backend calls
+    inference_count: int = 0  # rows served by successful backend calls
+    execution_count: int = 0  # successful backend calls
     success_count: int = 0  # requests answered
     fail_count: int = 0
     queue_ns: int = 0  # summed over requests
-    compute_ns: int = 0  # summed over batches
+    compute_ns: int = 0  # summed over successful batches
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
@@ -126,6 +126,8 @@ class Batcher:
                 f"of model '{self.name}'"
             )
         if len(self._queue) >= self._max_queue:
+            self._drop_expired()
+        if len(self._queue) >= self._max_queue:
             raise QueueFull(
                 f"model '{self.name}' queue is full ({self._max_queue} requests waiting)"
             )
@@ -146,8 +148,15 @@ class Batcher:
         except TimeoutError:
             # wait_for cancelled the future: the dispatcher skips it, or drops its result.
             raise DeadlineExceeded(
-                f"request to model '{self.name}' timed out after {timeout * 1e3:.1f} ms"
+                f"request to model '{self.name}' timed out after {timeout * 1e3:.3g} ms"
             ) from None
+
+    def _drop_expired(self) -> None:
+        """Forget requests that timed out while queued, so they hold no place in the queue."""
+        live = [p for p in self._queue if not p.future.done()]
+        self._queue.clear()
+        self._queue.extend(live)
+        self._queued_rows = sum(p.rows for p in live)
 
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None and self._slot_freed is not None
@@ -185,7 +194,7 @@ class Batcher:
         rows = self._queued_rows
         if rows >= self._max_rows:
             return True
-        return bool(self._preferred) and rows >= self._preferred[-1] or rows in self._preferred
+        return (bool(self._preferred) and rows >= self._preferred[-1]) or rows in self._preferred
 
     def _take_batch(self) -> list[_Pending]:
         limit = self._max_rows
@@ -240,28 +249,31 @@ class Batcher:
         except Exception as exc:
             log.exception("batch of %d rows for %s failed", rows, self.name)
             self._fail(batch, BackendError(f"model '{self.name}' failed: {exc}"))
-        finally:
-            finished = time.perf_counter()
+        else:
+            # As in Triton's statistics, executions and their rows count only when they succeed.
             stats = self.stats
             stats.execution_count += 1
             stats.inference_count += rows
-            stats.compute_ns += int((finished - started) * 1e9)
-            stats.queue_ns += sum(int((started - p.enqueued) * 1e9) for p in batch)
+            stats.compute_ns += int((time.perf_counter() - started) * 1e9)
             stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+        finally:
+            self.stats.queue_ns += sum(int((started - p.enqueued) * 1e9) for p in batch)
             self._inflight -= 1
             assert self._slot_freed is not None
             self._slot_freed.set()
 
     def _deliver(self, batch: list[_Pending], rows: int, outputs: Tensors) -> None:
+        # Checked for a lone request too: whether it had company must not change its outcome.
+        if self._batchable:
+            for name, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != rows:
+                    raise BackendError(
+                        f"model '{self.name}' output '{name}' has "
+                        f"{value.shape[0] if value.ndim else 0} rows for a batch of {rows}"
+                    )
         if len(batch) == 1:
             self._resolve(batch[0], outputs)
             return
-        for name, value in outputs.items():
-            if value.ndim == 0 or value.shape[0] != rows:
-                raise BackendError(
-                    f"model '{self.name}' output '{name}' has {value.shape[0] if value.ndim else 0}"
-                    f" rows for a batch of {rows}"
-                )
         offset = 0
         for pending in batch:
             end = offset + pending.rows

@@ -6,8 +6,9 @@ and the problem; the transports call these and never touch numpy dtypes themselv
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from gateway.errors import InvalidInput
 
 __all__ = [
     "DATATYPES",
+    "MAX_RANK",
     "DataType",
     "datatype_from_onnx",
     "decode_bytes_elements",
@@ -71,6 +73,14 @@ DATATYPES: dict[str, DataType] = {
 }
 
 _BY_ONNX = {d.onnx_name: d.name for d in DATATYPES.values()}
+# JSON numbers are doubles; these types overflow to inf beyond their largest magnitude.
+_NARROW_FLOATS: dict[str, float] = {
+    name: float(ml_dtypes.finfo(DATATYPES[name].dtype).max)  # type: ignore[no-untyped-call]
+    for name in ("FP16", "BF16", "FP32")
+}
+
+MAX_RANK = 32
+"""Most dimensions a tensor may have: numpy 1's limit (numpy 2 allows 64)."""
 
 
 def datatype_from_onnx(onnx_type: str) -> str:
@@ -79,7 +89,9 @@ def datatype_from_onnx(onnx_type: str) -> str:
     try:
         return _BY_ONNX[inner]
     except KeyError:
-        raise ValueError(f"ONNX type {onnx_type!r} has no Open Inference Protocol datatype") from None
+        raise ValueError(
+            f"ONNX type {onnx_type!r} has no Open Inference Protocol datatype"
+        ) from None
 
 
 def lookup(tensor: str, datatype: str) -> DataType:
@@ -93,11 +105,16 @@ def lookup(tensor: str, datatype: str) -> DataType:
 
 
 def validate_shape(tensor: str, shape: Any) -> tuple[int, ...]:
-    """A request's shape: a list of non-negative integers."""
+    """A request's shape: a list of at most MAX_RANK non-negative integers."""
     if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
         raise InvalidInput(f"input '{tensor}': shape must be a list of integers, got {shape!r}")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(
+            f"input '{tensor}': shape has rank {len(shape)}, more than the {MAX_RANK} "
+            "dimensions supported"
+        )
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{tensor}': shape {list(shape)} has a negative dimension")
     return tuple(shape)
@@ -147,13 +164,35 @@ def decode_json_data(
         ) from None
     if values.dtype.kind in "fO" and dtype.dtype.kind in "iu":
         values = _wide_integers(tensor, data, dtype)
+    elif values.dtype.kind in "iuf" and dtype.kinds != "b" and _has_booleans(data, values.ndim):
+        raise InvalidInput(f"input '{tensor}': {datatype} data must be {_wanted(dtype)}")
     if values.size and values.dtype.kind not in dtype.kinds:
-        wanted = "booleans" if dtype.kinds == "b" else "integers" if "f" not in dtype.kinds else "numbers"
-        raise InvalidInput(f"input '{tensor}': {datatype} data must be {wanted}")
+        raise InvalidInput(f"input '{tensor}': {datatype} data must be {_wanted(dtype)}")
     if values.size != expected:
         raise _length_mismatch(tensor, shape, expected, values.size)
     _check_int_range(tensor, values, dtype)
-    return values.astype(dtype.dtype, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):
+        out = values.astype(dtype.dtype, copy=False)
+    # inf and nan pass through; a finite number that became inf was beyond the type's range.
+    overflow = datatype in _NARROW_FLOATS and not np.isfinite(out).all()
+    if overflow and (np.isinf(out) & np.isfinite(values)).any():
+        raise InvalidInput(
+            f"input '{tensor}': values out of range for {datatype} "
+            f"(largest magnitude {_NARROW_FLOATS[datatype]:g})"
+        )
+    return out.reshape(shape)
+
+
+def _wanted(dtype: DataType) -> str:
+    return "booleans" if dtype.kinds == "b" else "numbers" if "f" in dtype.kinds else "integers"
+
+
+def _has_booleans(data: list[Any], depth: int) -> bool:
+    """Whether JSON true/false hide among numbers: numpy reads [1, true] as [1, 1]."""
+    flat: Iterable[Any] = data
+    for _ in range(depth - 1):  # numpy found ``data`` rectangular, ``depth`` lists deep
+        flat = itertools.chain.from_iterable(flat)
+    return bool in set(map(type, flat))
 
 
 def _wide_integers(tensor: str, data: list[Any], dtype: DataType) -> np.ndarray[Any, Any]:

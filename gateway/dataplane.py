@@ -284,8 +284,10 @@ class DataPlane:
     def _requested_outputs(model: LoadedModel, request: InferRequest) -> list[str]:
         if not request.outputs:
             return list(model.outputs)
-        names = []
+        names: list[str] = []
         for output in request.outputs:
+            if output.name in names:
+                raise InvalidInput(f"output '{output.name}' is requested more than once")
             if output.name not in model.outputs:
                 raise InvalidInput(
                     f"unknown output '{output.name}' for model '{model.spec.name}' "

@@ -56,9 +56,14 @@ def parse_version(model: str, version: str | int) -> int:
     """OIP versions are strings; turnout's are positive integers, as in Triton."""
     if isinstance(version, int):
         return version
-    if version.isdigit() and int(version) > 0:
+    if version.isascii() and version.isdigit() and int(version) > 0:
         return int(version)
     raise ModelNotFound(f"model '{model}' has no version '{version}' (versions are integers >= 1)")
+
+
+def _canonical_version(name: str) -> bool:
+    """``3`` is a version folder; ``03``, ``0`` and ``v3`` are not (Triton's rule)."""
+    return name.isascii() and name.isdigit() and name == str(int(name)) and int(name) > 0
 
 
 def _tensor_specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
@@ -123,7 +128,7 @@ class Repository:
         return sorted(
             int(p.name)
             for p in model_dir.iterdir()
-            if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+            if p.is_dir() and _canonical_version(p.name) and (p / MODEL_FILE).is_file()
         )
 
     def read(self, model: str, version: int) -> ModelSpec:

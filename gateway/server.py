@@ -22,7 +22,8 @@ from gateway.dataplane import DataPlane
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
 from gateway.repository import Repository
-from gateway.settings import ServerSettings
+from gateway.errors import TurnoutError
+from gateway.settings import ServerSettings, SettingsError
 
 __all__ = ["Gateway", "build_backend", "run_gateway"]
 
@@ -124,6 +125,12 @@ async def _serve_until_signalled(settings: ServerSettings) -> int:
     gateway = Gateway(settings)
     try:
         await gateway.start()
+    except (TurnoutError, SettingsError, OSError) as exc:
+        # A bad config.yaml, a model that fails to load, a port in use: say so plainly.
+        print(f"turnout: cannot start: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            await gateway.stop()
+        return 1
     except BaseException:
         with contextlib.suppress(Exception):
             await gateway.stop()

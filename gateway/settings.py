@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ModelConfig", "ServerSettings", "SettingsError", "load_model_config", "load_settings"]
@@ -62,15 +62,15 @@ class ModelConfig(BaseModel):
     inter_op_threads: int = Field(default=1, ge=0)
     """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
 
-    @model_validator(mode="after")
-    def _check_batching(self) -> ModelConfig:
-        for size in self.preferred_batch_sizes:
-            if size < 1 or (self.max_batch_size and size > self.max_batch_size):
-                raise ValueError(
-                    f"preferred_batch_sizes: {size} must be between 1 and max_batch_size "
-                    f"({self.max_batch_size})"
-                )
-        return self
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _check_preferred(cls, sizes: list[int], info: ValidationInfo) -> list[int]:
+        # A field validator, not a model one, so the error's location names this key.
+        max_batch_size = info.data.get("max_batch_size")  # absent when itself invalid
+        for size in sizes:
+            if size < 1 or (max_batch_size and size > max_batch_size):
+                raise ValueError(f"{size} must be between 1 and max_batch_size ({max_batch_size})")
+        return sizes
 
 
 class ServerSettings(BaseSettings):
@@ -125,10 +125,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _key(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(root)"
+
+
 def _describe(exc: ValidationError, source: str) -> SettingsError:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-    )
+    problems = "; ".join(f"{_key(err['loc'])}: {err['msg']}" for err in exc.errors())
     return SettingsError(f"{source}: {problems}")
 
 
@@ -137,22 +139,39 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSe
     from_file = _read_yaml(config_file) if config_file else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        # Environment variables beat the file; explicit arguments beat both.
         env_only = ServerSettings()
-        env_set = {name: getattr(env_only, name) for name in env_only.model_fields_set}
+    except ValidationError as exc:
+        raise _describe(exc, "TURNOUT_* environment") from exc
+    env_set = {name: getattr(env_only, name) for name in env_only.model_fields_set}
+    try:
+        # Environment variables beat the file; explicit arguments beat both.
         return ServerSettings(**{**from_file, **env_set, **given})
     except ValidationError as exc:
         raise _describe(exc, str(config_file or "settings")) from exc
 
 
 def load_model_config(model_dir: Path, settings: ServerSettings) -> ModelConfig:
-    """Merge defaults, ``<model_dir>/config.yaml`` and the server file's override."""
+    """Merge defaults, ``<model_dir>/config.yaml`` and the server file's override.
+
+    An error names the key where its value was set: ``model_defaults.<key>``,
+    ``<model_dir>/config.yaml: <key>`` or ``models.<model>.<key>``.
+    """
     path = model_dir / "config.yaml"
-    merged: dict[str, Any] = dict(settings.model_defaults)
+    layers = [("model_defaults.", settings.model_defaults)]
     if path.exists():
-        merged.update(_read_yaml(path))
-    merged.update(settings.models.get(model_dir.name, {}))
+        layers.append((f"{path}: ", _read_yaml(path)))
+    layers.append((f"models.{model_dir.name}.", settings.models.get(model_dir.name, {})))
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for prefix, values in layers:
+        merged.update(values)
+        origin.update(dict.fromkeys(values, prefix))
     try:
         return ModelConfig.model_validate(merged)
     except ValidationError as exc:
-        raise _describe(exc, str(path)) from exc
+        problems = "; ".join(
+            f"{origin.get(str(err['loc'][0]), '') if err['loc'] else ''}"
+            f"{_key(err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"model '{model_dir.name}': {problems}") from exc

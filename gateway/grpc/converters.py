@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.codecs import decode_raw, element_count, encode_raw, lookup
+from gateway.codecs import decode_raw, element_count, encode_raw, lookup, validate_shape
 from gateway.errors import InvalidInput
 from gateway.grpc.messages import message
 from gateway.types import InferInput, InferRequest, InferResponse, Parameters, RequestedOutput
@@ -39,7 +39,10 @@ def encode_parameters(target: Any, params: Parameters) -> None:
         if isinstance(value, bool):
             slot.bool_param = value
         elif isinstance(value, int):
-            slot.int64_param = value
+            if value >= 2**63:
+                slot.uint64_param = value
+            else:
+                slot.int64_param = value
         elif isinstance(value, float):
             slot.double_param = value
         else:
@@ -67,13 +70,15 @@ def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: A
         array = np.empty(expected, dtype=np.object_)
         array[:] = list(values)
         return array.reshape(shape)
-    array = np.asarray(values, dtype=dtype.dtype if dtype.dtype.itemsize >= 4 else None)
-    if array.dtype != dtype.dtype:  # INT8/INT16/UINT8/UINT16 travel widened to 32 bits
-        info = np.iinfo(dtype.dtype)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise InvalidInput(f"input '{name}': values out of range for {datatype}")
-        array = array.astype(dtype.dtype)
-    return array.reshape(shape)
+    narrow_int = dtype.dtype.kind in "iu" and dtype.itemsize < 4
+    if not narrow_int:
+        return np.asarray(values, dtype=dtype.dtype).reshape(shape)
+    # INT8/INT16/UINT8/UINT16 travel widened to 32 bits: check they fit before narrowing.
+    array = np.asarray(values, dtype=np.int64)
+    info = np.iinfo(dtype.dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise InvalidInput(f"input '{name}': values out of range for {datatype}")
+    return array.astype(dtype.dtype).reshape(shape)
 
 
 def infer_request_from_proto(request: Any, timeout_s: float | None) -> InferRequest:
@@ -87,9 +92,7 @@ def infer_request_from_proto(request: Any, timeout_s: float | None) -> InferRequ
         name = item.name
         if not name:
             raise InvalidInput(f"inputs[{index}].name must be set")
-        if any(d < 0 for d in item.shape):
-            raise InvalidInput(f"input '{name}': shape {list(item.shape)} has a negative dimension")
-        shape = tuple(item.shape)
+        shape = validate_shape(name, tuple(item.shape))
         if raw:
             if item.HasField("contents"):
                 raise InvalidInput(
@@ -109,9 +112,7 @@ def infer_request_from_proto(request: Any, timeout_s: float | None) -> InferRequ
         id=request.id,
         parameters=decode_parameters(request.parameters),
         inputs=inputs,
-        outputs=[
-            RequestedOutput(o.name, decode_parameters(o.parameters)) for o in request.outputs
-        ],
+        outputs=[RequestedOutput(o.name, decode_parameters(o.parameters)) for o in request.outputs],
         timeout_s=timeout_s,
     )
 
@@ -124,9 +125,7 @@ def infer_response_to_proto(response: InferResponse) -> Any:
     )
     encode_parameters(reply.parameters, response.parameters)
     for output in response.outputs:
-        tensor = reply.outputs.add(
-            name=output.name, datatype=output.datatype, shape=output.shape
-        )
+        tensor = reply.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         encode_parameters(tensor.parameters, output.parameters)
         reply.raw_output_contents.append(encode_raw(output.data, output.datatype))
     return reply
@@ -142,4 +141,3 @@ def model_metadata_to_proto(meta: dict[str, Any]) -> Any:
         outputs=[tensor(**t) for t in meta["outputs"]],
         properties=meta["properties"],
     )
-

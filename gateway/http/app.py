@@ -32,9 +32,12 @@ _OCTETS = b"application/octet-stream"
 class _Reply(Exception):
     """Short-circuits a handler with a finished response (404/405 on routing)."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.body = body
+        self.headers = headers or {}
 
 
 class HttpApp:
@@ -53,7 +56,8 @@ class HttpApp:
         try:
             await self._route(scope, receive, send)
         except _Reply as reply:
-            await _send(send, reply.status, orjson.dumps(reply.body))
+            headers = [(k.encode(), v.encode()) for k, v in reply.headers.items()]
+            await _send(send, reply.status, orjson.dumps(reply.body), headers)
         except TurnoutError as exc:
             headers = [(k.encode(), v.encode()) for k, v in exc.http_headers().items()]
             await _send(send, exc.http_status, orjson.dumps({"error": exc.message}), headers)
@@ -87,6 +91,8 @@ class HttpApp:
         version = ""
         if len(tail) >= 2 and tail[0] == "versions":
             version, tail = tail[1], tail[2:]
+            if not version:  # ".../versions//infer" names no version; it is not the default
+                raise _Reply(404, {"error": f"no route for {scope['path']}"})
         action = tail[0] if len(tail) == 1 else "" if not tail else None
         if action == "infer":
             _expect(method, "POST")
@@ -148,7 +154,9 @@ class HttpApp:
 
 def _expect(method: str, allowed: str) -> None:
     if method != allowed:
-        raise _Reply(405, {"error": f"method {method} not allowed here; use {allowed}"})
+        raise _Reply(
+            405, {"error": f"method {method} not allowed here; use {allowed}"}, {"allow": allowed}
+        )
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -178,4 +186,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-

@@ -34,9 +34,7 @@ def _parameters(where: str, value: Any) -> Parameters:
         raise InvalidInput(f"{where}.parameters must be an object")
     for key, item in value.items():
         if not isinstance(item, _SCALARS):
-            raise InvalidInput(
-                f"{where}.parameters.{key} must be a boolean, number or string"
-            )
+            raise InvalidInput(f"{where}.parameters.{key} must be a boolean, number or string")
     return value
 
 
@@ -45,17 +43,19 @@ def decode_infer_request(
 ) -> InferRequest:
     """Parse a REST inference body (JSON, or JSON + binary tensors)."""
     if header_length is not None:
-        try:
-            json_length = int(header_length)
-        except ValueError:
+        # Digits only, as for Content-Length: int() would also take "-1", "+8" and "1_0".
+        if not (header_length.isascii() and header_length.isdigit()):
             raise InvalidInput(
-                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
-            ) from None
-        if json_length < 0 or json_length > len(body):
-            raise InvalidInput(
-                f"Inference-Header-Content-Length {json_length} is beyond the body's "
-                f"{len(body)} bytes"
+                "Inference-Header-Content-Length must be a non-negative integer, "
+                f"got {header_length!r}"
             )
+        digits = header_length.lstrip("0") or "0"
+        # 18 digits exceed any body; int() of thousands of digits would raise ValueError.
+        if len(digits) > 18 or int(digits) > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {digits} is beyond the body's {len(body)} bytes"
+            )
+        json_length = int(digits)
         json_part, binary = memoryview(body)[:json_length], memoryview(body)[json_length:]
     else:
         json_part, binary = memoryview(body), memoryview(b"")
