@@ -47,8 +47,10 @@ class ModelConfig(BaseModel):
     num_replicas: int = Field(default=1, ge=1)
     """Replicas of each version (Ray backend: Serve replicas; local: concurrent sessions)."""
 
-    num_cpus: float = Field(default=1.0, ge=0)
-    """CPUs Ray reserves for each replica."""
+    num_cpus: float = Field(default=0.5, ge=0)
+    """CPUs Ray reserves for each replica. Half a CPU by default: a replica runs one ONNX
+    Runtime thread and idles between batches, so two share a core; raise it with
+    ``intra_op_threads``."""
 
     num_gpus: float = Field(default=0.0, ge=0)
     """GPUs Ray reserves for each replica (set it with ``device: cuda`` on a GPU cluster)."""

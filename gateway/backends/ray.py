@@ -69,6 +69,7 @@ class RayBackend(ReplicaBackend):
             # No GPU reserved for the replica: it runs where the gateway's ORT would, so a
             # missing CUDA provider is known now rather than after a replica crash loop.
             select_providers("cuda")
+        self._check_capacity(spec)
         try:
             async with self._deploy_lock:
                 handle = await asyncio.to_thread(self._deploy, spec)
@@ -77,6 +78,23 @@ class RayBackend(ReplicaBackend):
         except Exception as exc:
             raise BackendError(f"model '{spec.key}' failed to deploy on Ray: {exc}") from exc
         self._handles[spec.key] = handle
+
+    def _check_capacity(self, spec: ModelSpec) -> None:
+        """Serve waits forever for replicas it cannot place: refuse them up front instead."""
+        import ray
+
+        cfg = spec.config
+        available = ray.available_resources()
+        for resource, per_replica in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
+            needed = per_replica * cfg.num_replicas
+            have = available.get(resource, 0.0)
+            if needed > have + 1e-9:
+                raise BackendError(
+                    f"model '{spec.key}' needs {needed:g} {resource} for {cfg.num_replicas} "
+                    f"replica(s) of {per_replica:g} {resource}, but the Ray cluster has "
+                    f"{have:g} {resource} free; lower num_cpus/num_gpus or num_replicas in its "
+                    "config.yaml, or add nodes"
+                )
 
     def _deploy(self, spec: ModelSpec) -> Any:
         from ray import serve

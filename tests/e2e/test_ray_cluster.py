@@ -51,10 +51,11 @@ def test_replicas_on_both_nodes_serve(cluster: Any, tmp_path: Path) -> None:
     backend = RayBackend(address=cluster.address)
     server = GatewayThread(local_settings(repository, backend="ray"), backend=backend)
     try:
-        client = httpclient.InferenceServerClient(server.http_url, concurrency=4)
         x = np.ones((1, 16), np.float32)
 
         def call(_: int) -> tuple[int, ...]:
+            # One client per call: tritonclient's HTTP client is not thread-safe.
+            client = httpclient.InferenceServerClient(server.http_url)
             tensor = httpclient.InferInput("input", [1, 16], "FP32")
             tensor.set_data_from_numpy(x)
             shape: tuple[int, ...] = client.infer("mlp", [tensor]).as_numpy("output").shape
