@@ -99,9 +99,7 @@ class DataPlane:
         versions = self._models.setdefault(spec.name, {})
         versions[spec.version] = loaded
         self._models[spec.name] = dict(sorted(versions.items()))
-        log.info(
-            "loaded %s (%s, batch %s)", spec.key, self.backend.name, batcher.max_batch_size
-        )
+        log.info("loaded %s (%s, batch %s)", spec.key, self.backend.name, batcher.max_batch_size)
         return loaded
 
     async def unload(self, model: str, version: int) -> None:
@@ -181,9 +179,11 @@ class DataPlane:
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
         """Triton's statistics extension: counts and cumulative durations per version."""
-        models = [self.get_model(name, version)] if name and version else [
-            m for m in self.loaded_models() if not name or m.spec.name == name
-        ]
+        models = (
+            [self.get_model(name, version)]
+            if name and version
+            else [m for m in self.loaded_models() if not name or m.spec.name == name]
+        )
         if name and not models:
             raise ModelNotFound(f"model '{name}' is not served (known: {self._known()})")
         result = []
@@ -274,9 +274,7 @@ class DataPlane:
         if model.spec.batchable:
             batch_dims = {t.shape[0] for t in tensors.values()}
             if len(batch_dims) > 1:
-                raise InvalidInput(
-                    f"inputs disagree on the batch dimension: {sorted(batch_dims)}"
-                )
+                raise InvalidInput(f"inputs disagree on the batch dimension: {sorted(batch_dims)}")
             rows = batch_dims.pop()
         return tensors, rows
 

@@ -7,7 +7,6 @@ with skl2onnx: version 1 a scaled logistic regression, version 2 gradient-booste
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -65,18 +64,14 @@ def demo_rows() -> np.ndarray[Any, Any]:
     return features
 
 
-async def _burst(
-    url: str, count: int, concurrency: int
-) -> dict[str, dict[str, Any]]:
+async def _burst(url: str, count: int, concurrency: int) -> dict[str, dict[str, Any]]:
     """Send ``count`` requests over gRPC, alternating explicit versions; time each."""
     import tritonclient.grpc.aio as grpcclient
     from rich.progress import Progress
 
     rows = demo_rows()
     client = grpcclient.InferenceServerClient(url)
-    results: dict[str, dict[str, Any]] = {
-        v: {"latencies": [], "errors": 0} for v in ("1", "2")
-    }
+    results: dict[str, dict[str, Any]] = {v: {"latencies": [], "errors": 0} for v in ("1", "2")}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
         queue.put_nowait(i)
@@ -141,10 +136,12 @@ Keep going: the gateway is still serving (Ctrl-C stops it).
 
   curl -s localhost:{http_port}/v2/models/{MODEL}
   curl -s -X POST localhost:{http_port}/v2/models/{MODEL}/versions/1/infer \\
-    -d '{{"inputs":[{{"name":"features","shape":[1,{FEATURES}],"datatype":"FP32","data":[{row}]}}]}}'
+    -d '{{"inputs":[{{"name":"features","shape":[1,{FEATURES}],"datatype":"FP32",\
+"data":[{row}]}}]}}'
 
   grpcurl -plaintext -import-path protos -proto inference.proto \\
-    -d '{{"model_name":"{MODEL}","inputs":[{{"name":"features","datatype":"FP32","shape":[1,{FEATURES}],"contents":{{"fp32_contents":[{row}]}}}}]}}' \\
+    -d '{{"model_name":"{MODEL}","inputs":[{{"name":"features","datatype":"FP32",\
+"shape":[1,{FEATURES}],"contents":{{"fp32_contents":[{row}]}}}}]}}' \\
     localhost:{grpc_port} inference.GRPCInferenceService/ModelInfer
 
   python - <<'EOF'

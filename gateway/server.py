@@ -19,10 +19,10 @@ import uvicorn
 
 from gateway.backends.base import ReplicaBackend
 from gateway.dataplane import DataPlane
+from gateway.errors import TurnoutError
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
 from gateway.repository import Repository
-from gateway.errors import TurnoutError
 from gateway.settings import ServerSettings, SettingsError
 
 __all__ = ["Gateway", "build_backend", "run_gateway"]
@@ -152,6 +152,8 @@ def run_gateway(settings: ServerSettings) -> int:
     import uvloop
 
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return uvloop.run(_serve_until_signalled(settings))

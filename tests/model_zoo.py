@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,15 @@ def mlp(path: Path, features: int = 16, hidden: int = 32, classes: int = 3, seed
     rng = np.random.default_rng(seed)
     sizes = [features, hidden, hidden, classes]
     inits, nodes, current = [], [], "input"
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
         b = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]))
         out = "output" if i == len(sizes) - 2 else f"h{i}"
-        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}" if out != "output" else out]))
+        nodes.append(
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}" if out != "output" else out])
+        )
         if out != "output":
             nodes.append(helper.make_node("Relu", [f"z{i}"], [out]))
         current = out
@@ -110,7 +113,9 @@ def slow(path: Path, width: int = 512, depth: int = 40) -> None:
         current = out
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
-    graph = helper.make_graph(nodes, "slow", [x], [y], initializer=[numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        nodes, "slow", [x], [y], initializer=[numpy_helper.from_array(w, "w")]
+    )
     _save(graph, path)
 
 

@@ -103,16 +103,16 @@ def _ortvalue_to_numpy(value: Any) -> np.ndarray[Any, Any]:
         return result
     shape = tuple(value.shape())
     count = int(np.prod(shape))
-    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr())
-    return np.frombuffer(buffer, dtype=np.uint16).copy().view(_BF16).reshape(shape)
+    buffer = memoryview((ctypes.c_uint16 * count).from_address(value.data_ptr())).cast("B")
+    bits = np.frombuffer(buffer, dtype=np.uint16).copy()
+    result_bf16: np.ndarray[Any, Any] = bits.view(_BF16).reshape(shape)
+    return result_bf16
 
 
 def _to_str_array(name: str, value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     out = np.empty(value.shape, dtype=np.object_)
     try:
-        out.ravel()[:] = [
-            v.decode() if isinstance(v, bytes) else str(v) for v in value.ravel()
-        ]
+        out.ravel()[:] = [v.decode() if isinstance(v, bytes) else str(v) for v in value.ravel()]
     except UnicodeDecodeError:
         raise InvalidInput(f"input '{name}': BYTES element is not valid UTF-8") from None
     return out

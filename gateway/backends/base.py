@@ -19,7 +19,7 @@ class ReplicaBackend(ABC):
 
     name: str
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook)
         """Acquire what the backend needs (threads, a Ray connection)."""
 
     @abstractmethod
@@ -38,5 +38,5 @@ class ReplicaBackend(ABC):
     def describe(self, spec: ModelSpec) -> dict[str, str]:
         """Facts for model metadata ``properties`` (backend, device, replicas)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release everything; called once at shutdown."""

@@ -71,9 +71,7 @@ class LocalBackend(ReplicaBackend):
         if replicas is None:
             raise ModelNotReady(f"model '{spec.name}' version {spec.version} is not loaded")
         session = replicas.pick()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, session.run, inputs
-        )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, session.run, inputs)
 
     def describe(self, spec: ModelSpec) -> dict[str, str]:
         replicas = self._models.get(spec.key)

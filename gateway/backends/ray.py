@@ -84,7 +84,7 @@ class RayBackend(ReplicaBackend):
         import ray
 
         cfg = spec.config
-        available = ray.available_resources()
+        available: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
         for resource, per_replica in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
             needed = per_replica * cfg.num_replicas
             have = available.get(resource, 0.0)
@@ -102,7 +102,7 @@ class RayBackend(ReplicaBackend):
         from gateway.backends._ray_replica import OnnxReplica
 
         cfg = spec.config
-        deployment = serve.deployment(
+        deployment: Any = serve.deployment(
             OnnxReplica,
             name=f"{spec.name}-v{spec.version}",
             num_replicas=cfg.num_replicas,
@@ -157,7 +157,7 @@ class RayBackend(ReplicaBackend):
         if not ray.is_initialized():
             return
         if self._started_ray:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
             return
         for key in list(self._handles):

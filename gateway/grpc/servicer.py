@@ -1,4 +1,4 @@
-"""The gRPC adapter: ``inference.GRPCInferenceService`` on grpc.aio, delegating to the data plane."""
+"""The gRPC adapter: ``inference.GRPCInferenceService`` on grpc.aio, calling the data plane."""
 
 from __future__ import annotations
 
@@ -65,16 +65,14 @@ class InferenceServicer:
         return _ServerMetadataResponse(**self.dataplane.server_metadata())
 
     async def model_metadata(self, request: Any, context: Context) -> Any:
-        return model_metadata_to_proto(
-            self.dataplane.model_metadata(request.name, request.version)
-        )
+        return model_metadata_to_proto(self.dataplane.model_metadata(request.name, request.version))
 
     async def model_infer(self, request: Any, context: Context) -> Any:
         infer_request = infer_request_from_proto(request, context.time_remaining())
         response = await self.dataplane.infer(infer_request)
         return infer_response_to_proto(response)
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         methods = {
             "ServerLive": self.server_live,
             "ServerReady": self.server_ready,

@@ -3,7 +3,6 @@ and HTTP JSON; every output is compared with ONNX Runtime called directly on the
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,9 @@ def make_input(protocol: str, name: str, array: np.ndarray[Any, Any], datatype: 
         tensor.set_data_from_numpy(array)
     else:
         # tritonclient sends BF16 only in binary, even in an otherwise JSON request.
-        tensor.set_data_from_numpy(array, binary_data=protocol == "http-binary" or datatype == "BF16")
+        tensor.set_data_from_numpy(
+            array, binary_data=protocol == "http-binary" or datatype == "BF16"
+        )
     return tensor
 
 
@@ -117,8 +118,10 @@ def test_explicit_version_and_output_subset(local_gateway: GatewayThread, protoc
     )
     np.testing.assert_array_equal(result.as_numpy("diff"), -a)
     assert result.as_numpy("sum") is None
-    version = result.get_response().model_version if protocol == "grpc" else (
-        result.get_response()["model_version"]
+    version = (
+        result.get_response().model_version
+        if protocol == "grpc"
+        else (result.get_response()["model_version"])
     )
     assert version == "1"
 
@@ -156,9 +159,7 @@ def test_every_datatype_round_trips(local_gateway: GatewayThread, protocol: str)
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_bytes_round_trip(local_gateway: GatewayThread, protocol: str) -> None:
-    words = np.array(
-        [[b"alpha", "\u00e9t\u00e9".encode()], [b"", b"x" * 300]], dtype=np.object_
-    )
+    words = np.array([[b"alpha", "\u00e9t\u00e9".encode()], [b"", b"x" * 300]], dtype=np.object_)
     client = client_for(protocol, local_gateway)
     result = client.infer(
         "strings",
