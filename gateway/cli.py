@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grpc-port", type=int, default=8001)
     demo.add_argument("--no-wait", action="store_true", help="stop after the summary")
     demo.set_defaults(func=_demo)
+
+    from gateway.admin.cli import add_admin_commands
+
+    add_admin_commands(commands)
     return parser
 
 

@@ -12,11 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from gateway import __version__
 from gateway.backends.base import ReplicaBackend
 from gateway.batching import Batcher, Tensors
 from gateway.errors import InvalidInput, ModelNotFound, ServerShuttingDown
 from gateway.repository import ModelSpec, Repository, TensorSpec, parse_version
+from gateway.routing.policy import Decision
 from gateway.types import InferOutput, InferRequest, InferResponse
 
 __all__ = ["DataPlane", "HighestVersion", "LoadedModel", "VersionSelector"]
@@ -31,16 +34,43 @@ PLATFORM = "onnxruntime_onnx"
 class VersionSelector(Protocol):
     """Chooses the version that serves a request; traffic policies plug in here."""
 
-    def select(self, model: str, request: InferRequest, ready: list[int]) -> int: ...
+    def select(self, model: str, request: InferRequest, ready: list[int]) -> Decision: ...
+
+    def shadow_draw(self, model: str, ready: list[int]) -> int | None: ...
 
 
 class HighestVersion:
-    """Without an explicit version, the highest ready version serves."""
+    """Without an explicit version, the highest ready version serves; nothing is mirrored."""
 
-    def select(self, model: str, request: InferRequest, ready: list[int]) -> int:
+    def select(self, model: str, request: InferRequest, ready: list[int]) -> Decision:
         if request.model_version:
-            return parse_version(model, request.model_version)
-        return ready[-1]
+            return Decision(parse_version(model, request.model_version), "explicit", 0)
+        return Decision(ready[-1], "primary", 0)
+
+    def shadow_draw(self, model: str, ready: list[int]) -> int | None:
+        return None
+
+
+@dataclass(slots=True)
+class ShadowStats:
+    """Agreement between a model's primary answers and its shadow version's."""
+
+    requests: int = 0
+    errors: int = 0
+    exact_matches: int = 0
+    abs_diff_sum: float = 0.0
+    compared_values: int = 0
+
+    def public(self) -> dict[str, Any]:
+        compared = self.requests - self.errors
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "exact_match_rate": self.exact_matches / compared if compared else None,
+            "mean_abs_diff": self.abs_diff_sum / self.compared_values
+            if self.compared_values
+            else None,
+        }
 
 
 @dataclass(slots=True)
@@ -66,6 +96,8 @@ class DataPlane:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._ready = False
         self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
+        self.shadow_stats: dict[tuple[str, int], ShadowStats] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -219,16 +251,24 @@ class DataPlane:
             raise ModelNotFound(
                 f"model '{request.model_name}' is not served (known: {self._known()})"
             )
-        number = self.selector.select(request.model_name, request, list(versions))
-        model = versions.get(number)
+        ready = list(versions)
+        decision = self.selector.select(request.model_name, request, ready)
+        model = versions.get(decision.version)
         if model is None:
             raise ModelNotFound(
-                f"model '{request.model_name}' has no version {number} (loaded: "
+                f"model '{request.model_name}' has no version {decision.version} (loaded: "
                 f"{', '.join(str(v) for v in versions)})"
             )
         tensors, rows = self._validate_inputs(model, request)
         wanted = self._requested_outputs(model, request)
-        results = await model.batcher.submit(tensors, rows, request.timeout_s)
+        shadow_version = self.selector.shadow_draw(request.model_name, ready)
+        primary = model.batcher.submit(tensors, rows, request.timeout_s)
+        if shadow_version is not None and shadow_version != decision.version:
+            primary_task = asyncio.ensure_future(primary)
+            self._mirror(request.model_name, shadow_version, tensors, rows, primary_task)
+            results = await primary_task
+        else:
+            results = await primary
         outputs = [
             InferOutput(
                 name=name,
@@ -243,7 +283,50 @@ class DataPlane:
             model_version=str(model.spec.version),
             id=request.id,
             outputs=outputs,
+            revision=decision.revision,
+            arm=decision.arm,
         )
+
+    def _mirror(
+        self,
+        name: str,
+        version: int,
+        tensors: Tensors,
+        rows: int,
+        primary: asyncio.Future[Tensors],
+    ) -> None:
+        """Send a copy to the shadow version; compare when both answered; never wait on it."""
+        shadow = self._models.get(name, {}).get(version)
+        stats = self.shadow_stats.setdefault((name, version), ShadowStats())
+        stats.requests += 1
+        if shadow is None:
+            stats.errors += 1
+            return
+
+        async def compare() -> None:
+            try:
+                mirrored = await shadow.batcher.submit(tensors, rows)
+                answered = await primary
+            except Exception:
+                stats.errors += 1
+                return
+            exact = True
+            for key, value in answered.items():
+                other = mirrored.get(key)
+                if other is None or other.shape != value.shape:
+                    exact = False
+                    continue
+                if not np.array_equal(value, other):
+                    exact = False
+                if value.dtype.kind in "biuf" and value.size:
+                    diff = np.abs(value.astype(np.float64) - other.astype(np.float64))
+                    stats.abs_diff_sum += float(diff.sum())
+                    stats.compared_values += value.size
+            stats.exact_matches += exact
+
+        task = asyncio.get_running_loop().create_task(compare())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _validate_inputs(self, model: LoadedModel, request: InferRequest) -> tuple[Tensors, int]:
         expected = model.inputs

@@ -8,6 +8,7 @@ adapters each need one handler and the data plane never thinks about transports:
     ├── Unauthenticated         401  UNAUTHENTICATED
     ├── PermissionDenied        403  PERMISSION_DENIED
     ├── ModelNotFound           404  NOT_FOUND          unknown model or version
+    ├── Conflict                409  FAILED_PRECONDITION stale --if-revision; unloading a used version
     ├── PayloadTooLarge         413  RESOURCE_EXHAUSTED body over the configured limit
     ├── QueueFull               429  RESOURCE_EXHAUSTED batcher queue at max_queue_size
     ├── BackendError            500  INTERNAL           the replica failed to run the model
@@ -24,6 +25,7 @@ import grpc
 
 __all__ = [
     "BackendError",
+    "Conflict",
     "DeadlineExceeded",
     "InvalidInput",
     "ModelNotFound",
@@ -70,6 +72,11 @@ class PermissionDenied(TurnoutError):
 class ModelNotFound(TurnoutError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class Conflict(TurnoutError):
+    http_status = 409
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class PayloadTooLarge(TurnoutError):

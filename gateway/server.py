@@ -8,26 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 import uvicorn
 
+from gateway.admin.auth import Token, TokenAuth, load_or_create_tokens
+from gateway.admin.http import AdminHttp
+from gateway.admin.traffic import TrafficAdmin
 from gateway.backends.base import ReplicaBackend
 from gateway.dataplane import DataPlane
 from gateway.errors import TurnoutError
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
 from gateway.repository import Repository
+from gateway.routing.router import PolicyRouter
+from gateway.routing.store import PolicyStore
 from gateway.settings import ServerSettings, SettingsError
 
 __all__ = ["Gateway", "build_backend", "run_gateway"]
 
 log = logging.getLogger(__name__)
+
+ADDRESS_FILE = "gateway.json"
 
 
 def build_backend(settings: ServerSettings) -> ReplicaBackend:
@@ -55,11 +65,21 @@ class Gateway:
     def __init__(self, settings: ServerSettings, backend: ReplicaBackend | None = None) -> None:
         self.settings = settings
         self.backend = backend or build_backend(settings)
+        self.store = PolicyStore(settings.state_dir, settings.policy_poll_interval_s)
+        self.router = PolicyRouter(self.store)
         self.dataplane = DataPlane(
             Repository(settings.model_repository, settings),
             self.backend,
+            selector=self.router,
             drain_timeout_s=settings.drain_timeout_s,
         )
+        self.admin = TrafficAdmin(self.dataplane, self.store, self.router)
+        tokens = load_or_create_tokens(
+            settings.state_dir,
+            [Token(t.name, t.token, t.role) for t in settings.admin_tokens],
+        )
+        self.auth = TokenAuth(tokens)
+        self._watch_task: asyncio.Task[None] | None = None
         self.http_port = settings.http_port
         self.grpc_port = settings.grpc_port
         self._grpc: grpc.aio.Server | None = None
@@ -77,10 +97,17 @@ class Gateway:
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 
+        self._watch_task = asyncio.get_running_loop().create_task(self.store.watch())
         self._http_socket = _bind(s.host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
+        app = HttpApp(
+            self.dataplane,
+            s.max_request_bytes,
+            admin=AdminHttp(self.admin, self.auth),
+            infer_auth=self.auth if s.require_infer_token else None,
+        )
         config = uvicorn.Config(
-            HttpApp(self.dataplane, s.max_request_bytes),
+            app,
             loop="none",
             http="httptools",
             lifespan="off",
@@ -99,6 +126,7 @@ class Gateway:
                 self._http_task.result()
                 raise RuntimeError("HTTP server exited during start-up")
             await asyncio.sleep(0.01)
+        self.write_address_file()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then release the backend."""
@@ -110,7 +138,29 @@ class Gateway:
             self._http.should_exit = True
             stops.append(self._http_task)
         await asyncio.gather(*stops, return_exceptions=True)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         await self.dataplane.stop()
+        with contextlib.suppress(FileNotFoundError):
+            if json.loads(self._address_file.read_text()).get("pid") == os.getpid():
+                self._address_file.unlink()
+
+    @property
+    def _address_file(self) -> Path:
+        return self.settings.state_dir / ADDRESS_FILE
+
+    def write_address_file(self) -> None:
+        """Tell the CLI on this machine where the gateway listens."""
+        host = self.settings.host if self.settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self._address_file.write_text(
+            json.dumps(
+                {
+                    "http": f"http://{host}:{self.http_port}",
+                    "grpc": f"{host}:{self.grpc_port}",
+                    "pid": os.getpid(),
+                }
+            )
+        )
 
     def ready_line(self) -> str:
         s = self.settings

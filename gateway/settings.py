@@ -7,6 +7,7 @@ environment variables, command-line flags. A model's knobs come from the server 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ModelConfig", "ServerSettings", "SettingsError", "load_model_config", "load_settings"]
+__all__ = [
+    "ModelConfig",
+    "ServerSettings",
+    "SettingsError",
+    "TokenConfig",
+    "default_state_dir",
+    "load_model_config",
+    "load_settings",
+]
 
 
 class SettingsError(ValueError):
@@ -75,6 +84,20 @@ class ModelConfig(BaseModel):
         return sizes
 
 
+def default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "turnout"
+
+
+class TokenConfig(BaseModel):
+    """One bearer token of the admin API (and of inference, when it requires one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    token: str = Field(min_length=16)
+    role: Literal["admin", "infer"] = "admin"
+
+
 class ServerSettings(BaseSettings):
     """The gateway process."""
 
@@ -109,6 +132,19 @@ class ServerSettings(BaseSettings):
 
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGINT/SIGTERM, how long in-flight requests may take to finish."""
+
+    state_dir: Path = Field(default_factory=default_state_dir)
+    """Traffic policies, audit log, tokens and the address file the CLI reads. Every gateway
+    of one deployment on a machine shares it."""
+
+    admin_tokens: list[TokenConfig] = Field(default_factory=list)
+    """Bearer tokens; when empty, the first start writes an admin token to the state dir."""
+
+    require_infer_token: bool = False
+    """Inference also needs a bearer token (role ``infer`` or ``admin``)."""
+
+    policy_poll_interval_s: float = Field(default=0.2, gt=0, le=1.0)
+    """How often a gateway looks for policy changes made by other gateways."""
 
     model_defaults: dict[str, Any] = Field(default_factory=dict)
     """Knobs applied to every model before its own config.yaml."""

@@ -44,6 +44,8 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     timeout_s: float | None = None
     """From the gRPC deadline or the HTTP ``timeout`` parameter; None: the model's default."""
+    routing_key: str | None = None
+    """Sticky assignment key (header/metadata ``x-turnout-routing-key`` or ``routing_key``)."""
 
 
 @dataclass(slots=True)
@@ -62,3 +64,7 @@ class InferResponse:
     outputs: list[InferOutput]
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
+    revision: int = 0
+    """The traffic policy revision the version was chosen under."""
+    arm: str = ""
+    """How it was chosen: primary, canary or explicit."""

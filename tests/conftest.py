@@ -7,6 +7,7 @@ servers on loopback ports, so tests can drive it with real (blocking) clients.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -64,6 +65,8 @@ class GatewayThread:
 def local_settings(repository: Path, **overrides: Any) -> ServerSettings:
     values: dict[str, Any] = {
         "model_repository": repository,
+        # A private state dir per gateway: policies persist there and must not leak across tests.
+        "state_dir": Path(tempfile.mkdtemp(prefix="turnout-state-")),
         "backend": "local",
         "http_port": 0,
         "grpc_port": 0,

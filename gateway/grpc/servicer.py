@@ -16,6 +16,7 @@ from gateway.grpc.converters import (
     model_metadata_to_proto,
 )
 from gateway.grpc.messages import SERVICE, message
+from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
 
 __all__ = ["InferenceServicer", "build_grpc_server"]
 
@@ -69,7 +70,15 @@ class InferenceServicer:
 
     async def model_infer(self, request: Any, context: Context) -> Any:
         infer_request = infer_request_from_proto(request, context.time_remaining())
+        metadata = dict(context.invocation_metadata() or ())
+        if not infer_request.model_version:
+            infer_request.model_version = str(metadata.get(VERSION_HEADER, ""))
+        header_key = metadata.get(ROUTING_KEY_HEADER)
+        infer_request.routing_key = routing_key(
+            str(header_key) if header_key else None, infer_request.parameters
+        )
         response = await self.dataplane.infer(infer_request)
+        context.set_trailing_metadata(((REVISION_HEADER, str(response.revision)),))
         return infer_response_to_proto(response)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:

@@ -12,9 +12,12 @@ from typing import Any
 
 import orjson
 
+from gateway.admin.auth import TokenAuth
+from gateway.admin.http import AdminHttp
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError
 from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
+from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
 
 __all__ = ["HttpApp"]
 
@@ -43,9 +46,17 @@ class _Reply(Exception):
 class HttpApp:
     """ASGI application serving the OIP REST endpoints."""
 
-    def __init__(self, dataplane: DataPlane, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        max_request_bytes: int,
+        admin: AdminHttp | None = None,
+        infer_auth: TokenAuth | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.max_request_bytes = max_request_bytes
+        self.admin = admin
+        self.infer_auth = infer_auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -68,6 +79,12 @@ class HttpApp:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         parts = scope["path"].strip("/").split("/")
+        if parts[:2] == ["admin", "v1"] and self.admin is not None:
+            headers = _headers(scope)
+            body = await self._read_body(receive, headers.get("content-length"))
+            status, document = await self.admin.handle(method, parts[2:], headers, body)
+            await _send(send, status, orjson.dumps(document))
+            return
         if not parts or parts[0] != "v2":
             raise _Reply(404, {"error": f"no route for {scope['path']}"})
         rest = parts[1:]
@@ -115,18 +132,24 @@ class HttpApp:
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
         headers = _headers(scope)
+        if self.infer_auth is not None:
+            self.infer_auth.authenticate(headers.get("authorization"), "infer")
         body = await self._read_body(receive, headers.get("content-length"))
-        request = decode_infer_request(model, version, body, headers.get(HEADER_LENGTH))
+        request = decode_infer_request(
+            model, version or headers.get(VERSION_HEADER, ""), body, headers.get(HEADER_LENGTH)
+        )
+        request.routing_key = routing_key(headers.get(ROUTING_KEY_HEADER), request.parameters)
         response = await self.dataplane.infer(request)
         payload, json_length = encode_infer_response(response, request)
+        revision = (REVISION_HEADER.encode(), str(response.revision).encode())
         if json_length is None:
-            await _send(send, 200, payload)
+            await _send(send, 200, payload, [revision])
         else:
             await _send(
                 send,
                 200,
                 payload,
-                [(HEADER_LENGTH.encode(), str(json_length).encode())],
+                [(HEADER_LENGTH.encode(), str(json_length).encode()), revision],
                 content_type=_OCTETS,
             )
 

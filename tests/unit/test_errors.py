@@ -14,6 +14,7 @@ TABLE: dict[type[TurnoutError], tuple[int, grpc.StatusCode]] = {
     errors.Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
     errors.PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
     errors.ModelNotFound: (404, grpc.StatusCode.NOT_FOUND),
+    errors.Conflict: (409, grpc.StatusCode.FAILED_PRECONDITION),
     errors.PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     errors.QueueFull: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     errors.BackendError: (500, grpc.StatusCode.INTERNAL),

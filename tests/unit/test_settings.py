@@ -35,7 +35,8 @@ def write_yaml(path: Path, values: Any) -> Path:
 # -- server settings ------------------------------------------------------------------------
 
 
-def test_defaults() -> None:
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", "/var/lib/somewhere")
     settings = load_settings()
     assert settings.model_dump() == {
         "model_repository": Path("models"),
@@ -48,6 +49,10 @@ def test_defaults() -> None:
         "max_request_bytes": 64 * 1024 * 1024,
         "grpc_max_concurrent_streams": None,
         "drain_timeout_s": 30.0,
+        "state_dir": Path("/var/lib/somewhere/turnout"),
+        "admin_tokens": [],
+        "require_infer_token": False,
+        "policy_poll_interval_s": 0.2,
         "model_defaults": {},
         "models": {},
     }

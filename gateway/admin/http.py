@@ -1,0 +1,72 @@
+"""REST adapter of the admin API, under ``/admin/v1``; every route needs a bearer token.
+
+GET  /admin/v1/models                                  every model's traffic status
+GET  /admin/v1/models/{m}/traffic                      one model's policy and shadow stats
+GET  /admin/v1/models/{m}/traffic/history              audit entries, oldest first
+POST /admin/v1/models/{m}/traffic                      {"op": "set"|"switch"|..., ...}
+PUT  /admin/v1/models/{m}/traffic                      {"weights": {...}, ...} (op "set")
+POST /admin/v1/models/{m}/versions/{v}/load|unload     load or unload a version
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.admin.auth import TokenAuth
+from gateway.admin.traffic import TrafficAdmin
+from gateway.errors import InvalidInput, ModelNotFound
+from gateway.repository import parse_version
+
+__all__ = ["AdminHttp"]
+
+
+class AdminHttp:
+    def __init__(self, admin: TrafficAdmin, auth: TokenAuth) -> None:
+        self.admin = admin
+        self.auth = auth
+
+    async def handle(
+        self, method: str, parts: list[str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, Any]:
+        """``parts``: the path split on '/', after ``admin/v1``. Returns (status, JSON)."""
+        actor = self.auth.authenticate(headers.get("authorization"), "admin")
+        admin = self.admin
+        if parts == ["models"] and method == "GET":
+            return 200, {"models": admin.models()}
+        if len(parts) >= 3 and parts[0] == "models" and parts[2] == "traffic":
+            model, rest = parts[1], parts[3:]
+            if rest == ["history"] and method == "GET":
+                return 200, {"model": model, "history": admin.history(model)}
+            if rest:
+                raise ModelNotFound(f"no admin route for {'/'.join(parts)}")
+            if method == "GET":
+                return 200, admin.status(model)
+            if method in ("POST", "PUT"):
+                document = _json_object(body)
+                operation = "set" if method == "PUT" else document.get("op")
+                if not isinstance(operation, str):
+                    raise InvalidInput(
+                        "'op' is required: set, switch, promote, rollback, shadow, clear_shadow"
+                    )
+                return 200, admin.change(model, operation, document, actor)
+        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and method == "POST":
+            model, version = parts[1], parse_version(parts[1], parts[3])
+            if parts[4] == "load":
+                return 200, await admin.load(model, version)
+            if parts[4] == "unload":
+                return 200, await admin.unload(model, version)
+        raise ModelNotFound(f"no admin route for {method} /admin/v1/{'/'.join(parts)}")
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return document

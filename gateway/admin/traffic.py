@@ -1,0 +1,167 @@
+"""Traffic and model administration, transport-agnostic: the REST and gRPC admin adapters
+and the CLI all end here. Every change goes through the policy store, which validates it as
+a whole, assigns the next revision and writes the audit log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.dataplane import DataPlane
+from gateway.errors import Conflict, InvalidInput, ModelNotFound
+from gateway.routing.policy import TrafficPolicy
+from gateway.routing.router import PolicyRouter
+from gateway.routing.store import PolicyStore
+
+__all__ = ["OPERATIONS", "TrafficAdmin"]
+
+OPERATIONS = ("set", "switch", "promote", "rollback", "shadow", "clear_shadow")
+
+
+def _int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidInput(f"{field} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"{field} must be an integer, got {value!r}") from None
+
+
+def _weights(value: Any) -> dict[int, int]:
+    if not isinstance(value, dict) or not value:
+        raise InvalidInput('weights must be an object of version -> percent, e.g. {"1": 90}')
+    return {_int("weights version", k): _int(f"weights[{k}]", v) for k, v in value.items()}
+
+
+class TrafficAdmin:
+    def __init__(self, dataplane: DataPlane, store: PolicyStore, router: PolicyRouter) -> None:
+        self.dataplane = dataplane
+        self.store = store
+        self.router = router
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _ready(self, model: str) -> list[int]:
+        versions = [m.spec.version for m in self.dataplane.loaded_models() if m.spec.name == model]
+        if not versions:
+            raise ModelNotFound(f"model '{model}' is not served")
+        return sorted(versions)
+
+    def policy(self, model: str) -> TrafficPolicy:
+        return self.router.policy_for(model, self._ready(model))
+
+    def status(self, model: str) -> dict[str, Any]:
+        policy = self.policy(model)
+        shadow = {
+            str(version): stats.public()
+            for (name, version), stats in self.dataplane.shadow_stats.items()
+            if name == model
+        }
+        return {**policy.public(), "loaded_versions": self._ready(model), "shadow_stats": shadow}
+
+    def models(self) -> list[dict[str, Any]]:
+        names = sorted({m.spec.name for m in self.dataplane.loaded_models()})
+        return [self.status(name) for name in names]
+
+    def history(self, model: str) -> list[dict[str, Any]]:
+        self._ready(model)
+        return self.store.history(model)
+
+    # -- changes -------------------------------------------------------------------------
+
+    def change(
+        self, model: str, operation: str, body: dict[str, Any], actor: str
+    ) -> dict[str, Any]:
+        """Apply one operation (see OPERATIONS) and return the new status."""
+        if operation not in OPERATIONS:
+            raise InvalidInput(
+                f"unknown operation '{operation}' (expected one of {', '.join(OPERATIONS)})"
+            )
+        ready = self._ready(model)
+        if_revision = body.get("if_revision")
+        if if_revision is not None:
+            if_revision = _int("if_revision", if_revision)
+
+        def build(current: TrafficPolicy | None, history: list[dict[str, Any]]) -> dict[str, Any]:
+            base = current or self.router.policy_for(model, ready)
+            fields = base.model_dump(exclude={"model", "revision"})
+            if operation == "set":
+                fields["weights"] = _weights(body.get("weights"))
+                if "standby" in body:
+                    fields["standby"] = (
+                        None if body["standby"] is None else _int("standby", body["standby"])
+                    )
+                elif base.standby is not None:
+                    fields["standby"] = None  # new weights end a blue-green pair
+                if "allow_explicit_version" in body:
+                    allow = body["allow_explicit_version"]
+                    if not isinstance(allow, bool):
+                        raise InvalidInput("allow_explicit_version must be true or false")
+                    fields["allow_explicit_version"] = allow
+            elif operation == "switch":
+                if base.standby is None:
+                    raise InvalidInput(
+                        f"model '{model}' has no standby version to switch to; set one with "
+                        "'set' and a 'standby' version"
+                    )
+                fields["weights"] = {base.standby: 100}
+                fields["standby"] = base.primary
+            elif operation == "promote":
+                version = _int("version", body.get("version"))
+                fields["weights"] = {version: 100}
+                fields["standby"] = None
+            elif operation == "rollback":
+                if not history:
+                    raise InvalidInput(f"model '{model}' has no earlier revision to roll back to")
+                previous = dict(history[-1])
+                fields = {k: v for k, v in previous.items() if k not in ("model", "revision")}
+            elif operation == "shadow":
+                fields["shadow"] = {
+                    "version": _int("version", body.get("version")),
+                    "percent": body.get("percent", 100),
+                }
+            elif operation == "clear_shadow":
+                fields["shadow"] = None
+            return fields
+
+        policy = self.store.update(
+            model,
+            operation,
+            build,
+            actor=actor,
+            if_revision=if_revision,
+            default=self.router.policy_for(model, ready),
+            validate=lambda p: self._check_loaded(p, ready),
+        )
+        return {**self.status(model), "revision": policy.revision}
+
+    @staticmethod
+    def _check_loaded(policy: TrafficPolicy, ready: list[int]) -> None:
+        missing = sorted(policy.versions_in_use() - set(ready))
+        if missing:
+            raise InvalidInput(
+                f"model '{policy.model}' version(s) {', '.join(map(str, missing))} not loaded "
+                f"(loaded: {', '.join(map(str, ready))}); load them first"
+            )
+
+    async def load(self, model: str, version: int) -> dict[str, Any]:
+        if any(
+            m.spec.name == model and m.spec.version == version
+            for m in self.dataplane.loaded_models()
+        ):
+            raise Conflict(f"model '{model}' version {version} is already loaded")
+        spec = self.dataplane.repository.read(model, version)
+        await self.dataplane.load(spec)
+        return self.status(model)
+
+    async def unload(self, model: str, version: int) -> dict[str, Any]:
+        ready = self._ready(model)
+        if version not in ready:
+            raise ModelNotFound(f"model '{model}' version {version} is not loaded")
+        policy = self.router.policy_for(model, ready)
+        if version in policy.versions_in_use():
+            raise Conflict(
+                f"model '{model}' version {version} has traffic under revision "
+                f"{policy.revision}; move traffic away first (promote, set, clear_shadow)"
+            )
+        await self.dataplane.unload(model, version)
+        return {"model": model, "unloaded": version, "loaded_versions": self._ready(model)}

@@ -1,0 +1,130 @@
+"""Traffic policies: pure, seeded routing decisions for one model.
+
+A policy is weights over versions (summing to 100) plus an optional blue-green standby,
+an optional shadow, and whether requests may name a version. Decisions are a pure function
+of (policy, routing key or random draw), so tests can check them statistically.
+
+Sticky assignment hashes (model, key) to a point in [0, 100). Versions own consecutive
+ranges in ascending version order, so the newest version owns the top of the range: raising
+its weight only extends its range downward, moving keys *into* it and never out of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["Decision", "ShadowPolicy", "TrafficPolicy", "key_point", "route"]
+
+
+class ShadowPolicy(BaseModel):
+    """Mirror ``percent`` of requests to ``version``; its answers are compared, then dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(ge=1)
+    percent: float = Field(gt=0, le=100)
+
+
+class TrafficPolicy(BaseModel):
+    """One model's routing rules at one revision."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    revision: int = Field(default=0, ge=0)
+    weights: dict[int, int]
+    """Version -> share of traffic in percent; the shares sum to 100."""
+    standby: int | None = None
+    """Blue-green: the warm version that ``switch`` makes active."""
+    allow_explicit_version: bool = True
+    shadow: ShadowPolicy | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, weights: dict[int, int]) -> dict[int, int]:
+        if not weights:
+            raise ValueError("weights must name at least one version")
+        for version, weight in weights.items():
+            if version < 1:
+                raise ValueError(f"version {version} is not a positive integer")
+            if weight < 0:
+                raise ValueError(f"weight of version {version} is negative ({weight})")
+        total = sum(weights.values())
+        if total != 100:
+            raise ValueError(f"weights must sum to 100, they sum to {total}")
+        return {v: w for v, w in sorted(weights.items()) if w > 0} or weights
+
+    @model_validator(mode="after")
+    def _check_standby(self) -> TrafficPolicy:
+        if self.standby is not None:
+            if len(self.active_versions) != 1:
+                raise ValueError("blue-green needs exactly one active version at weight 100")
+            if self.standby in self.weights and self.weights[self.standby] > 0:
+                raise ValueError(f"standby version {self.standby} is also the active one")
+        return self
+
+    @property
+    def active_versions(self) -> list[int]:
+        return [v for v, w in self.weights.items() if w > 0]
+
+    @property
+    def kind(self) -> str:
+        if self.standby is not None:
+            return "blue-green"
+        return "canary" if len(self.active_versions) > 1 else "single"
+
+    @property
+    def primary(self) -> int:
+        """The version with the largest share (the lowest version on ties)."""
+        return max(self.active_versions, key=lambda v: (self.weights[v], -v))
+
+    def versions_in_use(self) -> set[int]:
+        """Versions this policy may send traffic to (unload is refused for these)."""
+        used = set(self.active_versions)
+        if self.standby is not None:
+            used.add(self.standby)
+        if self.shadow is not None:
+            used.add(self.shadow.version)
+        return used
+
+    def public(self) -> dict[str, Any]:
+        """JSON form for the admin API and the CLI."""
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "kind": self.kind,
+            "weights": {str(v): w for v, w in self.weights.items()},
+            "standby": self.standby,
+            "allow_explicit_version": self.allow_explicit_version,
+            "shadow": self.shadow.model_dump() if self.shadow else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    version: int
+    arm: str  # "primary", "canary" or "explicit"
+    revision: int
+
+
+def key_point(model: str, key: str) -> float:
+    """A stable point in [0, 100) for (model, key)."""
+    digest = hashlib.blake2b(f"{model}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 * 100
+
+
+def route(policy: TrafficPolicy, point: float) -> Decision:
+    """The version owning ``point`` in [0, 100) under ``policy``'s weights."""
+    edge = 0.0
+    chosen = policy.active_versions[-1]
+    for version in policy.active_versions:
+        edge += policy.weights[version]
+        if point < edge:
+            chosen = version
+            break
+    arm = "primary" if chosen == policy.primary else "canary"
+    return Decision(chosen, arm, policy.revision)
