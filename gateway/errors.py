@@ -8,7 +8,7 @@ adapters each need one handler and the data plane never thinks about transports:
     ├── Unauthenticated         401  UNAUTHENTICATED
     ├── PermissionDenied        403  PERMISSION_DENIED
     ├── ModelNotFound           404  NOT_FOUND          unknown model or version
-    ├── Conflict                409  FAILED_PRECONDITION stale --if-revision; unloading a used version
+    ├── Conflict                409  FAILED_PRECONDITION stale revision; version in use
     ├── PayloadTooLarge         413  RESOURCE_EXHAUSTED body over the configured limit
     ├── QueueFull               429  RESOURCE_EXHAUSTED batcher queue at max_queue_size
     ├── BackendError            500  INTERNAL           the replica failed to run the model
