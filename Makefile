@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := protos/inference.proto
 
 .PHONY: install generate check-generated demo test test-fast lint bench bench-tools clean
 
@@ -16,15 +15,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Rebuild the OIP descriptor set (committed; loaded into a private pool by gateway/grpc/messages.py).
-DESCRIPTOR := gateway/grpc/inference.desc
+# Rebuild the descriptor sets (committed; each is loaded into a private pool by
+# gateway/grpc/messages.py). Pairs of descriptor set = .proto file; --include_imports makes
+# each set self-contained, and protoc's output is byte-for-byte stable for one grpcio-tools.
+DESCRIPTORS := gateway/grpc/inference.desc=protos/inference.proto \
+	gateway/admin/traffic.desc=protos/turnout/admin/v1/traffic.proto
+PROTOC := $(PY) -m grpc_tools.protoc -Iprotos --include_imports
+
 generate: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
+	@for pair in $(DESCRIPTORS); do \
+	  $(PROTOC) --descriptor_set_out=$${pair%%=*} $${pair#*=} && echo "wrote $${pair%%=*}" || exit 1; \
+	done
 
 check-generated: $(STAMP)
-	@tmp=$$(mktemp -d) && $(PY) -m grpc_tools.protoc -Iprotos --descriptor_set_out=$$tmp/d $(PROTOS) \
-	  && cmp -s $$tmp/d $(DESCRIPTOR) && echo "generated descriptors are up to date" \
-	  || { echo "$(DESCRIPTOR) is stale: run make generate"; rm -rf $$tmp; exit 1; }; rm -rf $$tmp
+	@tmp=$$(mktemp -d); stale=0; \
+	for pair in $(DESCRIPTORS); do \
+	  $(PROTOC) --descriptor_set_out=$$tmp/d $${pair#*=} && cmp -s $$tmp/d $${pair%%=*} \
+	    || { echo "$${pair%%=*} is stale: run make generate"; stale=1; }; \
+	done; rm -rf $$tmp; \
+	[ $$stale = 0 ] && echo "generated descriptors are up to date"
 
 demo: $(STAMP)
 	$(VENV)/bin/turnout demo

@@ -21,6 +21,7 @@ import grpc
 import uvicorn
 
 from gateway.admin.auth import Token, TokenAuth, load_or_create_tokens
+from gateway.admin.grpc import TrafficServicer
 from gateway.admin.http import AdminHttp
 from gateway.admin.traffic import TrafficAdmin
 from gateway.backends.base import ReplicaBackend
@@ -30,10 +31,10 @@ from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
 from gateway.repository import Repository
 from gateway.routing.router import PolicyRouter
-from gateway.routing.store import PolicyStore
+from gateway.routing.store import BasePolicyStore, PolicyStore
 from gateway.settings import ServerSettings, SettingsError
 
-__all__ = ["Gateway", "build_backend", "run_gateway"]
+__all__ = ["Gateway", "build_backend", "build_policy_store", "run_gateway"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,21 @@ def build_backend(settings: ServerSettings) -> ReplicaBackend:
     from gateway.backends.ray import RayBackend
 
     return RayBackend(address=settings.ray_address, namespace=settings.ray_namespace)
+
+
+def build_policy_store(settings: ServerSettings, backend: ReplicaBackend) -> BasePolicyStore:
+    """``policy_store: auto`` shares policies through Ray when the backend runs on Ray."""
+    kind = settings.policy_store
+    if kind == "auto":
+        kind = "ray" if backend.name == "ray" else "file"
+    if kind == "file":
+        return PolicyStore(settings.state_dir, settings.policy_poll_interval_s)
+    from gateway.routing.ray_store import RayPolicyStore
+
+    # Attached in Gateway.start, once the backend has connected to Ray.
+    return RayPolicyStore(
+        settings.state_dir, settings.policy_poll_interval_s, namespace=settings.ray_namespace
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -65,7 +81,7 @@ class Gateway:
     def __init__(self, settings: ServerSettings, backend: ReplicaBackend | None = None) -> None:
         self.settings = settings
         self.backend = backend or build_backend(settings)
-        self.store = PolicyStore(settings.state_dir, settings.policy_poll_interval_s)
+        self.store = build_policy_store(settings, self.backend)
         self.router = PolicyRouter(self.store)
         self.dataplane = DataPlane(
             Repository(settings.model_repository, settings),
@@ -90,10 +106,12 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         await self.dataplane.start()
+        self.store.connect()  # after the backend: the Ray store needs its Ray connection
 
         self._grpc = build_grpc_server(
             self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams
         )
+        self._grpc.add_generic_rpc_handlers([TrafficServicer(self.admin, self.auth).handler()])
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 

@@ -146,6 +146,19 @@ class ServerSettings(BaseSettings):
     policy_poll_interval_s: float = Field(default=0.2, gt=0, le=1.0)
     """How often a gateway looks for policy changes made by other gateways."""
 
+    policy_store: Literal["auto", "file", "ray"] = "auto"
+    """Where traffic policies are shared: ``file`` (the state directory, every gateway on one
+    machine), ``ray`` (a detached Ray actor persisting to the state directory of the head
+    node, every gateway on the Ray cluster; needs ``backend: ray``), or ``auto`` (``ray``
+    with the Ray backend, ``file`` otherwise)."""
+
+    @field_validator("policy_store")
+    @classmethod
+    def _check_policy_store(cls, store: str, info: ValidationInfo) -> str:
+        if store == "ray" and info.data.get("backend") == "local":
+            raise ValueError("'ray' needs backend 'ray' (the local backend does not join Ray)")
+        return store
+
     model_defaults: dict[str, Any] = Field(default_factory=dict)
     """Knobs applied to every model before its own config.yaml."""
 

@@ -1,6 +1,7 @@
 """Traffic and model administration, transport-agnostic: the REST and gRPC admin adapters
-and the CLI all end here. Every change goes through the policy store, which validates it as
-a whole, assigns the next revision and writes the audit log."""
+and the CLI all end here. A change is read -> ``apply_operation`` (pure) -> validate (as a
+whole, then against the versions loaded here) -> compare-and-set in the policy store, which
+assigns the next revision and writes the audit log."""
 
 from __future__ import annotations
 
@@ -8,32 +9,16 @@ from typing import Any
 
 from gateway.dataplane import DataPlane
 from gateway.errors import Conflict, InvalidInput, ModelNotFound
+from gateway.routing.operations import OPERATIONS, apply_operation, parse_int
 from gateway.routing.policy import TrafficPolicy
 from gateway.routing.router import PolicyRouter
-from gateway.routing.store import PolicyStore
+from gateway.routing.store import BasePolicyStore
 
 __all__ = ["OPERATIONS", "TrafficAdmin"]
 
-OPERATIONS = ("set", "switch", "promote", "rollback", "shadow", "clear_shadow")
-
-
-def _int(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidInput(f"{field} must be an integer, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInput(f"{field} must be an integer, got {value!r}") from None
-
-
-def _weights(value: Any) -> dict[int, int]:
-    if not isinstance(value, dict) or not value:
-        raise InvalidInput('weights must be an object of version -> percent, e.g. {"1": 90}')
-    return {_int("weights version", k): _int(f"weights[{k}]", v) for k, v in value.items()}
-
 
 class TrafficAdmin:
-    def __init__(self, dataplane: DataPlane, store: PolicyStore, router: PolicyRouter) -> None:
+    def __init__(self, dataplane: DataPlane, store: BasePolicyStore, router: PolicyRouter) -> None:
         self.dataplane = dataplane
         self.store = store
         self.router = router
@@ -79,49 +64,11 @@ class TrafficAdmin:
         ready = self._ready(model)
         if_revision = body.get("if_revision")
         if if_revision is not None:
-            if_revision = _int("if_revision", if_revision)
+            if_revision = parse_int("if_revision", if_revision)
+        default = self.router.policy_for(model, ready)
 
         def build(current: TrafficPolicy | None, history: list[dict[str, Any]]) -> dict[str, Any]:
-            base = current or self.router.policy_for(model, ready)
-            fields = base.model_dump(exclude={"model", "revision"})
-            if operation == "set":
-                fields["weights"] = _weights(body.get("weights"))
-                if "standby" in body:
-                    fields["standby"] = (
-                        None if body["standby"] is None else _int("standby", body["standby"])
-                    )
-                elif base.standby is not None:
-                    fields["standby"] = None  # new weights end a blue-green pair
-                if "allow_explicit_version" in body:
-                    allow = body["allow_explicit_version"]
-                    if not isinstance(allow, bool):
-                        raise InvalidInput("allow_explicit_version must be true or false")
-                    fields["allow_explicit_version"] = allow
-            elif operation == "switch":
-                if base.standby is None:
-                    raise InvalidInput(
-                        f"model '{model}' has no standby version to switch to; set one with "
-                        "'set' and a 'standby' version"
-                    )
-                fields["weights"] = {base.standby: 100}
-                fields["standby"] = base.primary
-            elif operation == "promote":
-                version = _int("version", body.get("version"))
-                fields["weights"] = {version: 100}
-                fields["standby"] = None
-            elif operation == "rollback":
-                if not history:
-                    raise InvalidInput(f"model '{model}' has no earlier revision to roll back to")
-                previous = dict(history[-1])
-                fields = {k: v for k, v in previous.items() if k not in ("model", "revision")}
-            elif operation == "shadow":
-                fields["shadow"] = {
-                    "version": _int("version", body.get("version")),
-                    "percent": body.get("percent", 100),
-                }
-            elif operation == "clear_shadow":
-                fields["shadow"] = None
-            return fields
+            return apply_operation(operation, body, current or default, history)
 
         policy = self.store.update(
             model,
@@ -129,7 +76,7 @@ class TrafficAdmin:
             build,
             actor=actor,
             if_revision=if_revision,
-            default=self.router.policy_for(model, ready),
+            default=default,
             validate=lambda p: self._check_loaded(p, ready),
         )
         return {**self.status(model), "revision": policy.revision}

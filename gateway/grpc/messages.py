@@ -1,9 +1,10 @@
-"""The OIP protobuf messages, built from protos/inference.proto into a private descriptor pool.
+"""Protobuf messages built from committed descriptor sets, each in its own private pool.
 
 A private pool, not protoc's generated modules: those register ``inference.*`` in the
 process-wide pool, which clashes with tritonclient's copy of the same package whenever a
 program (a test, a benchmark, an app embedding turnout) imports both.
-``make generate`` rebuilds ``inference.desc``; CI checks it matches the .proto file.
+``make generate`` rebuilds the descriptor sets (``inference.desc`` here, the admin API's
+``gateway/admin/traffic.desc``); CI checks they match the .proto files.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-__all__ = ["SERVICE", "message"]
+__all__ = ["SERVICE", "load_messages", "message"]
 
 SERVICE = "inference.GRPCInferenceService"
 _DESCRIPTOR_SET = Path(__file__).with_name("inference.desc")
 
 
-def _load() -> dict[str, Any]:
-    files = descriptor_pb2.FileDescriptorSet.FromString(_DESCRIPTOR_SET.read_bytes()).file
+def load_messages(descriptor_set: Path) -> dict[str, Any]:
+    """Every message class of a descriptor set (built with ``--include_imports``), by full
+    name, from a fresh pool that no other code shares."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
     pool = descriptor_pool.DescriptorPool()
     for file in files:
         pool.Add(file)
@@ -30,7 +33,7 @@ def _load() -> dict[str, Any]:
     return classes
 
 
-_CLASSES = _load()
+_CLASSES = load_messages(_DESCRIPTOR_SET)
 
 
 def message(name: str) -> Any:

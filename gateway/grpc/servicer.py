@@ -18,7 +18,7 @@ from gateway.grpc.converters import (
 from gateway.grpc.messages import SERVICE, message
 from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
 
-__all__ = ["InferenceServicer", "build_grpc_server"]
+__all__ = ["Context", "Handler", "InferenceServicer", "build_grpc_server", "guarded"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _ModelReadyResponse = message("ModelReadyResponse")
 _ServerMetadataResponse = message("ServerMetadataResponse")
 
 
-def _guarded(handler: Handler) -> Handler:
+def guarded(handler: Handler) -> Handler:
     """One error mapping for every RPC: TurnoutError keeps its code, anything else is INTERNAL."""
 
     async def call(request: Any, context: Context) -> Any:
@@ -94,7 +94,7 @@ class InferenceServicer:
             SERVICE,
             {
                 name: grpc.unary_unary_rpc_method_handler(
-                    _guarded(method),
+                    guarded(method),
                     request_deserializer=message(f"{name}Request").FromString,
                     response_serializer=message(f"{name}Response").SerializeToString,
                 )

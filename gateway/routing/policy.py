@@ -38,7 +38,7 @@ class TrafficPolicy(BaseModel):
     revision: int = Field(default=0, ge=0)
     weights: dict[int, int]
     """Version -> share of traffic in percent; the shares sum to 100."""
-    standby: int | None = None
+    standby: int | None = Field(default=None, ge=1)
     """Blue-green: the warm version that ``switch`` makes active."""
     allow_explicit_version: bool = True
     shadow: ShadowPolicy | None = None

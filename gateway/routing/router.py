@@ -7,7 +7,7 @@ import random
 from gateway.errors import PermissionDenied
 from gateway.repository import parse_version
 from gateway.routing.policy import Decision, TrafficPolicy, key_point, route
-from gateway.routing.store import PolicyStore
+from gateway.routing.store import BasePolicyStore
 from gateway.types import InferRequest
 
 __all__ = ["PolicyRouter", "default_policy"]
@@ -21,7 +21,7 @@ def default_policy(model: str, ready: list[int]) -> TrafficPolicy:
 class PolicyRouter:
     """Chooses the version per request: explicit version, sticky key, or weighted draw."""
 
-    def __init__(self, store: PolicyStore, seed: int | None = None) -> None:
+    def __init__(self, store: BasePolicyStore, seed: int | None = None) -> None:
         self.store = store
         self._rng = random.Random(seed)
 

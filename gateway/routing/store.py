@@ -1,19 +1,25 @@
 """The traffic state store: policies with revisions, persisted in a state directory.
 
 Every gateway process on a machine shares one state directory. A change is a
-read-modify-write under an exclusive file lock, written atomically (temp file + rename) and
-appended to the audit log; other processes notice the new file within ``poll_interval_s``
-(a cheap ``stat`` per model) and swap the policy in. A restarted gateway reads the same
-files, so it serves with the same revision.
+compare-and-set under an exclusive file lock (``commit``): the new policy is written
+atomically (temp file + rename) only when the stored revision is still the one the change
+was computed from, and appended to the audit log. Other processes notice the new file
+within ``poll_interval_s`` (a cheap ``stat`` per model) and swap the policy in. A restarted
+gateway reads the same files, so it serves with the same revision.
 
 Layout::
 
     STATE_DIR/traffic/<model>.json    {"policy": {...}, "history": [older policies...]}
     STATE_DIR/audit.jsonl             one line per change: revision, time, actor, op, old, new
+
+``BasePolicyStore`` is what the router and the admin use; ``PolicyStore`` here serves one
+machine, ``gateway.routing.ray_store.RayPolicyStore`` a Ray cluster (a detached actor that
+keeps this layout in the state directory of the head node).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import fcntl
@@ -27,34 +33,41 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import Conflict, InvalidInput
+from gateway.errors import Conflict
+from gateway.routing.operations import build_policy
 from gateway.routing.policy import TrafficPolicy
 
-__all__ = ["PolicyStore", "RevisionConflict"]
+__all__ = ["BasePolicyStore", "PolicyStore", "RevisionConflict"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 50
+COMMIT_ATTEMPTS = 20
+"""``update`` recomputes a change this often when other writers keep committing first."""
 
 
 class RevisionConflict(Conflict):
-    """``--if-revision`` did not match: someone else changed the policy first."""
+    """The stored revision moved: someone else changed the policy first (a client's
+    ``--if-revision``, or a commit's expected revision, no longer holds)."""
 
 
-class PolicyStore:
-    def __init__(self, state_dir: Path, poll_interval_s: float = 0.2) -> None:
-        self.state_dir = state_dir
-        self._dir = state_dir / "traffic"
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._audit = state_dir / "audit.jsonl"
-        self._lock_path = state_dir / ".traffic.lock"
+Change = Callable[[TrafficPolicy | None, list[dict[str, Any]]], dict[str, Any]]
+
+
+class BasePolicyStore(abc.ABC):
+    """Every model's current policy, cached in this process and kept fresh by ``watch``.
+
+    Reads (``get``, ``all``) never leave the process. A change is ``read`` -> compute the new
+    fields -> validate -> ``commit``, a compare-and-set on the revision; ``update`` runs that
+    loop and recomputes the change when another writer committed in between.
+    """
+
+    def __init__(self, poll_interval_s: float) -> None:
         self.poll_interval_s = poll_interval_s
         self._policies: dict[str, TrafficPolicy] = {}
-        self._mtimes: dict[str, int] = {}
         self._listeners: list[Callable[[TrafficPolicy], None]] = []
-        self.reload()
 
-    # -- reading -------------------------------------------------------------------------
+    # -- the local cache -----------------------------------------------------------------
 
     def get(self, model: str) -> TrafficPolicy | None:
         return self._policies.get(model)
@@ -65,6 +78,121 @@ class PolicyStore:
     def subscribe(self, listener: Callable[[TrafficPolicy], None]) -> None:
         self._listeners.append(listener)
 
+    def _publish(self, changed: list[TrafficPolicy]) -> None:
+        for policy in changed:
+            for listener in self._listeners:
+                listener(policy)
+
+    def connect(self) -> None:
+        """Attach to the shared state and fill the cache (before the gateway serves)."""
+        self.reload()
+
+    @abc.abstractmethod
+    def reload(self) -> list[TrafficPolicy]:
+        """Pick up changes made by any process; return the policies that changed."""
+
+    async def _poll(self) -> None:
+        await asyncio.to_thread(self.reload)
+
+    async def watch(self) -> None:
+        """Poll for changes made by other gateway processes (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self._poll()
+            except Exception:
+                log.exception("traffic policy reload failed")
+
+    @abc.abstractmethod
+    def history(self, model: str) -> list[dict[str, Any]]:
+        """Audit entries for ``model``, oldest first."""
+
+    # -- the shared state ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def read(self, model: str) -> tuple[TrafficPolicy | None, list[dict[str, Any]]]:
+        """The stored policy (None when none was ever stored) and older policies, oldest first."""
+
+    @abc.abstractmethod
+    def commit(
+        self,
+        model: str,
+        fields: dict[str, Any],
+        *,
+        expected_revision: int,
+        operation: str,
+        actor: str,
+        base: TrafficPolicy | None = None,
+    ) -> TrafficPolicy:
+        """Store ``fields`` as revision ``expected_revision + 1``, if the stored revision is
+        still ``expected_revision`` (0: none stored); RevisionConflict otherwise.
+
+        ``base`` is the policy the change was computed from when none was stored (the
+        default policy): it enters the history and the audit entry as the old policy.
+        """
+
+    def update(
+        self,
+        model: str,
+        operation: str,
+        change: Change,
+        *,
+        actor: str,
+        if_revision: int | None = None,
+        default: TrafficPolicy | None = None,
+        validate: Callable[[TrafficPolicy], None] | None = None,
+    ) -> TrafficPolicy:
+        """Apply ``change`` (current policy, older policies) -> new policy fields, atomically.
+
+        ``default`` stands for the current policy when none was ever stored. The new policy
+        is validated as a whole (then by ``validate``) before it is committed; the revision
+        is assigned here. A mismatched ``if_revision`` raises RevisionConflict; a commit that
+        loses a race against another writer is recomputed from the winner's policy.
+        """
+        for _ in range(COMMIT_ATTEMPTS):
+            stored, history = self.read(model)
+            current = stored or default
+            revision = stored.revision if stored else 0
+            if if_revision is not None and if_revision != revision:
+                raise RevisionConflict(
+                    f"model '{model}' is at revision {revision}, not {if_revision}"
+                )
+            fields = change(current, history)
+            policy = build_policy(model, fields, revision + 1)
+            if validate is not None:
+                validate(policy)
+            try:
+                return self.commit(
+                    model,
+                    fields,
+                    expected_revision=revision,
+                    operation=operation,
+                    actor=actor,
+                    base=current,
+                )
+            except RevisionConflict:
+                log.info("traffic policy of '%s' changed during %s; recomputing", model, operation)
+        raise RevisionConflict(
+            f"model '{model}' changed {COMMIT_ATTEMPTS} times while '{operation}' was being "
+            "applied; try again"
+        )
+
+
+class PolicyStore(BasePolicyStore):
+    """Policies in ``state_dir``, shared by every gateway process on this machine."""
+
+    def __init__(self, state_dir: Path, poll_interval_s: float = 0.2) -> None:
+        super().__init__(poll_interval_s)
+        self.state_dir = state_dir
+        self._dir = state_dir / "traffic"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._audit = state_dir / "audit.jsonl"
+        self._lock_path = state_dir / ".traffic.lock"
+        self._mtimes: dict[str, int] = {}
+        self.reload()
+
+    # -- reading -------------------------------------------------------------------------
+
     def _path(self, model: str) -> Path:
         return self._dir / f"{model}.json"
 
@@ -74,6 +202,12 @@ class PolicyStore:
         except FileNotFoundError:
             return None
         return document
+
+    def read(self, model: str) -> tuple[TrafficPolicy | None, list[dict[str, Any]]]:
+        document = self._read(model) or {}
+        stored = document.get("policy")
+        history: list[dict[str, Any]] = document.get("history", [])
+        return (TrafficPolicy.model_validate(stored) if stored else None), history
 
     def reload(self) -> list[TrafficPolicy]:
         """Pick up files changed by any process; return the policies that changed."""
@@ -99,19 +233,8 @@ class PolicyStore:
             if current is None or policy.revision != current.revision:
                 self._policies[model] = policy
                 changed.append(policy)
-        for policy in changed:
-            for listener in self._listeners:
-                listener(policy)
+        self._publish(changed)
         return changed
-
-    async def watch(self) -> None:
-        """Poll for changes made by other gateway processes (runs until cancelled)."""
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await asyncio.to_thread(self.reload)
-            except Exception:
-                log.exception("traffic policy reload failed")
 
     def history(self, model: str) -> list[dict[str, Any]]:
         """Audit entries for ``model``, oldest first."""
@@ -137,49 +260,27 @@ class PolicyStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def update(
+    def commit(
         self,
         model: str,
-        operation: str,
-        change: Callable[[TrafficPolicy | None, list[dict[str, Any]]], dict[str, Any]],
+        fields: dict[str, Any],
         *,
+        expected_revision: int,
+        operation: str,
         actor: str,
-        if_revision: int | None = None,
-        default: TrafficPolicy | None = None,
-        validate: Callable[[TrafficPolicy], None] | None = None,
+        base: TrafficPolicy | None = None,
     ) -> TrafficPolicy:
-        """Apply ``change`` (current policy, older policies) -> new policy fields, atomically.
-
-        ``default`` stands for the current policy when none was ever stored. The new policy
-        is validated as a whole before anything is written; the revision is assigned here.
-        """
         with self._locked():
-            document = self._read(model) or {}
-            stored = document.get("policy")
-            current = TrafficPolicy.model_validate(stored) if stored else default
-            history: list[dict[str, Any]] = document.get("history", [])
-            revision = current.revision if current else 0
-            if if_revision is not None and if_revision != revision:
+            stored, history = self.read(model)
+            revision = stored.revision if stored else 0
+            if revision != expected_revision:
                 raise RevisionConflict(
-                    f"model '{model}' is at revision {revision}, not {if_revision}"
+                    f"model '{model}' is at revision {revision}, not {expected_revision}"
                 )
-            fields = change(current, history)
-            try:
-                policy = TrafficPolicy.model_validate(
-                    {**fields, "model": model, "revision": revision + 1}
-                )
-            except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'policy'}: {e['msg']}"
-                    for e in exc.errors()
-                )
-                raise InvalidInput(
-                    f"invalid traffic policy for model '{model}': {problems}"
-                ) from None
-            if validate is not None:
-                validate(policy)
-            if current is not None:
-                history = [*history, current.model_dump(mode="json")][-HISTORY_KEPT:]
+            policy = build_policy(model, fields, revision + 1)
+            previous = stored or base
+            if previous is not None:
+                history = [*history, previous.model_dump(mode="json")][-HISTORY_KEPT:]
             self._write(model, {"policy": policy.model_dump(mode="json"), "history": history})
             self._append_audit(
                 {
@@ -188,7 +289,7 @@ class PolicyStore:
                     "time": time.time(),
                     "actor": actor,
                     "operation": operation,
-                    "old": current.public() if current else None,
+                    "old": previous.public() if previous else None,
                     "new": policy.public(),
                 }
             )

@@ -20,12 +20,11 @@ import tritonclient.http as httpclient
 def _start(repository: Path, state_dir: Path) -> tuple[subprocess.Popen[str], str]:
     config = state_dir / "turnout.yaml"
     config.write_text(f"state_dir: {state_dir}\n")
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "local"]
+    command += ["--model-repository", str(repository), "--config", str(config)]
+    command += ["--http-port", "0", "--grpc-port", "0"]
     process = subprocess.Popen(
-        [
-            sys.executable, "-m", "gateway.cli", "serve",
-            "--model-repository", str(repository), "--backend", "local",
-            "--http-port", "0", "--grpc-port", "0", "--config", str(config),
-        ],  # fmt: skip
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -81,12 +80,10 @@ def test_bad_model_config_fails_start_with_a_clear_message(tmp_path: Path) -> No
 
     add_sub(model_dir / "1" / "model.onnx")
     (model_dir / "config.yaml").write_text("max_batch_size: -3\n")
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "local"]
+    command += ["--model-repository", str(tmp_path / "models"), "--http-port", "0"]
     result = subprocess.run(
-        [
-            sys.executable, "-m", "gateway.cli", "serve",
-            "--model-repository", str(tmp_path / "models"), "--backend", "local",
-            "--http-port", "0", "--grpc-port", "0",
-        ],  # fmt: skip
+        [*command, "--grpc-port", "0"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -53,6 +53,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "admin_tokens": [],
         "require_infer_token": False,
         "policy_poll_interval_s": 0.2,
+        "policy_store": "auto",
         "model_defaults": {},
         "models": {},
     }
