@@ -109,7 +109,10 @@ class Gateway:
         self.store.connect()  # after the backend: the Ray store needs its Ray connection
 
         self._grpc = build_grpc_server(
-            self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams
+            self.dataplane,
+            s.max_request_bytes,
+            s.grpc_max_concurrent_streams,
+            infer_auth=self.auth if s.require_infer_token else None,
         )
         self._grpc.add_generic_rpc_handlers([TrafficServicer(self.admin, self.auth).handler()])
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")

@@ -26,9 +26,10 @@ _FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        folder = Path(str(item.fspath)).parent.name
-        if folder in _FOLDER_MARKERS:
-            item.add_marker(getattr(pytest.mark, _FOLDER_MARKERS[folder]))
+        # The first of tests/<folder>/... decides: tests/unit/monitor/x.py is a unit test.
+        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        if parts and parts[0] in _FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, _FOLDER_MARKERS[parts[0]]))
 
 
 class GatewayThread:

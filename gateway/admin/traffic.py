@@ -97,8 +97,17 @@ class TrafficAdmin:
         ):
             raise Conflict(f"model '{model}' version {version} is already loaded")
         spec = self.dataplane.repository.read(model, version)
+        if self.store.get(model) is None and model in self._served():
+            # Revision 0 means "the highest loaded version": pin it first, so loading a
+            # newer version never moves traffic by itself.
+            pinned = self.policy(model)
+            weights = {str(v): w for v, w in pinned.weights.items()}
+            self.change(model, "set", {"weights": weights}, actor="turnout (pin before load)")
         await self.dataplane.load(spec)
         return self.status(model)
+
+    def _served(self) -> set[str]:
+        return {m.spec.name for m in self.dataplane.loaded_models()}
 
     async def unload(self, model: str, version: int) -> dict[str, Any]:
         ready = self._ready(model)

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from gateway.admin.auth import TokenAuth
 from gateway.dataplane import DataPlane
 from gateway.errors import TurnoutError
 from gateway.grpc.converters import (
@@ -50,8 +51,9 @@ def guarded(handler: Handler) -> Handler:
 class InferenceServicer:
     """The six OIP RPCs; each converts, calls the data plane, converts back."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, infer_auth: TokenAuth | None = None) -> None:
         self.dataplane = dataplane
+        self.infer_auth = infer_auth
 
     async def server_live(self, request: Any, context: Context) -> Any:
         return _ServerLiveResponse(live=self.dataplane.live())
@@ -71,6 +73,9 @@ class InferenceServicer:
     async def model_infer(self, request: Any, context: Context) -> Any:
         infer_request = infer_request_from_proto(request, context.time_remaining())
         metadata = dict(context.invocation_metadata() or ())
+        if self.infer_auth is not None:
+            authorization = metadata.get("authorization")
+            self.infer_auth.authenticate(str(authorization) if authorization else None, "infer")
         if not infer_request.model_version:
             infer_request.model_version = str(metadata.get(VERSION_HEADER, ""))
         header_key = metadata.get(ROUTING_KEY_HEADER)
@@ -107,6 +112,7 @@ def build_grpc_server(
     dataplane: DataPlane,
     max_message_bytes: int,
     max_concurrent_streams: int | None = None,
+    infer_auth: TokenAuth | None = None,
 ) -> grpc.aio.Server:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -116,5 +122,5 @@ def build_grpc_server(
     if max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
     server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers([InferenceServicer(dataplane).handler()])
+    server.add_generic_rpc_handlers([InferenceServicer(dataplane, infer_auth).handler()])
     return server

@@ -188,7 +188,7 @@ class PolicyStore(BasePolicyStore):
         self._dir.mkdir(parents=True, exist_ok=True)
         self._audit = state_dir / "audit.jsonl"
         self._lock_path = state_dir / ".traffic.lock"
-        self._mtimes: dict[str, int] = {}
+        self._mtimes: dict[str, tuple[int, int, int]] = {}
         self.reload()
 
     # -- reading -------------------------------------------------------------------------
@@ -215,9 +215,11 @@ class PolicyStore(BasePolicyStore):
         for path in self._dir.glob("*.json"):
             model = path.stem
             try:
-                mtime = path.stat().st_mtime_ns
+                stat = path.stat()
             except FileNotFoundError:
                 continue
+            # Each write is a rename onto the path: a new inode, even within one mtime tick.
+            mtime = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
             if self._mtimes.get(model) == mtime:
                 continue
             try:
@@ -230,7 +232,9 @@ class PolicyStore(BasePolicyStore):
                 continue
             self._mtimes[model] = mtime
             current = self._policies.get(model)
-            if current is None or policy.revision != current.revision:
+            # Only forward: a poll that read the file just before our own write must not
+            # put the older revision back.
+            if current is None or policy.revision > current.revision:
                 self._policies[model] = policy
                 changed.append(policy)
         self._publish(changed)
