@@ -166,10 +166,14 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        """Block until the log has a line with the word `ready`; return the seconds it took."""
+        """Block until the server's own `<name> ready` line; return the seconds it took.
+
+        Anchored at the line start: Ray Serve logs "Application ... is ready." before the
+        gateway (or the baseline) accepts requests.
+        """
         assert self.proc is not None
         started = time.monotonic()
-        ready = re.compile(r"\bready\b", re.IGNORECASE)
+        ready = re.compile(r"^(turnout|floor|ray_naive) ready\b")
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise StartError(f"exited with code {self.proc.returncode}:\n{self.log_tail()}")

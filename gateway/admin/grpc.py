@@ -127,30 +127,34 @@ class TrafficServicer:
             body["standby"] = request.standby
         if request.HasField("allow_explicit_version"):
             body["allow_explicit_version"] = request.allow_explicit_version
-        return status_to_proto(self.admin.change(model, "set", body, actor))
+        return status_to_proto(await self.admin.apply(model, "set", body, actor))
 
     async def switch(self, request: Any, actor: str) -> Any:
-        return status_to_proto(self.admin.change(_model(request), "switch", _guard(request), actor))
+        return status_to_proto(
+            await self.admin.apply(_model(request), "switch", _guard(request), actor)
+        )
 
     async def promote(self, request: Any, actor: str) -> Any:
         model = _model(request)
         body = {"version": _version(request), **_guard(request)}
-        return status_to_proto(self.admin.change(model, "promote", body, actor))
+        return status_to_proto(await self.admin.apply(model, "promote", body, actor))
 
     async def rollback(self, request: Any, actor: str) -> Any:
         model = _model(request)
-        return status_to_proto(self.admin.change(model, "rollback", _guard(request), actor))
+        return status_to_proto(await self.admin.apply(model, "rollback", _guard(request), actor))
 
     async def set_shadow(self, request: Any, actor: str) -> Any:
         model = _model(request)
         body: dict[str, Any] = {"version": _version(request), **_guard(request)}
         if request.HasField("percent"):
             body["percent"] = request.percent
-        return status_to_proto(self.admin.change(model, "shadow", body, actor))
+        return status_to_proto(await self.admin.apply(model, "shadow", body, actor))
 
     async def clear_shadow(self, request: Any, actor: str) -> Any:
         model = _model(request)
-        return status_to_proto(self.admin.change(model, "clear_shadow", _guard(request), actor))
+        return status_to_proto(
+            await self.admin.apply(model, "clear_shadow", _guard(request), actor)
+        )
 
     async def history(self, request: Any, actor: str) -> Any:
         model = _model(request)

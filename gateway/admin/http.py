@@ -50,7 +50,7 @@ class AdminHttp:
                     raise InvalidInput(
                         "'op' is required: set, switch, promote, rollback, shadow, clear_shadow"
                     )
-                return 200, admin.change(model, operation, document, actor)
+                return 200, await admin.apply(model, operation, document, actor)
         if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and method == "POST":
             model, version = parts[1], parse_version(parts[1], parts[3])
             if parts[4] == "load":

@@ -5,6 +5,7 @@ assigns the next revision and writes the audit log."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.dataplane import DataPlane
@@ -52,6 +53,13 @@ class TrafficAdmin:
         return self.store.history(model)
 
     # -- changes -------------------------------------------------------------------------
+
+    async def apply(
+        self, model: str, operation: str, body: dict[str, Any], actor: str
+    ) -> dict[str, Any]:
+        """``change`` off the event loop: the store's lock, file writes or actor calls must
+        not hold up requests in flight."""
+        return await asyncio.to_thread(self.change, model, operation, body, actor)
 
     def change(
         self, model: str, operation: str, body: dict[str, Any], actor: str
@@ -102,7 +110,7 @@ class TrafficAdmin:
             # newer version never moves traffic by itself.
             pinned = self.policy(model)
             weights = {str(v): w for v, w in pinned.weights.items()}
-            self.change(model, "set", {"weights": weights}, actor="turnout (pin before load)")
+            await self.apply(model, "set", {"weights": weights}, actor="turnout (pin before load)")
         await self.dataplane.load(spec)
         return self.status(model)
 
