@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install generate check-generated demo test test-fast lint bench bench-tools clean
+.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-tools clean
 
 install: $(STAMP)
 
@@ -38,7 +38,12 @@ check-generated: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/turnout demo
 
-test: $(STAMP) check-generated
+# promtool (Debian's prometheus) checks the exposition formats in the tests.
+test-tools:
+	@command -v promtool >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+
+test: $(STAMP) check-generated test-tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

@@ -71,7 +71,8 @@ class System:
         backend = "local" if self.key == "c" else "ray"
         ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
         options = ["--model-repository", str(repo), "--backend", backend, "--host", "127.0.0.1"]
-        return [turnout_executable(), "serve", *options, *ports]
+        # The serving path alone; the monitor's cost is measured by bench/monitor_cost.py.
+        return [turnout_executable(), "serve", *options, *ports, "--no-monitor"]
 
 
 SYSTEMS = {

@@ -32,12 +32,21 @@ from gateway.errors import (
 )
 from gateway.settings import ModelConfig
 
-__all__ = ["BatchStats", "Batcher", "RunBatch", "Tensors"]
+__all__ = ["BatchStats", "BatchTiming", "Batcher", "RunBatch", "Tensors"]
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray[Any, Any]]
 RunBatch = Callable[[Tensors], Awaitable[Tensors]]
+
+
+@dataclass(slots=True)
+class BatchTiming:
+    """Where one request's time went; filled by the batcher when its batch ends."""
+
+    queue_s: float = 0.0  # from submit until its batch started
+    batch_s: float = 0.0  # the backend call that carried it
+    batch_size: int = 0  # rows in that call (0: it never reached one)
 
 
 @dataclass(slots=True)
@@ -47,6 +56,7 @@ class _Pending:
     signature: tuple[tuple[str, str, tuple[int, ...]], ...]
     future: asyncio.Future[Tensors]
     enqueued: float
+    timing: BatchTiming | None = None
 
 
 @dataclass(slots=True)
@@ -116,8 +126,17 @@ class Batcher:
             self._dispatch_loop(), name=f"batcher:{self.name}"
         )
 
-    async def submit(self, inputs: Tensors, rows: int, timeout_s: float | None = None) -> Tensors:
-        """Queue one request's tensors and wait for its share of the batch's outputs."""
+    async def submit(
+        self,
+        inputs: Tensors,
+        rows: int,
+        timeout_s: float | None = None,
+        timing: BatchTiming | None = None,
+    ) -> Tensors:
+        """Queue one request's tensors and wait for its share of the batch's outputs.
+
+        ``timing``, when given, is filled in when the request's batch ends (success or not).
+        """
         if self._closed or self._wakeup is None:
             raise ServerShuttingDown(f"model '{self.name}' is shutting down")
         if self._batchable and rows > self._max_rows:
@@ -138,6 +157,7 @@ class Batcher:
             signature=tuple((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()),
             future=loop.create_future(),
             enqueued=time.perf_counter(),
+            timing=timing,
         )
         self._queue.append(pending)
         self._queued_rows += rows
@@ -257,7 +277,16 @@ class Batcher:
             stats.compute_ns += int((time.perf_counter() - started) * 1e9)
             stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
         finally:
-            self.stats.queue_ns += sum(int((started - p.enqueued) * 1e9) for p in batch)
+            finished = time.perf_counter()
+            queue_ns = 0
+            for p in batch:
+                queue_ns += int((started - p.enqueued) * 1e9)
+                timing = p.timing
+                if timing is not None:
+                    timing.queue_s = started - p.enqueued
+                    timing.batch_s = finished - started
+                    timing.batch_size = rows
+            self.stats.queue_ns += queue_ns
             self._inflight -= 1
             assert self._slot_freed is not None
             self._slot_freed.set()

@@ -24,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             backend=args.backend,
             ray_address=args.ray_address,
+            monitor=False if args.no_monitor else None,
+            monitor_address=args.monitor_address,
         )
     except SettingsError as exc:
         print(f"turnout: invalid configuration: {exc}", file=sys.stderr)
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
     serve.add_argument("--backend", choices=["ray", "local"], help="replica backend (default ray)")
     serve.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    serve.add_argument(
+        "--no-monitor", action="store_true", help="send no request records, start no sidecar"
+    )
+    serve.add_argument(
+        "--monitor-address",
+        help="send request records to a sidecar already running there (unix:///path)",
+    )
     serve.set_defaults(func=_serve)
 
     demo = commands.add_parser("demo", help="build demo models, serve them and show traffic")
@@ -77,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.admin.cli import add_admin_commands
 
     add_admin_commands(commands)
+
+    from monitor.cli import add_monitor_commands
+
+    add_monitor_commands(commands)
     return parser
 
 

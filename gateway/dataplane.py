@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from gateway import __version__
 from gateway.backends.base import ReplicaBackend
-from gateway.batching import Batcher, Tensors
-from gateway.errors import InvalidInput, ModelNotFound, ServerShuttingDown
+from gateway.batching import Batcher, BatchTiming, Tensors
+from gateway.errors import InvalidInput, ModelNotFound, ServerShuttingDown, TurnoutError
 from gateway.repository import ModelSpec, Repository, TensorSpec, parse_version
 from gateway.routing.policy import Decision
 from gateway.types import InferOutput, InferRequest, InferResponse
+
+if TYPE_CHECKING:
+    from gateway.telemetry import RecordEmitter
 
 __all__ = ["DataPlane", "HighestVersion", "LoadedModel", "VersionSelector"]
 
@@ -88,8 +92,11 @@ class DataPlane:
         backend: ReplicaBackend,
         selector: VersionSelector | None = None,
         drain_timeout_s: float = 30.0,
+        emitter: RecordEmitter | None = None,
     ) -> None:
         self.repository = repository
+        self.emitter = emitter
+        """Where request records go for the monitor; None: not recorded."""
         self.backend = backend
         self.selector: VersionSelector = selector or HighestVersion()
         self._drain_timeout_s = drain_timeout_s
@@ -244,48 +251,108 @@ class DataPlane:
     # -- inference -----------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        if self._stopping:
-            raise ServerShuttingDown("server is shutting down")
-        versions = self._models.get(request.model_name)
-        if not versions:
-            raise ModelNotFound(
-                f"model '{request.model_name}' is not served (known: {self._known()})"
+        # With a monitor, one record per request goes to the emitter, failures included;
+        # kept inline (no wrapper coroutine, no per-request object beyond the timing).
+        emitter = self.emitter
+        started = time.perf_counter()
+        version = -1  # -1: an unknown model name, not worth a record (or a key) of its own
+        decision: Decision | None = None
+        tensors: Tensors | None = None
+        results: Tensors | None = None
+        rows = 0
+        timing = BatchTiming() if emitter is not None else None
+        batchable = True
+        try:
+            if self._stopping:
+                raise ServerShuttingDown("server is shutting down")
+            versions = self._models.get(request.model_name)
+            if not versions:
+                raise ModelNotFound(
+                    f"model '{request.model_name}' is not served (known: {self._known()})"
+                )
+            ready = list(versions)
+            decision = self.selector.select(request.model_name, request, ready)
+            model = versions.get(decision.version)
+            if model is None:
+                version = 0  # not loaded: one key per model, whatever version was asked for
+                raise ModelNotFound(
+                    f"model '{request.model_name}' has no version {decision.version} (loaded: "
+                    f"{', '.join(str(v) for v in versions)})"
+                )
+            version = decision.version
+            batchable = model.spec.batchable
+            tensors, rows = self._validate_inputs(model, request)
+            wanted = self._requested_outputs(model, request)
+            shadow_version = self.selector.shadow_draw(request.model_name, ready)
+            primary = model.batcher.submit(tensors, rows, request.timeout_s, timing)
+            if shadow_version is not None and shadow_version != decision.version:
+                primary_task = asyncio.ensure_future(primary)
+                self._mirror(request.model_name, shadow_version, tensors, rows, primary_task)
+                results = await primary_task
+            else:
+                results = await primary
+            outputs = [
+                InferOutput(
+                    name=name,
+                    datatype=model.outputs[name].datatype,
+                    shape=results[name].shape,
+                    data=results[name],
+                )
+                for name in wanted
+            ]
+            response = InferResponse(
+                model_name=request.model_name,
+                model_version=str(model.spec.version),
+                id=request.id,
+                outputs=outputs,
+                revision=decision.revision,
+                arm=decision.arm,
             )
-        ready = list(versions)
-        decision = self.selector.select(request.model_name, request, ready)
-        model = versions.get(decision.version)
-        if model is None:
-            raise ModelNotFound(
-                f"model '{request.model_name}' has no version {decision.version} (loaded: "
-                f"{', '.join(str(v) for v in versions)})"
+        except Exception as exc:
+            if emitter is not None and version >= 0 and decision is not None:
+                assert timing is not None
+                status = exc.http_status if isinstance(exc, TurnoutError) else 500
+                total_s = time.perf_counter() - started
+                emitter.record(
+                    request.model_name,
+                    version,
+                    decision.revision,
+                    decision.arm,
+                    status,
+                    time.time_ns() - int(total_s * 1e9),
+                    timing.queue_s,
+                    timing.batch_s,
+                    total_s,
+                    timing.batch_size,
+                    request.traceparent,
+                    request.id,
+                )
+            raise
+        if emitter is not None:
+            assert timing is not None
+            if not batchable:
+                # A model without a batch axis: the whole tensor is the request's one row.
+                tensors = {k: v[None] for k, v in tensors.items()}
+                results = {k: v[None] for k, v in results.items()}
+            total_s = time.perf_counter() - started
+            emitter.record(
+                request.model_name,
+                version,
+                decision.revision,
+                decision.arm,
+                200,
+                time.time_ns() - int(total_s * 1e9),
+                timing.queue_s,
+                timing.batch_s,
+                total_s,
+                timing.batch_size,
+                request.traceparent,
+                request.id,
+                rows,
+                tensors,
+                results,
             )
-        tensors, rows = self._validate_inputs(model, request)
-        wanted = self._requested_outputs(model, request)
-        shadow_version = self.selector.shadow_draw(request.model_name, ready)
-        primary = model.batcher.submit(tensors, rows, request.timeout_s)
-        if shadow_version is not None and shadow_version != decision.version:
-            primary_task = asyncio.ensure_future(primary)
-            self._mirror(request.model_name, shadow_version, tensors, rows, primary_task)
-            results = await primary_task
-        else:
-            results = await primary
-        outputs = [
-            InferOutput(
-                name=name,
-                datatype=model.outputs[name].datatype,
-                shape=results[name].shape,
-                data=results[name],
-            )
-            for name in wanted
-        ]
-        return InferResponse(
-            model_name=request.model_name,
-            model_version=str(model.spec.version),
-            id=request.id,
-            outputs=outputs,
-            revision=decision.revision,
-            arm=decision.arm,
-        )
+        return response
 
     def _mirror(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -33,8 +34,17 @@ from gateway.repository import Repository
 from gateway.routing.router import PolicyRouter
 from gateway.routing.store import BasePolicyStore, PolicyStore
 from gateway.settings import ServerSettings, SettingsError
+from gateway.supervisor import Supervisor, monitor_command
+from gateway.telemetry import DEFAULT_SOCKET_NAME, RecordEmitter
 
-__all__ = ["Gateway", "build_backend", "build_policy_store", "run_gateway"]
+__all__ = [
+    "Gateway",
+    "build_backend",
+    "build_emitter",
+    "build_policy_store",
+    "monitor_address",
+    "run_gateway",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,21 @@ def build_policy_store(settings: ServerSettings, backend: ReplicaBackend) -> Bas
     )
 
 
+def monitor_address(settings: ServerSettings) -> str:
+    """Where request records go: ``monitor_address``, else the state directory's socket."""
+    return settings.monitor_address or f"unix://{settings.state_dir / DEFAULT_SOCKET_NAME}"
+
+
+def build_emitter(settings: ServerSettings) -> RecordEmitter | None:
+    if not settings.monitor:
+        return None
+    return RecordEmitter(
+        monitor_address(settings),
+        queue_size=settings.monitor_queue_size,
+        sample_rows_per_s=settings.monitor_sample_rows_per_s,
+    )
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -83,12 +108,19 @@ class Gateway:
         self.backend = backend or build_backend(settings)
         self.store = build_policy_store(settings, self.backend)
         self.router = PolicyRouter(self.store)
+        self.emitter = build_emitter(settings)
         self.dataplane = DataPlane(
             Repository(settings.model_repository, settings),
             self.backend,
             selector=self.router,
             drain_timeout_s=settings.drain_timeout_s,
+            emitter=self.emitter,
         )
+        self.monitor: Supervisor | None = None
+        if settings.monitor and not settings.monitor_address:
+            # The sidecar keeps its reference profiles in the gateway's state directory too.
+            env = {"TURNOUT_MONITOR_STATE_DIR": str(settings.state_dir), **os.environ}
+            self.monitor = Supervisor(monitor_command(monitor_address(settings)), env=env)
         self.admin = TrafficAdmin(self.dataplane, self.store, self.router)
         tokens = load_or_create_tokens(
             settings.state_dir,
@@ -105,6 +137,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        if self.emitter is not None:
+            self.emitter.start()
         await self.dataplane.start()
         self.store.connect()  # after the backend: the Ray store needs its Ray connection
 
@@ -147,11 +181,15 @@ class Gateway:
                 self._http_task.result()
                 raise RuntimeError("HTTP server exited during start-up")
             await asyncio.sleep(0.01)
+        if self.monitor is not None:
+            self.monitor.start()
         self.write_address_file()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then release the backend."""
         grace = self.settings.drain_timeout_s
+        if self.monitor is not None:
+            self.monitor.stop_restarting()
         stops: list[Any] = []
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace))
@@ -162,6 +200,10 @@ class Gateway:
         if self._watch_task is not None:
             self._watch_task.cancel()
         await self.dataplane.stop()
+        if self.emitter is not None:
+            self.emitter.close()  # after the drain: the last requests' records go out too
+        if self.monitor is not None:
+            await self.monitor.stop()
         with contextlib.suppress(FileNotFoundError):
             if json.loads(self._address_file.read_text()).get("pid") == os.getpid():
                 self._address_file.unlink()
@@ -206,6 +248,10 @@ async def _serve_until_signalled(settings: ServerSettings) -> int:
         with contextlib.suppress(Exception):
             await gateway.stop()
         raise
+    # What start-up built (modules, models, servers) lives as long as the process: keep it
+    # out of the collector's full passes, whose cost otherwise grows with every object that
+    # outlives a young collection (request records waiting for their flush, for one).
+    gc.freeze()
     # After start: ray.init installs its own SIGTERM handler, and ours must win.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -159,6 +159,28 @@ class ServerSettings(BaseSettings):
             raise ValueError("'ray' needs backend 'ray' (the local backend does not join Ray)")
         return store
 
+    monitor: bool = True
+    """Send request records to the monitor sidecar. Without ``monitor_address`` the gateway
+    starts ``turnout monitor`` as a supervised child on ``<state_dir>/monitor.sock``."""
+
+    monitor_address: str | None = None
+    """A sidecar running elsewhere on this machine (``unix:///path``); no child is started."""
+
+    monitor_sample_rows_per_s: float = Field(default=10000.0, ge=0)
+    """Input and output rows a second sent with the records (every request's while within
+    it); 0 sends records without tensors."""
+
+    monitor_queue_size: int = Field(default=65536, ge=1)
+    """Records waiting for the next flush; beyond it records are dropped and counted, never
+    waited for."""
+
+    @field_validator("monitor_address")
+    @classmethod
+    def _check_monitor_address(cls, address: str | None) -> str | None:
+        if address is not None and (not address.startswith("unix:///") or address == "unix:///"):
+            raise ValueError(f"{address!r} is not a unix:///path address")
+        return address
+
     model_defaults: dict[str, Any] = Field(default_factory=dict)
     """Knobs applied to every model before its own config.yaml."""
 

@@ -46,6 +46,9 @@ class InferRequest:
     """From the gRPC deadline or the HTTP ``timeout`` parameter; None: the model's default."""
     routing_key: str | None = None
     """Sticky assignment key (header/metadata ``x-turnout-routing-key`` or ``routing_key``)."""
+    traceparent: str | None = None
+    """The W3C ``traceparent`` header/metadata, as received; the monitor's records carry its
+    trace id."""
 
 
 @dataclass(slots=True)

@@ -73,6 +73,8 @@ def local_settings(repository: Path, **overrides: Any) -> ServerSettings:
         "grpc_port": 0,
         "max_request_bytes": 256 * 1024,
         "drain_timeout_s": 5.0,
+        # No request records and no sidecar child unless a test asks for them.
+        "monitor": False,
     }
     values.update(overrides)
     return ServerSettings(**values)

@@ -82,6 +82,8 @@ class InferenceServicer:
         infer_request.routing_key = routing_key(
             str(header_key) if header_key else None, infer_request.parameters
         )
+        traceparent = metadata.get("traceparent")
+        infer_request.traceparent = str(traceparent) if traceparent else None
         response = await self.dataplane.infer(infer_request)
         context.set_trailing_metadata(((REVISION_HEADER, str(response.revision)),))
         return infer_response_to_proto(response)

@@ -139,6 +139,7 @@ class HttpApp:
             model, version or headers.get(VERSION_HEADER, ""), body, headers.get(HEADER_LENGTH)
         )
         request.routing_key = routing_key(headers.get(ROUTING_KEY_HEADER), request.parameters)
+        request.traceparent = headers.get("traceparent")
         response = await self.dataplane.infer(request)
         payload, json_length = encode_infer_response(response, request)
         revision = (REVISION_HEADER.encode(), str(response.revision).encode())

@@ -54,6 +54,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "require_infer_token": False,
         "policy_poll_interval_s": 0.2,
         "policy_store": "auto",
+        "monitor": True,
+        "monitor_address": None,
+        "monitor_sample_rows_per_s": 10000.0,
+        "monitor_queue_size": 65536,
         "model_defaults": {},
         "models": {},
     }

@@ -1,0 +1,201 @@
+"""``turnout monitor ...``: run the sidecar, build reference profiles, show its status.
+
+turnout monitor [--listen unix:///path] [--metrics-port 9100] [--config FILE]
+turnout monitor profile MODEL VERSION --data FILE [--input NAME] [--config FILE]
+turnout monitor status [MODEL] [--json] [--url http://127.0.0.1:9100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from monitor.settings import MonitorSettings, SettingsError, load_monitor_settings
+
+__all__ = ["add_monitor_commands"]
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> MonitorSettings | None:
+    try:
+        return load_monitor_settings(getattr(args, "config", None), **overrides)
+    except SettingsError as exc:
+        print(f"turnout monitor: invalid configuration: {exc}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from monitor.server import run_monitor
+
+    settings = _settings(args, listen=args.listen, metrics_port=args.metrics_port, host=args.host)
+    return 2 if settings is None else run_monitor(settings)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from monitor.profiles import build_profile, load_data, save_profile
+
+    settings = _settings(args, profiles_dir=args.profiles_dir)
+    if settings is None:
+        return 2
+    try:
+        columns = load_data(Path(args.data), args.input)
+        profile = build_profile(
+            args.model,
+            args.version,
+            columns,
+            n_bins=settings.n_bins,
+            categorical_max=settings.categorical_max,
+            chunks=settings.reference_chunks,
+            source=str(args.data),
+        )
+        folder = save_profile(profile, settings.profiles_path())
+    except (OSError, ValueError) as exc:
+        print(f"turnout monitor profile: {exc}", file=sys.stderr)
+        return 1
+    kinds = [f.kind for f in profile.features.values()]
+    print(
+        f"stored the profile of {args.model}/{args.version} in {folder}: {profile.rows} rows, "
+        f"{kinds.count('numerical')} numerical and {kinds.count('categorical')} categorical "
+        "features"
+    )
+    return 0
+
+
+def _fetch_status(url: str, model: str | None) -> dict[str, Any]:
+    path = "/status" + (f"/{urllib.parse.quote(model, safe='')}" if model else "")
+    with urllib.request.urlopen(url.rstrip("/") + path, timeout=10) as response:
+        document: dict[str, Any] = json.loads(response.read())
+    return document
+
+
+def _status(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("TURNOUT_MONITOR_URL") or "http://127.0.0.1:9100"
+    try:
+        document = _fetch_status(url, args.model)
+    except urllib.error.HTTPError as exc:
+        print(f"turnout monitor status: {exc.code}: {exc.read().decode()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"turnout monitor status: no monitor at {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print_status(document)
+    return 0
+
+
+def _number(value: Any, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if unit == "ms":
+        return f"{value * 1000:.2f}"
+    return f"{value:.4g}"
+
+
+def print_status(document: dict[str, Any]) -> None:
+    """Tables: drift per feature against its threshold, then latency per arm."""
+    from rich.console import Console
+    from rich.table import Table
+
+    drift = Table(title=f"drift (last {document['window_s']:g} s window; ks/wasserstein: recent)")
+    for column in ("model", "version", "feature", "statistic", "value", "threshold", ""):
+        drift.add_column(column)
+    latency = Table(title="latency (ms, last window | since start)")
+    for column in (
+        "model",
+        "version",
+        "arm",
+        "requests",
+        "success",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "p99 all",
+        "accuracy",
+    ):
+        latency.add_column(column)
+    for model, versions in document["models"].items():
+        for version, state in versions.items():
+            for feature, found in state["features"].items():
+                values = {**found["window"], **found["recent"]}
+                for statistic in sorted(set(values) | set(found["thresholds"])):
+                    value = values.get(statistic)
+                    threshold = found["thresholds"].get(statistic)
+                    flag = "DRIFT" if statistic in found["drifted"] else ""
+                    drift.add_row(
+                        model, version, feature, statistic, _number(value), _number(threshold), flag
+                    )
+            if state["reference"] is None:
+                drift.add_row(model, version, "(no reference profile)", "", "", "", "")
+            labelled = state.get("accuracy")
+            accuracy = (
+                f"{_number(labelled['ratio'])} of {labelled['labelled']}" if labelled else "-"
+            )
+            for arm, found in state["latency"].items():
+                window = found["window"] or {}
+                cumulative = found["cumulative"] or {}
+                latency.add_row(
+                    model,
+                    version,
+                    arm,
+                    str(found["requests"]),
+                    _number(found["success_ratio"]),
+                    *(_number(window.get(q), "ms") for q in ("p50", "p90", "p99", "p999")),
+                    _number(cumulative.get("p99"), "ms"),
+                    accuracy,
+                )
+    console = Console()
+    if not console.is_terminal:  # piped: don't squeeze the tables into 80 columns
+        console = Console(width=160)
+    console.print(drift)
+    console.print(latency)
+    frames = document["frames"]
+    console.print(
+        f"frames: {frames['received']} received, {frames['dropped']} dropped, "
+        f"{frames['invalid']} invalid; alerts: "
+        + (
+            ", ".join(
+                f"{a['alert']} {a['status']} ({a['model']}/{a['version']} {a['feature']})"
+                for a in document.get("alerts", [])
+            )
+            or "none"
+        )
+    )
+
+
+def add_monitor_commands(commands: Any) -> None:
+    monitor = commands.add_parser(
+        "monitor", help="the monitor sidecar: drift and latency of live traffic"
+    )
+    monitor.add_argument("--listen", help="records socket, unix:///path (default STATE_DIR)")
+    monitor.add_argument("--metrics-port", type=int, help="/metrics and /status port (9100)")
+    monitor.add_argument("--host", help="address the metrics server binds (127.0.0.1)")
+    monitor.add_argument("--config", type=Path, help="YAML settings file")
+    monitor.set_defaults(func=_run)
+    actions = monitor.add_subparsers(dest="monitor_command")
+
+    profile = actions.add_parser("profile", help="build and store a version's reference profile")
+    profile.add_argument("model")
+    profile.add_argument("version", type=int)
+    profile.add_argument("--data", required=True, help="reference data: .csv, .parquet or .npy")
+    profile.add_argument(
+        "--input", help="tensor name: .npy data, or every CSV/Parquet column as its positions"
+    )
+    profile.add_argument("--profiles-dir", type=Path, help="default STATE_DIR/profiles")
+    profile.add_argument("--config", type=Path, help="YAML settings file (bins, chunks)")
+    profile.set_defaults(func=_profile)
+
+    status = actions.add_parser("status", help="drift, thresholds and latency per version")
+    status.add_argument("model", nargs="?")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+    status.add_argument("--url", help="the sidecar (default http://127.0.0.1:9100)")
+    status.set_defaults(func=_status)

@@ -1,0 +1,269 @@
+"""The sidecar's Prometheus metrics: one collector reading ``MonitorState`` at scrape time.
+
+Families (all prefixed ``turnout_``, seconds as the unit of time):
+
+- ``turnout_request_duration_seconds`` histogram {model, version, arm}: end-to-end request
+  duration, with an exemplar per bucket (``trace_id`` of the latest request in it) in the
+  OpenMetrics exposition.
+- ``turnout_request_latency_quantile_seconds`` gauge {model, version, arm, stage, quantile,
+  window}: p50/p90/p99/p99.9 (label ``percentile``: ``p50`` ... ``p99.9``; promtool
+  reserves ``quantile`` for summaries) of ``total``, ``queue`` and ``batch`` time, over the last
+  closed window (``window="last"``) and since start (``window="cumulative"``).
+- ``turnout_monitor_requests_total`` counter {model, version, arm, code}: records by status.
+- ``turnout_request_success_ratio`` gauge {model, version, arm}: share of status < 400.
+- ``turnout_drift_{psi,js,hellinger,chi2_cramers_v,linf}`` gauges {model, version, feature,
+  window}: binned drift of the last window (``last``) and since start (``cumulative``);
+  ``turnout_drift_{ks,wasserstein}`` {model, version, feature, window="recent"}: the
+  sort-based statistics over the most recent values. Outputs are features ``output:<name>``.
+- ``turnout_drift_threshold`` gauge {model, version, feature, statistic}.
+- ``turnout_alert_firing`` / ``turnout_alert_pending`` gauges {alert, model, version, feature}.
+- ``turnout_monitor_reference_rows`` gauge {model, version}.
+- ``turnout_accuracy_ratio`` gauge {model, version}: accuracy from ``POST /feedback``;
+  ``turnout_monitor_feedback_rows_total`` {model, version, outcome},
+  ``turnout_monitor_feedback_unmatched_total``.
+- ``turnout_monitor_frames_received_total``, ``..._dropped_total`` (queue full),
+  ``..._invalid_total`` (undecodable), ``turnout_monitor_records_total`` counters.
+
+No global registry: ``build_registry`` returns a fresh ``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
+
+from monitor.state import HISTOGRAM_BUCKETS, QUANTILES, STAGES, MonitorState, percentile_name
+
+if TYPE_CHECKING:
+    from monitor.alerts import AlertManager
+
+__all__ = ["MonitorCollector", "build_registry"]
+
+DRIFT_HELP = {
+    "psi": "Population stability index against the reference",
+    "js": "Jensen-Shannon distance (base 2) against the reference",
+    "hellinger": "Hellinger distance against the reference",
+    "chi2_cramers_v": "Cramer's V of the chi-squared test against the reference (categorical)",
+    "linf": "Largest difference of category shares against the reference (categorical)",
+    "ks": "Kolmogorov-Smirnov statistic D of recent values against the reference",
+    "wasserstein": "Wasserstein-1 distance of recent values in reference standard deviations",
+}
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+class MonitorCollector(Collector):
+    """Builds every family from the state on each scrape."""
+
+    def __init__(self, state: MonitorState, alerts: AlertManager | None = None) -> None:
+        self.state = state
+        self.alerts = alerts
+
+    def collect(self) -> Iterable[Metric]:
+        with self.state.lock:
+            yield from self._latency()
+            yield from self._drift()
+            yield from self._own()
+        if self.alerts is not None:
+            yield from self._alerts(self.alerts)
+
+    def _latency(self) -> Iterator[Metric]:
+        histogram = HistogramMetricFamily(
+            "turnout_request_duration_seconds",
+            "End-to-end request duration seen by the gateway",
+            labels=["model", "version", "arm"],
+        )
+        quantiles = GaugeMetricFamily(
+            "turnout_request_latency_quantile_seconds",
+            "Request time quantiles per stage (total, queue, batch) from a log-bucket sketch",
+            labels=["model", "version", "arm", "stage", "percentile", "window"],
+        )
+        requests = CounterMetricFamily(
+            "turnout_monitor_requests",
+            "Request records received, by status code",
+            labels=["model", "version", "arm", "code"],
+        )
+        success = GaugeMetricFamily(
+            "turnout_request_success_ratio",
+            "Share of requests answered with a status below 400, since start",
+            labels=["model", "version", "arm"],
+        )
+        for (model, version), state in sorted(self.state.versions.items()):
+            for arm, latency in sorted(state.arms.items()):
+                labels = [model, str(version), arm]
+                running = 0
+                buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+                for i, bound in enumerate(HISTOGRAM_BUCKETS):
+                    running += int(latency.buckets[i])
+                    exemplar = latency.exemplars[i]
+                    if exemplar is None:
+                        buckets.append((_le(bound), float(running)))
+                    else:
+                        buckets.append(
+                            (
+                                _le(bound),
+                                float(running),
+                                Exemplar(
+                                    {"trace_id": exemplar.trace_id},
+                                    exemplar.value,
+                                    exemplar.timestamp,
+                                ),
+                            )
+                        )
+                histogram.add_metric(labels, buckets, latency.total_sum)
+                for stage in STAGES:
+                    views = {
+                        "last": latency.last_window.get(stage),
+                        "cumulative": latency.cumulative_quantiles(stage),
+                    }
+                    for window, values in views.items():
+                        if values is None:
+                            continue
+                        for q, value in zip(QUANTILES, values, strict=True):
+                            quantiles.add_metric(
+                                [*labels, stage, percentile_name(q), window], value
+                            )
+                total = sum(latency.statuses.values())
+                for code, count in sorted(latency.statuses.items()):
+                    requests.add_metric([*labels, str(code)], float(count))
+                if total:
+                    errors = sum(c for code, c in latency.statuses.items() if code >= 400)
+                    success.add_metric(labels, (total - errors) / total)
+        yield from (histogram, quantiles, requests, success)
+
+    def _drift(self) -> Iterator[Metric]:
+        families = {
+            statistic: GaugeMetricFamily(
+                f"turnout_drift_{statistic}",
+                help_text,
+                labels=["model", "version", "feature", "window"],
+            )
+            for statistic, help_text in DRIFT_HELP.items()
+        }
+        thresholds = GaugeMetricFamily(
+            "turnout_drift_threshold",
+            "Threshold of a drift statistic (from the reference, or configured)",
+            labels=["model", "version", "feature", "statistic"],
+        )
+        reference = GaugeMetricFamily(
+            "turnout_monitor_reference_rows",
+            "Rows in the version's reference profile",
+            labels=["model", "version"],
+        )
+        for (model, version), state in sorted(self.state.versions.items()):
+            if state.profile is not None:
+                reference.add_metric([model, str(version)], float(state.profile.rows))
+            for name, feature in sorted(state.features.items()):
+                labels = [model, str(version), name]
+                views = (
+                    ("last", feature.last_window),
+                    ("cumulative", feature.cumulative_stats),
+                    ("recent", feature.slow),
+                )
+                for window, values in views:
+                    for statistic, value in values.items():
+                        if statistic in families:
+                            families[statistic].add_metric([*labels, window], value)
+                for statistic in sorted(
+                    {*feature.profile.thresholds, *self._overridden(model, version, name)}
+                ):
+                    threshold = self.state.threshold(state, name, statistic)
+                    if threshold is not None:
+                        thresholds.add_metric([*labels, statistic], threshold)
+        yield from families.values()
+        yield thresholds
+        yield reference
+        yield from self._accuracy()
+
+    def _accuracy(self) -> Iterator[Metric]:
+        ratio = GaugeMetricFamily(
+            "turnout_accuracy_ratio",
+            "Share of labelled rows (POST /feedback) the version predicted right, since start",
+            labels=["model", "version"],
+        )
+        labelled = CounterMetricFamily(
+            "turnout_monitor_feedback_rows",
+            "Rows labelled through POST /feedback, by outcome",
+            labels=["model", "version", "outcome"],
+        )
+        log = self.state.predictions
+        for (model, version), accuracy in sorted(log.accuracy.items()):
+            if accuracy.ratio is not None:
+                ratio.add_metric([model, str(version)], accuracy.ratio)
+            wrong = accuracy.labelled - accuracy.correct
+            labelled.add_metric([model, str(version), "correct"], float(accuracy.correct))
+            labelled.add_metric([model, str(version), "incorrect"], float(wrong))
+        yield from (ratio, labelled)
+        yield CounterMetricFamily(
+            "turnout_monitor_feedback_unmatched",
+            "Feedback for requests whose predictions were not (or no longer) kept",
+            value=log.unmatched,
+        )
+
+    def _overridden(self, model: str, version: int, feature: str) -> set[str]:
+        return set(self.state.settings.threshold_overrides(model, version).get(feature, {}))
+
+    def _own(self) -> Iterator[Metric]:
+        state = self.state
+        yield CounterMetricFamily(
+            "turnout_monitor_frames_received",
+            "Record frames read from the socket",
+            value=state.frames_received,
+        )
+        yield CounterMetricFamily(
+            "turnout_monitor_frames_dropped",
+            "Record frames dropped because the sidecar's queue was full",
+            value=state.frames_dropped,
+        )
+        yield CounterMetricFamily(
+            "turnout_monitor_frames_invalid",
+            "Record frames that could not be decoded or applied",
+            value=state.frames_invalid,
+        )
+        yield CounterMetricFamily(
+            "turnout_monitor_records", "Request records applied", value=state.records
+        )
+        yield CounterMetricFamily(
+            "turnout_monitor_windows", "Tumbling windows closed", value=state.windows_closed
+        )
+
+    def _alerts(self, alerts: AlertManager) -> Iterator[Metric]:
+        labels = ["alert", "model", "version", "feature"]
+        firing = GaugeMetricFamily("turnout_alert_firing", "1 while an alert fires", labels=labels)
+        pending = GaugeMetricFamily(
+            "turnout_alert_pending",
+            "1 while an alert's condition holds but not yet for its for_s",
+            labels=labels,
+        )
+        sent = CounterMetricFamily(
+            "turnout_alert_notifications",
+            "Webhook notifications, by outcome",
+            labels=["outcome"],
+        )
+        for alert in alerts.active():
+            row = [alert.rule_name, alert.model, str(alert.version), alert.feature]
+            firing.add_metric(row, 1.0 if alert.firing else 0.0)
+            pending.add_metric(row, 0.0 if alert.firing else 1.0)
+        for outcome, count in sorted(alerts.notifications.items()):
+            sent.add_metric([outcome], float(count))
+        yield from (firing, pending, sent)
+
+
+def build_registry(state: MonitorState, alerts: AlertManager | None = None) -> CollectorRegistry:
+    """A fresh registry holding only the monitor's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MonitorCollector(state, alerts))
+    return registry

@@ -1,0 +1,122 @@
+"""Accuracy from ground truth fed back later: ``POST /feedback`` on the sidecar.
+
+Request records carry no labels, so accuracy needs the truth to come back. The sidecar
+remembers the predictions of recently *sampled* requests (the ones whose outputs it
+received), keyed by the request's OIP ``id`` and by its trace id, and a later feedback
+document names the request and its true label(s)::
+
+    POST /feedback
+    {"model": "breast_cancer", "request_id": "r-17", "labels": [1, 0]}
+    {"model": "breast_cancer", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "labels": 1}
+    or a list of such documents
+
+A request's prediction per row is taken from one output tensor: ``prediction_outputs``
+names it per model, else the first output. An output with one value per row is the
+prediction itself (a class label); one with several values per row is read as class scores
+and its argmax is the prediction. A row is correct when prediction and label are equal (as
+numbers, or as text when either is not a number). Accuracy is counted per (model, version)
+since start; feedback for requests no longer (or never) remembered is counted as unmatched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from monitor.records import RecordBatch
+
+__all__ = ["Accuracy", "PredictionLog"]
+
+
+@dataclass(eq=False)
+class Accuracy:
+    labelled: int = 0
+    correct: int = 0
+
+    @property
+    def ratio(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+def _predictions(output: npt.NDArray[Any]) -> list[Any]:
+    values = np.asarray(output)
+    if values.ndim <= 1:
+        return list(values.tolist())
+    flat = values.reshape(values.shape[0], -1)
+    if flat.shape[1] == 1:
+        return list(flat[:, 0].tolist())
+    return list(np.argmax(flat, axis=1).tolist())
+
+
+def _same(prediction: Any, label: Any) -> bool:
+    if isinstance(prediction, bytes):
+        prediction = prediction.decode("utf-8", "replace")
+    try:
+        return float(prediction) == float(label)
+    except (TypeError, ValueError):
+        return str(prediction) == str(label)
+
+
+@dataclass(eq=False)
+class _Entry:
+    version: int
+    predictions: list[Any]
+    scored: bool = False
+
+
+class PredictionLog:
+    """The predictions of the most recent ``capacity`` sampled requests, and accuracy."""
+
+    def __init__(self, capacity: int, prediction_outputs: dict[str, str]) -> None:
+        self.capacity = capacity
+        self.prediction_outputs = prediction_outputs
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self.accuracy: dict[tuple[str, int], Accuracy] = {}
+        self.unmatched = 0
+
+    def remember(self, batch: RecordBatch) -> None:
+        if not batch.outputs or batch.sampled.size == 0 or self.capacity == 0:
+            return
+        name = self.prediction_outputs.get(batch.model) or next(iter(batch.outputs))
+        output = batch.outputs.get(name)
+        if output is None or len(output) != batch.sampled.size:
+            return
+        rows: dict[int, list[Any]] = {}
+        for index, prediction in zip(batch.sampled.tolist(), _predictions(output), strict=True):
+            rows.setdefault(index, []).append(prediction)
+        for index, predictions in rows.items():
+            entry = _Entry(batch.version, predictions)
+            for key in (batch.columns["request_id"][index], batch.columns["trace_id"][index]):
+                if key:
+                    self._entries[(batch.model, key)] = entry
+                    self._entries.move_to_end((batch.model, key))
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def feedback(self, document: dict[str, Any]) -> bool:
+        """Score one feedback document; False when its request is not remembered."""
+        model = str(document["model"])
+        key = document.get("request_id") or document.get("trace_id")
+        labels = document.get("labels", document.get("label"))
+        if not key or labels is None:
+            raise ValueError("feedback needs model, request_id or trace_id, and labels")
+        entry = self._entries.get((model, str(key)))
+        if entry is None or entry.scored:  # scored: through the request's other key
+            self.unmatched += 1
+            return False
+        predictions = entry.predictions
+        labels = labels if isinstance(labels, list) else [labels]
+        if len(labels) != len(predictions):
+            raise ValueError(
+                f"request {key} had {len(predictions)} rows, feedback gives {len(labels)} labels"
+            )
+        del self._entries[(model, str(key))]
+        entry.scored = True
+        accuracy = self.accuracy.setdefault((model, entry.version), Accuracy())
+        accuracy.labelled += len(labels)
+        accuracy.correct += sum(_same(p, t) for p, t in zip(predictions, labels, strict=True))
+        return True

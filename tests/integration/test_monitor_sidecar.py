@@ -1,0 +1,200 @@
+"""`turnout monitor` as users run it: build a profile from a file, start the sidecar
+process, send it real frames over its socket, scrape it, ask its status, stop it."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from monitor.records import RecordBatch, encode_frame
+
+
+def _batch(x: np.ndarray, y: np.ndarray, arm: str) -> RecordBatch:
+    n = len(x)
+    total = np.full(n, 0.015)
+    columns = {
+        "revision": np.ones(n, np.int64),
+        "arm": [arm] * n,
+        "status": np.full(n, 200, np.int16),
+        "start_ns": np.full(n, time.time_ns(), np.int64),
+        "queue_s": total / 10,
+        "batch_s": total / 2,
+        "total_s": total,
+        "batch_size": np.full(n, 4, np.int32),
+        "trace_id": [secrets.token_hex(16) for _ in range(n)],
+        "span_id": [secrets.token_hex(8) for _ in range(n)],
+        "request_id": [str(i) for i in range(n)],
+    }
+    sampled = np.arange(n, dtype=np.int64)
+    return RecordBatch("iris", 1, columns, sampled, {"x": x}, {"label": y})
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="tms-"))  # short: Unix socket paths are limited
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _turnout(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "monitor", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_profile_serve_scrape_status(state_dir: Path) -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "x[0]": rng.normal(size=3000),
+            "x[1]": rng.normal(5.0, 2.0, size=3000),
+            "output:label": rng.integers(0, 3, 3000),
+        }
+    )
+    frame.to_parquet(state_dir / "reference.parquet")
+    built = _turnout("profile", "iris", "1", "--data", str(state_dir / "reference.parquet"),
+                     state_dir=state_dir)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "2 numerical and 1 categorical" in built.stdout
+    assert (state_dir / "profiles" / "iris" / "1" / "profile.json").exists()
+
+    config = state_dir / "monitor.yaml"
+    config.write_text(
+        "window_s: 1\nslow_cadence_s: 1\n"
+        "alerts:\n  - {statistic: psi, model: iris, feature: 'x*', for_s: 0}\n"
+    )
+    socket_file = state_dir / "records.sock"
+    env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "monitor", "--listen", f"unix://{socket_file}",
+         "--metrics-port", "0", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "ready" in line, line
+        url = re.search(r"(http://[\d.]+:\d+)/metrics", line)
+        assert url, line
+        base = url.group(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            for _ in range(3):
+                x = np.column_stack([rng.normal(size=400) + 1.5, rng.normal(5.0, 2.0, 400)])
+                sock.sendto(encode_frame(_batch(x, rng.integers(0, 3, 400), "canary")),
+                            str(socket_file))  # fmt: skip
+
+        deadline = time.monotonic() + 30
+        document: dict = {}
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{base}/status", timeout=10) as response:
+                document = json.loads(response.read())
+            alerts = document.get("alerts", [])
+            if any(a["feature"] == "x[0]" and a["status"] == "firing" for a in alerts):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no alert fired: {document}")
+        assert document["records"] == 1200
+
+        request = urllib.request.Request(
+            f"{base}/metrics", headers={"Accept": "application/openmetrics-text"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'turnout_alert_firing{alert="psi",feature="x[0]",model="iris",version="1"} 1' in (
+            metrics
+        )
+        assert '# {trace_id="' in metrics
+
+        status = _turnout("status", "iris", "--json", "--url", base, state_dir=state_dir)
+        assert status.returncode == 0, status.stderr
+        version = json.loads(status.stdout)["models"]["iris"]["1"]
+        assert set(version["features"]) == {"x[0]", "x[1]", "output:label"}
+        assert version["latency"]["canary"]["requests"] == 1200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert not socket_file.exists()
+
+
+def test_a_real_gateway_feeds_the_sidecar(repository: Path, state_dir: Path) -> None:
+    """Gateway (local backend) -> Unix datagrams -> sidecar: per-arm latency, the first
+    requests as reference, then drift when the inputs shift."""
+    import tritonclient.http as httpclient
+    from conftest import GatewayThread, local_settings
+
+    from monitor.server import MonitorServer
+    from monitor.settings import MonitorSettings
+
+    settings = MonitorSettings(
+        state_dir=state_dir, metrics_port=0, window_s=1, reference_first_n=400
+    )
+    sidecar = MonitorServer(settings, tick_s=0.05)
+    sidecar.start()
+    address = f"unix://{settings.socket_file()}"
+    gateway = GatewayThread(local_settings(repository, monitor=True, monitor_address=address))
+    try:
+        admin = gateway.gateway.admin
+        gateway.call(admin.apply("add_sub", "set", {"weights": {"1": 50, "2": 50}}, "t"))
+        client = httpclient.InferenceServerClient(gateway.http_url)
+        rng = np.random.default_rng(0)
+
+        def infer(shift: float, requests: int) -> None:
+            for _ in range(requests):
+                tensors = []
+                for name in ("a", "b"):
+                    value = (rng.normal(size=(4, 4)) + shift).astype(np.float32)
+                    tensor = httpclient.InferInput(name, [4, 4], "FP32")
+                    tensor.set_data_from_numpy(value)
+                    tensors.append(tensor)
+                client.infer("add_sub", tensors)
+
+        infer(0.0, 300)  # 1,200 rows over two versions: both get a reference
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            document = sidecar.status("add_sub")
+            versions = document["models"].get("add_sub", {})
+            complete = sum(v["requests"] for v in versions.values()) == 300
+            if complete and len(versions) == 2 and all(v["reference"] for v in versions.values()):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"no references: {document}")
+        one = versions["1"]
+        assert "a[0]" in one["features"] and "output:sum[3]" in one["features"]
+        arms = {arm for v in versions.values() for arm in v["latency"]}
+        assert arms == {"primary", "canary"}
+
+        infer(3.0, 150)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            features = sidecar.status("add_sub")["models"]["add_sub"]["1"]["features"]
+            if "psi" in features["a[0]"]["drifted"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"no drift seen: {features['a[0]']}")
+        assert sidecar.state.frames_invalid == 0 and sidecar.state.frames_dropped == 0
+    finally:
+        gateway.stop()
+        sidecar.stop()

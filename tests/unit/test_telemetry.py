@@ -1,0 +1,384 @@
+"""The gateway's request records: frames over a real Unix datagram socket, drops counted,
+the sampling budget, traceparent, and the batcher's per-request timing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.batching import Batcher, BatchTiming, Tensors
+from gateway.settings import ModelConfig, ServerSettings
+from gateway.supervisor import Supervisor
+from gateway.telemetry import RecordEmitter, TokenBucket, parse_traceparent, socket_path
+from monitor.records import RecordBatch, decode_frame
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    # Short paths: a Unix socket path must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="tm-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+def receiver(sock_dir: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_dir / "monitor.sock"))
+    sock.settimeout(5)
+    yield sock
+    sock.close()
+
+
+def address(sock_dir: Path) -> str:
+    return f"unix://{sock_dir / 'monitor.sock'}"
+
+
+def receive_all(sock: socket.socket, wait_s: float = 0.3) -> list[RecordBatch]:
+    frames = []
+    sock.settimeout(wait_s)
+    while True:
+        try:
+            frames.append(decode_frame(sock.recv(1 << 20)))
+        except TimeoutError:
+            return frames
+
+
+def record(emitter: RecordEmitter, **kw: Any) -> None:
+    values: dict[str, Any] = {
+        "model": "m",
+        "version": 1,
+        "revision": 3,
+        "arm": "primary",
+        "status": 200,
+        "start_ns": time.time_ns(),
+        "queue_s": 0.001,
+        "batch_s": 0.002,
+        "total_s": 0.004,
+        "batch_size": 8,
+        "traceparent": None,
+        "request_id": "",
+    }
+    values.update(kw)
+    emitter.record(**values)
+
+
+def test_frames_carry_the_columns_and_sampled_tensors(
+    sock_dir: Path, receiver: socket.socket
+) -> None:
+    emitter = RecordEmitter(address(sock_dir))
+    emitter.start()
+    try:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        y = x * 2
+        record(emitter, rows=2, inputs={"x": x}, outputs={"y": y}, request_id="a")
+        record(emitter, status=400, request_id="b", traceparent=f"00-{TRACE}-{PARENT}-01")
+        record(emitter, model="other", version=2, arm="canary", revision=4)
+        emitter.flush()
+        frames = {(f.model, f.version): f for f in receive_all(receiver)}
+    finally:
+        emitter.close()
+    assert set(frames) == {("m", 1), ("other", 2)}
+    m = frames[("m", 1)]
+    assert m.rows == 2
+    assert list(m.columns["status"]) == [200, 400]
+    assert list(m.columns["revision"]) == [3, 3]
+    assert m.columns["arm"] == ["primary", "primary"]
+    assert m.columns["request_id"] == ["a", "b"]
+    assert list(m.columns["batch_size"]) == [8, 8]
+    np.testing.assert_allclose(m.columns["queue_s"], [0.001, 0.001])
+    np.testing.assert_allclose(m.columns["total_s"], [0.004, 0.004])
+    # A request of two rows: two sampled entries naming its record, two tensor rows.
+    assert list(m.sampled) == [0, 0]
+    np.testing.assert_array_equal(m.inputs["x"], x)
+    np.testing.assert_array_equal(m.outputs["y"], y)
+    assert m.columns["trace_id"][1] == TRACE
+    assert m.columns["span_id"][1] != PARENT  # the gateway's own span, a child of the caller's
+    assert all(len(t) == 32 for t in m.columns["trace_id"])
+    assert all(len(s) == 16 for s in m.columns["span_id"])
+    assert m.columns["trace_id"][0] != m.columns["trace_id"][1]
+    other = frames[("other", 2)]
+    assert other.columns["arm"] == ["canary"] and list(other.columns["revision"]) == [4]
+    assert len(other.sampled) == 0 and other.inputs == {}
+    assert emitter.frames_sent == 2 and emitter.records_sent == 3 and emitter.frames_dropped == 0
+
+
+def test_the_flush_thread_sends_without_being_asked(
+    sock_dir: Path, receiver: socket.socket
+) -> None:
+    emitter = RecordEmitter(address(sock_dir), flush_interval_s=0.02)
+    emitter.start()
+    try:
+        record(emitter)
+        frame = decode_frame(receiver.recv(1 << 20))
+    finally:
+        emitter.close()
+    assert frame.rows == 1
+
+
+def test_large_batches_are_split_into_datagrams_under_the_limit(
+    sock_dir: Path, receiver: socket.socket
+) -> None:
+    emitter = RecordEmitter(address(sock_dir), max_frame_bytes=64 * 1024)
+    emitter.start()
+    rows = 300
+    try:
+        for i in range(rows):
+            x = np.full((1, 64), i, dtype=np.float32)  # 256 bytes in, 256 out
+            record(emitter, rows=1, inputs={"x": x}, outputs={"y": x}, request_id=str(i))
+        emitter.flush()
+        sizes = []
+        receiver.settimeout(0.3)
+        frames = []
+        with pytest.raises(TimeoutError):
+            while True:
+                payload = receiver.recv(1 << 20)
+                sizes.append(len(payload))
+                frames.append(decode_frame(payload))
+    finally:
+        emitter.close()
+    assert len(frames) > 1
+    assert max(sizes) <= 64 * 1024
+    assert sum(f.rows for f in frames) == rows
+    ids = [int(i) for f in frames for i in f.columns["request_id"]]
+    assert ids == list(range(rows))
+    for frame in frames:
+        firsts = frame.inputs["x"][:, 0]
+        assert [int(v) for v in firsts] == [
+            int(frame.columns["request_id"][i]) for i in frame.sampled
+        ]
+
+
+def test_tensors_of_different_shapes_go_in_separate_frames(
+    sock_dir: Path, receiver: socket.socket
+) -> None:
+    emitter = RecordEmitter(address(sock_dir))
+    emitter.start()
+    try:
+        for width in (3, 3, 5):
+            x = np.ones((1, width), np.float32)
+            record(emitter, rows=1, inputs={"x": x}, outputs={"y": x})
+        emitter.flush()
+        frames = receive_all(receiver)
+    finally:
+        emitter.close()
+    assert [f.inputs["x"].shape for f in frames] == [(2, 3), (1, 5)]
+
+
+def test_a_full_queue_drops_and_counts_without_blocking(sock_dir: Path) -> None:
+    emitter = RecordEmitter(address(sock_dir), queue_size=100)  # not started: nothing drains
+    started = time.perf_counter()
+    for _ in range(10_000):
+        record(emitter)
+    elapsed = time.perf_counter() - started
+    assert emitter.records_queued == 100
+    assert emitter.records_dropped == 9_900
+    assert elapsed < 1.0  # ~1 us a record; a blocking queue would never return
+
+
+def test_no_sidecar_drops_frames_and_counts_them(sock_dir: Path) -> None:
+    emitter = RecordEmitter(address(sock_dir))  # nothing bound at that path
+    emitter.start()
+    try:
+        record(emitter)
+        record(emitter, model="other")
+        started = time.perf_counter()
+        emitter.flush()
+        assert time.perf_counter() - started < 0.5
+    finally:
+        emitter.close()
+    assert emitter.frames_dropped == 2 and emitter.frames_sent == 0
+
+
+def test_a_receiver_that_stopped_reading_costs_dropped_frames_not_time(sock_dir: Path) -> None:
+    path = sock_dir / "monitor.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stuck:
+        stuck.bind(str(path))
+        emitter = RecordEmitter(address(sock_dir), max_frame_bytes=64 * 1024)
+        emitter.start()
+        try:
+            x = np.ones((1, 4096), np.float32)  # 16 KiB in and out: a few records a frame
+            started = time.perf_counter()
+            for _ in range(20):
+                for _ in range(40):
+                    record(emitter, rows=1, inputs={"x": x}, outputs={"y": x})
+                emitter.flush()
+            assert time.perf_counter() - started < 5
+        finally:
+            emitter.close()
+    assert emitter.frames_dropped > 0  # EAGAIN once the receive buffer is full
+    assert emitter.frames_sent > 0
+
+
+def test_the_sampling_budget_caps_tensor_rows(sock_dir: Path, receiver: socket.socket) -> None:
+    emitter = RecordEmitter(address(sock_dir), sample_rows_per_s=10)
+    emitter.start()
+    try:
+        x = np.ones((2, 4), np.float32)
+        for _ in range(50):
+            record(emitter, rows=2, inputs={"x": x}, outputs={"y": x})
+        emitter.flush()
+        frames = receive_all(receiver)
+    finally:
+        emitter.close()
+    assert sum(f.rows for f in frames) == 50  # every request keeps its record
+    sampled_rows = sum(len(f.sampled) for f in frames)
+    assert sampled_rows == 10  # one second's budget, then nothing within the same instant
+    assert emitter.rows_sampled == 10 and emitter.samples_skipped == 45
+
+
+def test_zero_budget_sends_no_tensors(sock_dir: Path, receiver: socket.socket) -> None:
+    emitter = RecordEmitter(address(sock_dir), sample_rows_per_s=0)
+    emitter.start()
+    try:
+        x = np.ones((1, 4), np.float32)
+        record(emitter, rows=1, inputs={"x": x}, outputs={"y": x})
+        emitter.flush()
+        (frame,) = receive_all(receiver)
+    finally:
+        emitter.close()
+    assert frame.rows == 1 and len(frame.sampled) == 0
+
+
+def test_token_bucket_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("gateway.telemetry.time.monotonic", lambda: now[0])
+    bucket = TokenBucket(100)
+    assert bucket.take(100)
+    assert not bucket.take(1)
+    now[0] += 0.06
+    assert bucket.take(6)
+    assert not bucket.take(1)
+    now[0] += 10  # saved up: one second's worth at most
+    assert bucket.take(100)
+    assert not bucket.take(1)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (f"00-{TRACE}-{PARENT}-01", (TRACE, PARENT)),
+        (f"00-{TRACE.upper()}-{PARENT}-00", (TRACE, PARENT)),
+        (f" 00-{TRACE}-{PARENT}-01 ", (TRACE, PARENT)),
+        (None, None),
+        ("", None),
+        ("garbage", None),
+        (f"00-{'0' * 32}-{PARENT}-01", None),
+        (f"00-{TRACE}-{'0' * 16}-01", None),
+        (f"ff-{TRACE}-{PARENT}-01", None),
+        (f"00-{TRACE[:-1]}-{PARENT}-01", None),
+    ],
+)
+def test_parse_traceparent(header: str | None, expected: tuple[str, str] | None) -> None:
+    assert parse_traceparent(header) == expected
+
+
+def test_addresses() -> None:
+    assert socket_path("unix:///run/turnout/monitor.sock") == Path("/run/turnout/monitor.sock")
+    with pytest.raises(ValueError, match="unix:///path"):
+        socket_path("tcp://127.0.0.1:9000")
+    settings = ServerSettings(monitor_address="unix:///tmp/x.sock")
+    assert settings.monitor and settings.monitor_sample_rows_per_s == 10000
+    with pytest.raises(ValueError, match="monitor_address"):
+        ServerSettings(monitor_address="127.0.0.1:9000")
+
+
+def test_batcher_fills_per_request_timing() -> None:
+    async def scenario() -> list[BatchTiming]:
+        async def run_batch(inputs: Tensors) -> Tensors:
+            await asyncio.sleep(0.02)
+            return {"y": inputs["x"] * 2}
+
+        config = ModelConfig(max_batch_size=8, max_queue_delay_us=20_000)
+        batcher = Batcher("m", run_batch, config, batchable=True, replicas=1)
+        batcher.start()
+        timings = [BatchTiming() for _ in range(3)]
+        x = np.ones((1, 2), np.float32)
+        results = await asyncio.gather(
+            batcher.submit({"x": x}, 1, None, timings[0]),
+            batcher.submit({"x": np.ones((2, 2), np.float32)}, 2, None, timings[1]),
+            batcher.submit({"x": x}, 1, None, timings[2]),
+            batcher.submit({"x": x}, 1),  # no timing: the old call still works
+        )
+        assert [r["y"].shape[0] for r in results] == [1, 2, 1, 1]
+        await batcher.close(1)
+        return timings
+
+    timings = asyncio.run(scenario())
+    for timing in timings:
+        assert timing.batch_size == 5
+        assert timing.batch_s >= 0.015
+        assert 0 < timing.queue_s < 1
+
+
+def test_supervisor_restarts_a_child_that_exits_and_stops_it() -> None:
+    async def scenario() -> tuple[int, int | None]:
+        quick = Supervisor(["/bin/sh", "-c", "exit 3"], min_backoff_s=0.05, poll_interval_s=0.01)
+        quick.start()
+        await asyncio.sleep(0.6)
+        await quick.stop()
+        slow = Supervisor(["/bin/sleep", "30"], poll_interval_s=0.01)
+        slow.start()
+        await asyncio.sleep(0.2)
+        process = slow.process
+        assert process is not None and process.poll() is None
+        await slow.stop()
+        return quick.starts, process.poll()
+
+    starts, code = asyncio.run(scenario())
+    assert starts >= 3  # restarted with backoff, the loop kept running
+    assert code is not None  # terminated on stop
+
+
+def test_a_missing_command_never_fails_the_supervisor() -> None:
+    async def scenario() -> int:
+        supervisor = Supervisor(["/nonexistent/turnout-monitor"], min_backoff_s=0.05)
+        supervisor.start()
+        await asyncio.sleep(0.2)
+        await supervisor.stop()
+        return supervisor.starts
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_frames_larger_than_estimated_are_split_and_oversize_tensors_left_out(
+    sock_dir: Path, receiver: socket.socket
+) -> None:
+    limit = 64 * 1024
+    emitter = RecordEmitter(address(sock_dir), max_frame_bytes=limit)
+    emitter.start()
+    try:
+        small = np.ones((1, 4), np.float32)
+        record(emitter, rows=1, inputs={"x": small}, outputs={"y": small}, request_id="s")
+        # 16 KiB in and out each, the estimate taken from the small one; few enough frames
+        # for the receive queue (net.unix.max_dgram_qlen is 10 by default).
+        for i in range(6):
+            big = np.full((1, 4096), i, np.float32)
+            record(emitter, rows=1, inputs={"x": big}, outputs={"y": big}, request_id=str(i))
+        huge = np.ones((1, 65536), np.float32)  # 256 KiB: never fits a frame
+        record(emitter, rows=1, inputs={"x": huge}, outputs={"y": huge}, request_id="huge")
+        emitter.flush()
+        receiver.settimeout(0.3)
+        payloads = []
+        with pytest.raises(TimeoutError):
+            while True:
+                payloads.append(receiver.recv(1 << 20))
+    finally:
+        emitter.close()
+    assert max(len(p) for p in payloads) <= limit
+    frames = [decode_frame(p) for p in payloads]
+    ids = [i for f in frames for i in f.columns["request_id"]]
+    assert ids == ["s", *(str(i) for i in range(6)), "huge"]
+    sampled = {f.columns["request_id"][i] for f in frames for i in f.sampled}
+    assert sampled == {"s", *(str(i) for i in range(6))}  # all but the huge one
+    assert emitter.samples_oversize == 1 and emitter.frames_dropped == 0
