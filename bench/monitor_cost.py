@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bench._results import write_results
 from bench.models import INPUT_DIM, MODEL_NAME, build_repository
 from bench.serving import (
     INFER_PATH,
@@ -195,18 +195,6 @@ def summarize(runs: list[Run], mode: str) -> Summary:
         gateway_cpu_us_mean=mean([r.gateway_cpu_us for r in ok]),
         sidecar_cpu_us_mean=mean([r.sidecar_cpu_us for r in ok]),
     )
-
-
-def write_results(out: Path, payload: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(payload, indent=2) + "\n"
-    path = out / f"monitor-cost-{stamp}.json"
-    for target in (path, out / "monitor-cost-latest.json"):
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sink received {sink_stats['frames']} frames, {sink_stats['bytes'] / 1e6:.1f} MB"
         )
     path = write_results(
+        "monitor-cost",
         args.out,
         {
             "machine": machine_info(),

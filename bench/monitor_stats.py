@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -48,6 +47,7 @@ from ddsketch import DDSketch
 from rich.console import Console
 from rich.table import Table
 
+from bench._results import write_results
 from monitor.sketch import LatencySketch
 from monitor.stats import (
     ReferenceBins,
@@ -315,18 +315,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_results(out: Path, payload: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(payload, indent=2) + "\n"
-    path = out / f"monitor-stats-{stamp}.json"
-    for target in (path, out / "monitor-stats-latest.json"):
-        tmp = target.with_suffix(".tmp")  # atomic: a reader never sees half a file
-        tmp.write_text(text)
-        tmp.replace(target)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -352,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         f" on {machine['nproc']} cores"
     )
     path = write_results(
+        "monitor-stats",
         args.out,
         {
             "machine": machine,

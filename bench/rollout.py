@@ -48,6 +48,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from rich.table import Table
 
+from bench._results import write_results
 from bench.serving import (
     READY_TIMEOUT_S,
     REPO_ROOT,
@@ -759,18 +760,6 @@ def describe_machine() -> dict[str, Any]:
         }
 
 
-def write_results(out: Path, payload: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(payload, indent=2) + "\n"
-    path = out / f"rollout-{stamp}.json"
-    for target in (path, out / "rollout-latest.json"):
-        tmp = target.with_suffix(".tmp")  # atomic: a reader never sees half a file
-        tmp.write_text(text)
-        tmp.replace(target)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -800,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(results)
     path = write_results(
+        "rollout",
         args.out,
         {
             "machine": describe_machine(),

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import datetime as dt
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -42,6 +41,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from bench._results import write_results
 from bench.models import INPUT_DIM, MODEL_NAME, build_repository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -635,18 +635,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_results(out: Path, payload: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(payload, indent=2) + "\n"
-    path = out / f"serving-{stamp}.json"
-    for target in (path, out / "serving-latest.json"):
-        tmp = target.with_suffix(".tmp")  # atomic: a reader never sees half a file
-        tmp.write_text(text)
-        tmp.replace(target)
-    return path
-
-
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -693,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = evaluate_targets(rows, args.systems, args.concurrency)
     print_targets(verdicts)
     path = write_results(
+        "serving",
         args.out,
         {
             "machine": machine_info(),
