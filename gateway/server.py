@@ -28,6 +28,7 @@ from gateway.admin.traffic import TrafficAdmin
 from gateway.backends.base import ReplicaBackend
 from gateway.dataplane import DataPlane
 from gateway.errors import TurnoutError
+from gateway.feedback import FeedbackForwarder, FeedbackServicer
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
 from gateway.repository import Repository
@@ -121,6 +122,7 @@ class Gateway:
             # The sidecar keeps its reference profiles in the gateway's state directory too.
             env = {"TURNOUT_MONITOR_STATE_DIR": str(settings.state_dir), **os.environ}
             self.monitor = Supervisor(monitor_command(monitor_address(settings)), env=env)
+        self.feedback = FeedbackForwarder(self.dataplane, settings.monitor_http)
         self.admin = TrafficAdmin(self.dataplane, self.store, self.router)
         tokens = load_or_create_tokens(
             settings.state_dir,
@@ -148,7 +150,13 @@ class Gateway:
             s.grpc_max_concurrent_streams,
             infer_auth=self.auth if s.require_infer_token else None,
         )
-        self._grpc.add_generic_rpc_handlers([TrafficServicer(self.admin, self.auth).handler()])
+        infer_auth = self.auth if s.require_infer_token else None
+        self._grpc.add_generic_rpc_handlers(
+            [
+                TrafficServicer(self.admin, self.auth).handler(),
+                FeedbackServicer(self.feedback, infer_auth).handler(),
+            ]
+        )
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 
@@ -159,7 +167,8 @@ class Gateway:
             self.dataplane,
             s.max_request_bytes,
             admin=AdminHttp(self.admin, self.auth),
-            infer_auth=self.auth if s.require_infer_token else None,
+            infer_auth=infer_auth,
+            feedback=self.feedback,
         )
         config = uvicorn.Config(
             app,

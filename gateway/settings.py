@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -21,9 +21,13 @@ __all__ = [
     "SettingsError",
     "TokenConfig",
     "default_state_dir",
+    "load_layered",
     "load_model_config",
     "load_settings",
 ]
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
 class SettingsError(ValueError):
@@ -166,6 +170,10 @@ class ServerSettings(BaseSettings):
     monitor_address: str | None = None
     """A sidecar running elsewhere on this machine (``unix:///path``); no child is started."""
 
+    monitor_http: str = "http://127.0.0.1:9100"
+    """The sidecar's HTTP address (its metrics/status port), where label feedback received
+    on ``POST /v2/models/{model}/feedback`` and gRPC ``SendFeedback`` is forwarded."""
+
     monitor_sample_rows_per_s: float = Field(default=10000.0, ge=0)
     """Input and output rows a second sent with the records (every request's while within
     it); 0 sends records without tensors."""
@@ -207,20 +215,27 @@ def _describe(exc: ValidationError, source: str) -> SettingsError:
     return SettingsError(f"{source}: {problems}")
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
-    """Build server settings from a YAML file, the environment and explicit overrides."""
+def load_layered(
+    cls: type[SettingsT], config_file: Path | None, env_label: str, overrides: dict[str, Any]
+) -> SettingsT:
+    """Defaults < YAML file < environment < explicit (non-None) overrides, for any settings
+    class; errors name the layer and the key."""
     from_file = _read_yaml(config_file) if config_file else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        env_only = ServerSettings()
+        env_only = cls()
     except ValidationError as exc:
-        raise _describe(exc, "TURNOUT_* environment") from exc
+        raise _describe(exc, f"{env_label} environment") from exc
     env_set = {name: getattr(env_only, name) for name in env_only.model_fields_set}
     try:
-        # Environment variables beat the file; explicit arguments beat both.
-        return ServerSettings(**{**from_file, **env_set, **given})
+        return cls(**{**from_file, **env_set, **given})
     except ValidationError as exc:
         raise _describe(exc, str(config_file or "settings")) from exc
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Build server settings from a YAML file, the environment and explicit overrides."""
+    return load_layered(ServerSettings, config_file, "TURNOUT_*", overrides)
 
 
 def load_model_config(model_dir: Path, settings: ServerSettings) -> ModelConfig:

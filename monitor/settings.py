@@ -19,11 +19,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.settings import default_state_dir
+from gateway.settings import SettingsError, default_state_dir, load_layered
 
 __all__ = [
     "DRIFT_STATISTICS",
@@ -40,10 +39,6 @@ __all__ = [
 DRIFT_STATISTICS = ("psi", "js", "hellinger", "ks", "wasserstein", "chi2_cramers_v", "linf")
 #: Latency statistics alert rules may name (seconds, per model, version and arm).
 LATENCY_STATISTICS = ("latency_p50", "latency_p90", "latency_p99", "latency_p999")
-
-
-class SettingsError(ValueError):
-    """A configuration file or value is invalid; the message names the key."""
 
 
 def _gateway_state_dir() -> Path:
@@ -187,33 +182,6 @@ def socket_path(address: str) -> Path:
     return Path(match.group(1))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise SettingsError(f"{path}: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise SettingsError(f"{path}: expected a mapping at the top level")
-    return loaded
-
-
-def _describe(exc: ValidationError, source: str) -> SettingsError:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-    )
-    return SettingsError(f"{source}: {problems}")
-
-
 def load_monitor_settings(config_file: Path | None = None, **overrides: Any) -> MonitorSettings:
     """Build settings from a YAML file, the environment and explicit (non-None) overrides."""
-    from_file = _read_yaml(config_file) if config_file else {}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        env_only = MonitorSettings()
-    except ValidationError as exc:
-        raise _describe(exc, "TURNOUT_MONITOR_* environment") from exc
-    env_set = {name: getattr(env_only, name) for name in env_only.model_fields_set}
-    try:
-        return MonitorSettings(**{**from_file, **env_set, **given})
-    except ValidationError as exc:
-        raise _describe(exc, str(config_file or "settings")) from exc
+    return load_layered(MonitorSettings, config_file, "TURNOUT_MONITOR_*", overrides)

@@ -4,7 +4,8 @@ A private pool, not protoc's generated modules: those register ``inference.*`` i
 process-wide pool, which clashes with tritonclient's copy of the same package whenever a
 program (a test, a benchmark, an app embedding turnout) imports both.
 ``make generate`` rebuilds the descriptor sets (``inference.desc`` here, the admin API's
-``gateway/admin/traffic.desc``); CI checks they match the .proto files.
+``gateway/admin/traffic.desc``, label feedback's ``gateway/feedback.desc``); CI checks
+they match the .proto files.
 """
 
 from __future__ import annotations

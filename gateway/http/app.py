@@ -16,6 +16,7 @@ from gateway.admin.auth import TokenAuth
 from gateway.admin.http import AdminHttp
 from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError
+from gateway.feedback import FeedbackForwarder
 from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
 
@@ -52,11 +53,13 @@ class HttpApp:
         max_request_bytes: int,
         admin: AdminHttp | None = None,
         infer_auth: TokenAuth | None = None,
+        feedback: FeedbackForwarder | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.max_request_bytes = max_request_bytes
         self.admin = admin
         self.infer_auth = infer_auth
+        self.feedback = feedback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -114,6 +117,9 @@ class HttpApp:
         if action == "infer":
             _expect(method, "POST")
             await self._infer(scope, receive, send, model, version)
+        elif action == "feedback" and not version and self.feedback is not None:
+            _expect(method, "POST")
+            await self._feedback(scope, receive, send, model)
         elif action == "":
             _expect(method, "GET")
             await _send(send, 200, orjson.dumps(dp.model_metadata(model, version)))
@@ -153,6 +159,20 @@ class HttpApp:
                 [(HEADER_LENGTH.encode(), str(json_length).encode()), revision],
                 content_type=_OCTETS,
             )
+
+    async def _feedback(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
+        assert self.feedback is not None
+        headers = _headers(scope)
+        if self.infer_auth is not None:
+            self.infer_auth.authenticate(headers.get("authorization"), "infer")
+        self.dataplane.get_model(model)  # 404 before looking at the body
+        body = await self._read_body(receive, headers.get("content-length"))
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"feedback is not valid JSON: {exc}") from None
+        answer = await self.feedback.send(model, document)
+        await _send(send, 200, orjson.dumps(answer))
 
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
         limit = self.max_request_bytes

@@ -56,6 +56,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "policy_store": "auto",
         "monitor": True,
         "monitor_address": None,
+        "monitor_http": "http://127.0.0.1:9100",
         "monitor_sample_rows_per_s": 10000.0,
         "monitor_queue_size": 65536,
         "model_defaults": {},
