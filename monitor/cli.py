@@ -140,6 +140,12 @@ def print_status(document: dict[str, Any]) -> None:
             accuracy = (
                 f"{_number(labelled['ratio'])} of {labelled['labelled']}" if labelled else "-"
             )
+            errors = state.get("regression")
+            if errors:
+                accuracy = (
+                    f"mae {_number(errors['mae'])} rmse {_number(errors['rmse'])} "
+                    f"of {errors['labelled']}"
+                )
             for arm, found in state["latency"].items():
                 window = found["window"] or {}
                 cumulative = found["cumulative"] or {}

@@ -16,20 +16,33 @@ prediction itself (a class label); one with several values per row is read as cl
 and its argmax is the prediction. A row is correct when prediction and label are equal (as
 numbers, or as text when either is not a number). Accuracy is counted per (model, version)
 since start; feedback for requests no longer (or never) remembered is counted as unmatched.
+
+Regression models are scored by their errors instead: the mean absolute error and the root
+mean squared error of the labelled rows, per (model, version), over the same bounded window
+(the predictions of the last ``capacity`` sampled requests are what labels can join; the
+errors accumulate since start, like accuracy). A model is regression when ``tasks`` says so
+(``{model: "regression"}``; ``"classification"`` forces accuracy). Otherwise it is inferred
+per feedback document: regression when the prediction output is floating point with one
+value per row, every label is a number, and either some label is written as a float
+(``2.5``, ``3.0``) or some prediction is not a whole number; classification otherwise. Once
+a version has been scored as regression it stays so (integer labels such as ``3`` included).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from monitor.records import RecordBatch
 
-__all__ = ["Accuracy", "PredictionLog"]
+__all__ = ["Accuracy", "Errors", "PredictionLog", "Task"]
+
+Task = Literal["classification", "regression"]
 
 
 @dataclass(eq=False)
@@ -42,14 +55,37 @@ class Accuracy:
         return self.correct / self.labelled if self.labelled else None
 
 
-def _predictions(output: npt.NDArray[Any]) -> list[Any]:
+@dataclass(eq=False)
+class Errors:
+    """Regression errors of the labelled rows: sums of absolute and squared errors."""
+
+    labelled: int = 0
+    absolute: float = 0.0
+    squared: float = 0.0
+
+    @property
+    def mae(self) -> float | None:
+        return self.absolute / self.labelled if self.labelled else None
+
+    @property
+    def rmse(self) -> float | None:
+        return math.sqrt(self.squared / self.labelled) if self.labelled else None
+
+
+def _predictions(output: npt.NDArray[Any]) -> tuple[list[Any], bool]:
+    """The prediction per row, and whether they are real values (float, one per row)."""
     values = np.asarray(output)
+    real = values.dtype.kind == "f"
     if values.ndim <= 1:
-        return list(values.tolist())
+        return list(values.tolist()), real
     flat = values.reshape(values.shape[0], -1)
     if flat.shape[1] == 1:
-        return list(flat[:, 0].tolist())
-    return list(np.argmax(flat, axis=1).tolist())
+        return list(flat[:, 0].tolist()), real
+    return list(np.argmax(flat, axis=1).tolist()), False
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _same(prediction: Any, label: Any) -> bool:
@@ -65,17 +101,25 @@ def _same(prediction: Any, label: Any) -> bool:
 class _Entry:
     version: int
     predictions: list[Any]
+    real: bool = False  # float predictions, one per row: may be a regression
     scored: bool = False
 
 
 class PredictionLog:
     """The predictions of the most recent ``capacity`` sampled requests, and accuracy."""
 
-    def __init__(self, capacity: int, prediction_outputs: dict[str, str]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        prediction_outputs: dict[str, str],
+        tasks: dict[str, Task] | None = None,
+    ) -> None:
         self.capacity = capacity
         self.prediction_outputs = prediction_outputs
+        self.tasks: dict[str, Task] = dict(tasks or {})
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self.accuracy: dict[tuple[str, int], Accuracy] = {}
+        self.errors: dict[tuple[str, int], Errors] = {}
         self.unmatched = 0
 
     def remember(self, batch: RecordBatch) -> None:
@@ -85,11 +129,19 @@ class PredictionLog:
         output = batch.outputs.get(name)
         if output is None or len(output) != batch.sampled.size:
             return
+        predicted, real = _predictions(output)
+        if self.tasks.get(batch.model) == "regression" and not real:
+            if np.asarray(output).reshape(len(output), -1).shape[1] != 1:
+                return  # a regression needs one value per row
+            try:
+                predicted, real = [float(p) for p in predicted], True
+            except (TypeError, ValueError):
+                return  # not numbers
         rows: dict[int, list[Any]] = {}
-        for index, prediction in zip(batch.sampled.tolist(), _predictions(output), strict=True):
+        for index, prediction in zip(batch.sampled.tolist(), predicted, strict=True):
             rows.setdefault(index, []).append(prediction)
         for index, predictions in rows.items():
-            entry = _Entry(batch.version, predictions)
+            entry = _Entry(batch.version, predictions, real)
             for key in (batch.columns["request_id"][index], batch.columns["trace_id"][index]):
                 if key:
                     self._entries[(batch.model, key)] = entry
@@ -114,9 +166,34 @@ class PredictionLog:
             raise ValueError(
                 f"request {key} had {len(predictions)} rows, feedback gives {len(labels)} labels"
             )
+        regression = self._regression(model, entry, labels)
+        if regression:
+            for label in labels:
+                if not _number(label) or not math.isfinite(label):
+                    raise ValueError(f"request {key}: regression labels must be finite numbers")
         del self._entries[(model, str(key))]
         entry.scored = True
+        if regression:
+            errors = self.errors.setdefault((model, entry.version), Errors())
+            for prediction, label in zip(predictions, labels, strict=True):
+                error = float(prediction) - float(label)
+                errors.labelled += 1
+                errors.absolute += abs(error)
+                errors.squared += error * error
+            return True
         accuracy = self.accuracy.setdefault((model, entry.version), Accuracy())
         accuracy.labelled += len(labels)
         accuracy.correct += sum(_same(p, t) for p, t in zip(predictions, labels, strict=True))
         return True
+
+    def _regression(self, model: str, entry: _Entry, labels: list[Any]) -> bool:
+        task = self.tasks.get(model)
+        if task is not None:
+            return task == "regression"
+        if not entry.real or not all(_number(label) for label in labels):
+            return False
+        if (model, entry.version) in self.errors:
+            return True
+        return any(isinstance(label, float) for label in labels) or any(
+            not float(p).is_integer() for p in entry.predictions if math.isfinite(float(p))
+        )

@@ -148,6 +148,10 @@ class MonitorSettings(BaseSettings):
     """Per model, the output tensor holding its prediction for accuracy (default: the first
     output; several values per row are read as class scores and their argmax taken)."""
 
+    tasks: dict[str, Literal["classification", "regression"]] = Field(default_factory=dict)
+    """Per model, how ``POST /feedback`` scores it: accuracy (classification) or MAE/RMSE
+    (regression); unnamed models are inferred (see ``monitor.feedback``)."""
+
     feedback_capacity: int = Field(default=100_000, ge=0)
     """Sampled requests whose predictions are kept for ``POST /feedback`` (0: no accuracy)."""
 

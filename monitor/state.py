@@ -208,7 +208,9 @@ class MonitorState:
         self.window_end = self._next_boundary(start)
         self.next_slow = start + settings.slow_cadence_s
         self.windows_closed = 0
-        self.predictions = PredictionLog(settings.feedback_capacity, settings.prediction_outputs)
+        self.predictions = PredictionLog(
+            settings.feedback_capacity, settings.prediction_outputs, settings.tasks
+        )
         self.frames_received = 0
         self.frames_dropped = 0
         self.frames_invalid = 0
@@ -392,6 +394,7 @@ class MonitorState:
         if state.profile is not None:
             reference = {"rows": state.profile.rows, "source": state.profile.source}
         accuracy = self.predictions.accuracy.get((state.model, state.version))
+        scored = self.predictions.errors.get((state.model, state.version))
         return {
             "requests": state.requests,
             "sampled": state.sampled,
@@ -402,6 +405,9 @@ class MonitorState:
                 "correct": accuracy.correct,
                 "ratio": accuracy.ratio,
             },
+            "regression": None
+            if scored is None
+            else {"labelled": scored.labelled, "mae": scored.mae, "rmse": scored.rmse},
             "reference": reference,
             "features": features,
             "latency": latency,

@@ -20,7 +20,9 @@ Families (all prefixed ``turnout_``, seconds as the unit of time):
 - ``turnout_monitor_reference_rows`` gauge {model, version}.
 - ``turnout_accuracy_ratio`` gauge {model, version}: accuracy from ``POST /feedback``;
   ``turnout_monitor_feedback_rows_total`` {model, version, outcome},
-  ``turnout_monitor_feedback_unmatched_total``.
+  ``turnout_monitor_feedback_unmatched_total``;
+- ``turnout_feedback_mae``, ``turnout_feedback_rmse`` gauges {model, version}: errors of
+  regression models from ``POST /feedback``.
 - ``turnout_monitor_frames_received_total``, ``..._dropped_total`` (queue full),
   ``..._invalid_total`` (undecodable), ``turnout_monitor_records_total`` counters.
 
@@ -206,7 +208,21 @@ class MonitorCollector(Collector):
             wrong = accuracy.labelled - accuracy.correct
             labelled.add_metric([model, str(version), "correct"], float(accuracy.correct))
             labelled.add_metric([model, str(version), "incorrect"], float(wrong))
-        yield from (ratio, labelled)
+        mae = GaugeMetricFamily(
+            "turnout_feedback_mae",
+            "Mean absolute error of labelled rows (POST /feedback) of a regression, since start",
+            labels=["model", "version"],
+        )
+        rmse = GaugeMetricFamily(
+            "turnout_feedback_rmse",
+            "Root mean squared error of labelled rows (POST /feedback) of a regression",
+            labels=["model", "version"],
+        )
+        for (model, version), errors in sorted(log.errors.items()):
+            if errors.mae is not None and errors.rmse is not None:
+                mae.add_metric([model, str(version)], errors.mae)
+                rmse.add_metric([model, str(version)], errors.rmse)
+        yield from (ratio, labelled, mae, rmse)
         yield CounterMetricFamily(
             "turnout_monitor_feedback_unmatched",
             "Feedback for requests whose predictions were not (or no longer) kept",
