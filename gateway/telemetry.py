@@ -161,6 +161,7 @@ class RecordEmitter:
         self._flush_lock = threading.Lock()
         self.records_queued = 0
         self.records_dropped = 0
+        self._source = f"{socket.gethostname()}:{os.getpid()}"
         self.rows_sampled = 0
         self.samples_skipped = 0
         self.samples_oversize = 0
@@ -303,9 +304,20 @@ class RecordEmitter:
         if chunk:
             yield chunk
 
+    def _counters(self) -> dict[str, Any]:
+        """Cumulative drop counters, carried by every frame so the sidecar can export them."""
+        return {
+            "source": self._source,
+            "records_dropped": self.records_dropped,
+            "frames_dropped": self.frames_dropped,
+            "samples_skipped": self.samples_skipped,
+        }
+
     def _send(self, model: str, version: int, records: list[_Record]) -> None:
         try:
-            frame = encode_frame(_batch(model, version, records))
+            batch = _batch(model, version, records)
+            batch.emitter = self._counters()
+            frame = encode_frame(batch)
         except ValueError:
             # Sampled tensors whose inner shapes differ (variable dimensions) cannot stack:
             # send each run of alike shapes on its own.

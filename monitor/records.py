@@ -16,7 +16,10 @@ Frame layout (``FORMAT_VERSION`` 1)::
         "trace_id": [str hex32], "span_id": [str hex16], "request_id": [str]},
      "sampled": int64 row indices whose tensors are included (subset of 0..n-1),
      "inputs":  {name: array [len(sampled), ...]},     # features of sampled rows
-     "outputs": {name: array [len(sampled), ...]}}
+     "outputs": {name: array [len(sampled), ...]},
+     "emitter": {"source": str, counter: int, ...}}   # optional: the gateway's cumulative
+                                                      # drop counters, which the sidecar
+                                                      # exports (frames it never got included)
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class RecordBatch:
     sampled: np.ndarray[Any, Any] = field(default_factory=lambda: np.zeros(0, np.int64))
     inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     outputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    emitter: dict[str, Any] = field(default_factory=dict)
+    """The sending gateway's ``source`` id and cumulative counters (records_dropped, ...)."""
 
     @property
     def rows(self) -> int:
@@ -72,7 +77,10 @@ def _unpack_array(packed: dict[str, Any]) -> np.ndarray[Any, Any]:
         out = np.empty(len(packed["items"]), dtype=np.object_)
         out[:] = packed["items"]
         return out.reshape(packed["shape"])
-    return np.frombuffer(packed["data"], dtype=np.dtype(packed["dtype"])).reshape(packed["shape"])
+    # A writable copy, not a read-only view of the datagram: numba compiles a separate
+    # specialisation for read-only arrays, which warm_up() does not cover.
+    array = np.frombuffer(packed["data"], dtype=np.dtype(packed["dtype"])).copy()
+    return array.reshape(packed["shape"])
 
 
 def encode_frame(batch: RecordBatch) -> bytes:
@@ -90,6 +98,7 @@ def encode_frame(batch: RecordBatch) -> bytes:
         "sampled": _pack_array(np.asarray(batch.sampled, dtype=np.int64)),
         "inputs": {k: _pack_array(v) for k, v in batch.inputs.items()},
         "outputs": {k: _pack_array(v) for k, v in batch.outputs.items()},
+        "emitter": batch.emitter,
     }
     encoded: bytes = msgpack.packb(frame, use_bin_type=True)
     return encoded
@@ -117,6 +126,7 @@ def decode_frame(payload: bytes) -> RecordBatch:
             sampled=_unpack_array(frame["sampled"]),
             inputs={k: _unpack_array(v) for k, v in frame["inputs"].items()},
             outputs={k: _unpack_array(v) for k, v in frame["outputs"].items()},
+            emitter=dict(frame.get("emitter") or {}),
         )
     except (KeyError, TypeError, msgpack.UnpackException) as exc:
         raise ValueError(f"malformed record frame: {exc}") from exc

@@ -214,6 +214,8 @@ class MonitorState:
         self.frames_received = 0
         self.frames_dropped = 0
         self.frames_invalid = 0
+        # Latest cumulative counters per sending gateway ("host:pid"), from frame headers.
+        self.gateway_counters: dict[str, dict[str, int]] = {}
         self.records = 0
 
     def _next_boundary(self, now: float) -> float:
@@ -238,9 +240,24 @@ class MonitorState:
         if profile is not None:
             state.use_profile(profile, self.settings.slow_sample_size)
 
+    def _note_emitter(self, emitter: dict[str, Any]) -> None:
+        source = emitter.get("source")
+        if not isinstance(source, str):
+            return
+        counters = self.gateway_counters.setdefault(source, {})
+        for name, value in emitter.items():
+            if name != "source" and isinstance(value, int):
+                # Cumulative per gateway; frames can arrive out of order, so keep the largest.
+                counters[name] = max(value, counters.get(name, 0))
+
+    def gateway_total(self, counter: str) -> int:
+        """A gateway drop counter summed over every gateway that has sent frames."""
+        return sum(c.get(counter, 0) for c in self.gateway_counters.values())
+
     def apply(self, batch: RecordBatch, now: float) -> None:
         """Add one decoded record batch (raises ValueError if its columns are inconsistent)."""
         with self.lock:
+            self._note_emitter(batch.emitter)
             state = self.version(batch.model, batch.version)
             state.requests += batch.rows
             self.records += batch.rows

@@ -253,6 +253,16 @@ class MonitorCollector(Collector):
             "turnout_monitor_records", "Request records applied", value=state.records
         )
         yield CounterMetricFamily(
+            "turnout_gateway_records_dropped",
+            "Records the gateways dropped because their bounded queue was full",
+            value=state.gateway_total("records_dropped"),
+        )
+        yield CounterMetricFamily(
+            "turnout_gateway_frames_dropped",
+            "Record frames the gateways could not send (sidecar down, socket full)",
+            value=state.gateway_total("frames_dropped"),
+        )
+        yield CounterMetricFamily(
             "turnout_monitor_windows", "Tumbling windows closed", value=state.windows_closed
         )
 

@@ -152,3 +152,20 @@ def test_promtool_check_metrics_is_silent(state: MonitorState, tmp_path: Path) -
     )
     assert result.stdout == b"" and result.stderr == b"", (result.stdout + result.stderr).decode()
     assert result.returncode == 0
+
+
+def test_gateway_drop_counters_travel_in_frames_and_sum_over_gateways(
+    state: MonitorState,
+) -> None:
+    from monitor.records import decode_frame, encode_frame
+
+    registry = build_registry(state)
+    x = np.zeros((2, 1))
+    for source, dropped, frames in (("a:1", 5, 1), ("a:1", 3, 0), ("b:2", 7, 2)):
+        batch = record_batch("m", 1, {"x": x}, {"y": np.zeros(2, np.int64)})
+        batch.emitter = {"source": source, "records_dropped": dropped, "frames_dropped": frames}
+        # Through the wire format, as the gateway sends them; a late frame with a smaller
+        # cumulative count (a:1 -> 3) must not lower the total.
+        state.apply(decode_frame(encode_frame(batch)), now=1.0)
+    assert registry.get_sample_value("turnout_gateway_records_dropped_total") == 5 + 7
+    assert registry.get_sample_value("turnout_gateway_frames_dropped_total") == 1 + 2
