@@ -7,14 +7,11 @@ firing alert."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from conftest import GatewayThread, local_settings
-from test_monitor_prometheus import PROMETHEUS, WAIT_S, Webhook, _free_port, _query, _stop
+from monitor_harness import PROMETHEUS, WAIT_S, Webhook, query, run_prometheus, run_sidecar
 
 from gateway.demo import FEATURES, MODEL, build_demo_models, demo_rows
 
@@ -77,8 +74,7 @@ def models(state_dir: Path) -> Path:
 def sidecar(state_dir: Path, webhook: Webhook, models: Path) -> Iterator[tuple[str, Path]]:
     """A `turnout monitor` process with one PSI alert on features[0]; yields its metrics base
     URL and records socket."""
-    config = state_dir / "monitor.yaml"
-    config.write_text(
+    config = (
         "window_s: 1\n"
         "debounce_s: 300\n"
         "alerts:\n"
@@ -86,61 +82,16 @@ def sidecar(state_dir: Path, webhook: Webhook, models: Path) -> Iterator[tuple[s
         " for_s: 2}\n"
         f"webhooks: ['{webhook.url}']\n"
     )
-    socket_file = state_dir / "records.sock"
-    env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "monitor", "--listen", f"unix://{socket_file}",
-         "--metrics-port", "0", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert "ready" in line, line
-        url = re.search(r"(http://[\d.]+:\d+)/metrics", line)
-        assert url, line
-        yield url.group(1), socket_file
-    finally:
-        _stop(process)
-    assert process.returncode == 0
+    with run_sidecar(state_dir, config) as running:
+        yield running
 
 
 @pytest.fixture
 def prometheus(sidecar: tuple[str, Path], state_dir: Path) -> Iterator[str]:
-    """A Prometheus server scraping the sidecar every second; yields its base URL."""
     if not Path(PROMETHEUS).exists():
         pytest.skip("no prometheus binary (Debian package `prometheus`)")
-    target = urllib.parse.urlsplit(sidecar[0]).netloc
-    config = state_dir / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: turnout-monitor\n    static_configs: [{{targets: ['{target}']}}]\n"
-    )
-    port = _free_port()
-    log = open(state_dir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={state_dir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            assert process.poll() is None, (state_dir / "prometheus.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus not ready"
-            time.sleep(0.2)
+    with run_prometheus(sidecar[0], state_dir) as base:
         yield base
-    finally:
-        _stop(process)
-        log.close()
 
 
 @pytest.fixture
@@ -185,10 +136,10 @@ def test_demo_model_drift_reaches_prometheus_and_one_alert_is_sent(
         while psi is None or threshold is None:
             assert time.monotonic() < deadline, f"Prometheus never scraped: {psi=} {threshold=}"
             replay(1.0, 1.0)
-            psi, threshold = _query(prometheus, PSI), _query(prometheus, THRESHOLD)
+            psi, threshold = query(prometheus, PSI), query(prometheus, THRESHOLD)
         for _ in range(3):
             replay(1.0, 1.0)
-            psi, threshold = _query(prometheus, PSI), _query(prometheus, THRESHOLD)
+            psi, threshold = query(prometheus, PSI), query(prometheus, THRESHOLD)
             assert psi is not None and threshold is not None
             assert psi < threshold, f"the data drifted from itself: psi {psi} >= {threshold}"
         print(f"normal: psi {psi:.4g}, threshold {threshold:.4g}")
@@ -199,7 +150,7 @@ def test_demo_model_drift_reaches_prometheus_and_one_alert_is_sent(
         while True:
             assert time.monotonic() < deadline, f"no drift in Prometheus: {psi} vs {threshold}"
             replay(SCALE, 1.0)
-            psi, threshold = _query(prometheus, PSI), _query(prometheus, THRESHOLD)
+            psi, threshold = query(prometheus, PSI), query(prometheus, THRESHOLD)
             if psi is not None and threshold is not None and psi > threshold:
                 print(f"drifted: psi {psi:.4g}, threshold {threshold:.4g}")
                 break
@@ -211,7 +162,7 @@ def test_demo_model_drift_reaches_prometheus_and_one_alert_is_sent(
             f'turnout_alert_firing{{alert="psi",model="{MODEL}",version="{VERSION}",'
             f'feature="{FEATURE}"}}'
         )
-        while _query(prometheus, firing) != 1.0:
+        while query(prometheus, firing) != 1.0:
             assert time.monotonic() < deadline, f"not firing in Prometheus: {firing}"
             replay(SCALE, 1.0)
     finally:

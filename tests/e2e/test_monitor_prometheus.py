@@ -5,43 +5,27 @@ gauge, and the webhook must get exactly one firing alert."""
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from monitor_harness import PROMETHEUS, WAIT_S, Webhook, query, run_prometheus, run_sidecar
 
 from monitor.profiles import build_profile, features_of, save_profile
 from monitor.records import RecordBatch, encode_frame
 
 pytestmark = pytest.mark.slow
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-WAIT_S = 60.0
 MODEL = "iris"
 PSI = 'turnout_drift_psi{model="iris",version="1",feature="x[0]",window="last"}'
 THRESHOLD = 'turnout_drift_threshold{model="iris",version="1",feature="x[0]",statistic="psi"}'
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _batch(x: np.ndarray[Any, Any]) -> RecordBatch:
@@ -61,49 +45,6 @@ def _batch(x: np.ndarray[Any, Any]) -> RecordBatch:
         "request_id": [str(i) for i in range(n)],
     }
     return RecordBatch(MODEL, 1, columns, np.arange(n, dtype=np.int64), {"x": x}, {})
-
-
-class Webhook:
-    """A local HTTP receiver collecting the JSON documents POSTed to it."""
-
-    def __init__(self) -> None:
-        received: list[dict[str, Any]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.received = received
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-def _stop(process: subprocess.Popen[Any], signum: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        process.send_signal(signum)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 @pytest.fixture
@@ -128,80 +69,23 @@ def sidecar(state_dir: Path, webhook: Webhook) -> Iterator[tuple[str, Path]]:
     reference = np.column_stack([rng.normal(size=3000), rng.normal(5.0, 2.0, 3000)])
     save_profile(build_profile(MODEL, 1, features_of({"x": reference}, {})),
                  state_dir / "profiles")  # fmt: skip
-    config = state_dir / "monitor.yaml"
-    config.write_text(
+    config = (
         "window_s: 1\n"
         "debounce_s: 300\n"
         "alerts:\n"
         "  - {statistic: psi, model: iris, feature: 'x[0]', threshold: reference, for_s: 2}\n"
         f"webhooks: ['{webhook.url}']\n"
     )
-    socket_file = state_dir / "records.sock"
-    env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "monitor", "--listen", f"unix://{socket_file}",
-         "--metrics-port", "0", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert "ready" in line, line
-        url = re.search(r"(http://[\d.]+:\d+)/metrics", line)
-        assert url, line
-        yield url.group(1), socket_file
-    finally:
-        _stop(process)
-    assert process.returncode == 0
+    with run_sidecar(state_dir, config) as running:
+        yield running
 
 
 @pytest.fixture
 def prometheus(sidecar: tuple[str, Path], state_dir: Path) -> Iterator[str]:
-    """A Prometheus server scraping the sidecar every second; yields its base URL."""
     if not Path(PROMETHEUS).exists():
         pytest.skip("no prometheus binary (Debian package `prometheus`)")
-    target = urllib.parse.urlsplit(sidecar[0]).netloc
-    config = state_dir / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: turnout-monitor\n    static_configs: [{{targets: ['{target}']}}]\n"
-    )
-    port = _free_port()
-    log = open(state_dir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={state_dir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            assert process.poll() is None, (state_dir / "prometheus.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus not ready"
-            time.sleep(0.2)
+    with run_prometheus(sidecar[0], state_dir) as base:
         yield base
-    finally:
-        _stop(process)
-        log.close()
-
-
-def _query(base: str, query: str) -> float | None:
-    """The value of an instant query with one series, or None when there is none."""
-    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        document = json.loads(response.read())
-    assert document["status"] == "success", document
-    result = document["data"]["result"]
-    assert len(result) <= 1, result
-    return float(result[0]["value"][1]) if result else None
 
 
 def test_prometheus_sees_drift_cross_the_threshold_and_one_alert_is_sent(
@@ -225,9 +109,9 @@ def test_prometheus_sees_drift_cross_the_threshold_and_one_alert_is_sent(
     while psi is None or threshold is None:
         assert time.monotonic() < deadline, f"Prometheus never scraped: {psi=} {threshold=}"
         send(0.0, 1.0)
-        psi, threshold = _query(prometheus, PSI), _query(prometheus, THRESHOLD)
+        psi, threshold = query(prometheus, PSI), query(prometheus, THRESHOLD)
     send(0.0, 3.0)
-    psi, threshold = _query(prometheus, PSI), _query(prometheus, THRESHOLD)
+    psi, threshold = query(prometheus, PSI), query(prometheus, THRESHOLD)
     assert psi is not None and threshold is not None
     assert psi < threshold, f"normal traffic drifted: psi {psi} >= {threshold}"
     print(f"normal: psi {psi:.4g}, threshold {threshold:.4g}")
@@ -238,7 +122,7 @@ def test_prometheus_sees_drift_cross_the_threshold_and_one_alert_is_sent(
     while True:
         assert time.monotonic() < deadline, f"no drift in Prometheus: psi {psi} vs {threshold}"
         send(1.5, 1.0)
-        psi, threshold = _query(prometheus, PSI), _query(prometheus, THRESHOLD)
+        psi, threshold = query(prometheus, PSI), query(prometheus, THRESHOLD)
         if psi is not None and threshold is not None and psi > threshold:
             print(f"drifted: psi {psi:.4g}, threshold {threshold:.4g}")
             break
@@ -259,6 +143,6 @@ def test_prometheus_sees_drift_cross_the_threshold_and_one_alert_is_sent(
     firing = 'turnout_alert_firing{alert="psi",model="iris",version="1",feature="x[0]"}'
     sent = 'turnout_alert_notifications_total{outcome="sent"}'
     deadline = time.monotonic() + WAIT_S
-    while (_query(prometheus, firing), _query(prometheus, sent)) != (1.0, 1.0):
-        assert time.monotonic() < deadline, (_query(prometheus, firing), _query(prometheus, sent))
+    while (query(prometheus, firing), query(prometheus, sent)) != (1.0, 1.0):
+        assert time.monotonic() < deadline, (query(prometheus, firing), query(prometheus, sent))
         send(1.5, 1.0)

@@ -4,10 +4,8 @@ process, send it real frames over its socket, scrape it, ask its status, stop it
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from monitor_harness import run_sidecar
 
 from monitor.records import RecordBatch, encode_frame
 
@@ -78,25 +77,11 @@ def test_profile_serve_scrape_status(state_dir: Path) -> None:
     assert "2 numerical and 1 categorical" in built.stdout
     assert (state_dir / "profiles" / "iris" / "1" / "profile.json").exists()
 
-    config = state_dir / "monitor.yaml"
-    config.write_text(
+    config = (
         "window_s: 1\nslow_cadence_s: 1\n"
         "alerts:\n  - {statistic: psi, model: iris, feature: 'x*', for_s: 0}\n"
     )
-    socket_file = state_dir / "records.sock"
-    env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "monitor", "--listen", f"unix://{socket_file}",
-         "--metrics-port", "0", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert "ready" in line, line
-        url = re.search(r"(http://[\d.]+:\d+)/metrics", line)
-        assert url, line
-        base = url.group(1)
+    with run_sidecar(state_dir, config) as (base, socket_file):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             for _ in range(3):
                 x = np.column_stack([rng.normal(size=400) + 1.5, rng.normal(5.0, 2.0, 400)])
@@ -131,9 +116,6 @@ def test_profile_serve_scrape_status(state_dir: Path) -> None:
         version = json.loads(status.stdout)["models"]["iris"]["1"]
         assert set(version["features"]) == {"x[0]", "x[1]", "output:label"}
         assert version["latency"]["canary"]["requests"] == 1200
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
     assert not socket_file.exists()
 
 
