@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.backends.base import Placement
 from gateway.errors import (
     BackendError,
     DeadlineExceeded,
@@ -37,7 +39,9 @@ __all__ = ["BatchStats", "BatchTiming", "Batcher", "RunBatch", "Tensors"]
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray[Any, Any]]
-RunBatch = Callable[[Tensors], Awaitable[Tensors]]
+# A backend call answers with the outputs, or the outputs and where they were computed.
+RunBatch = Callable[[Tensors], Awaitable[Tensors | tuple[Tensors, Placement]]]
+_random_bits = random.getrandbits
 
 
 @dataclass(slots=True)
@@ -47,6 +51,9 @@ class BatchTiming:
     queue_s: float = 0.0  # from submit until its batch started
     batch_s: float = 0.0  # the backend call that carried it
     batch_size: int = 0  # rows in that call (0: it never reached one)
+    enqueued: float = 0.0  # perf_counter() when it was queued (0: never queued)
+    batch_id: int = 0  # the call's id, shared by every request it carried (trace links)
+    placement: Placement | None = None  # the replica that ran it, when the backend says
 
 
 @dataclass(slots=True)
@@ -70,6 +77,7 @@ class BatchStats:
     queue_ns: int = 0  # summed over requests
     compute_ns: int = 0  # summed over successful batches
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    failed_batches: int = 0  # backend calls that raised
 
 
 class Batcher:
@@ -151,14 +159,17 @@ class Batcher:
                 f"model '{self.name}' queue is full ({self._max_queue} requests waiting)"
             )
         loop = asyncio.get_running_loop()
+        enqueued = time.perf_counter()
         pending = _Pending(
             inputs=inputs,
             rows=rows,
             signature=tuple((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()),
             future=loop.create_future(),
-            enqueued=time.perf_counter(),
+            enqueued=enqueued,
             timing=timing,
         )
+        if timing is not None:
+            timing.enqueued = enqueued
         self._queue.append(pending)
         self._queued_rows += rows
         self._wakeup.set()
@@ -254,6 +265,7 @@ class Batcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         rows = sum(p.rows for p in batch)
+        placement: Placement | None = None
         try:
             if len(batch) == 1:
                 stacked = batch[0].inputs
@@ -262,11 +274,17 @@ class Batcher:
                     name: np.concatenate([p.inputs[name] for p in batch])
                     for name in batch[0].inputs
                 }
-            outputs = await self._run_batch(stacked)
+            answer = await self._run_batch(stacked)
+            if isinstance(answer, tuple):
+                outputs, placement = answer
+            else:
+                outputs = answer
             self._deliver(batch, rows, outputs)
         except TurnoutError as exc:
+            self.stats.failed_batches += 1
             self._fail(batch, exc)
         except Exception as exc:
+            self.stats.failed_batches += 1
             log.exception("batch of %d rows for %s failed", rows, self.name)
             self._fail(batch, BackendError(f"model '{self.name}' failed: {exc}"))
         else:
@@ -279,13 +297,18 @@ class Batcher:
         finally:
             finished = time.perf_counter()
             queue_ns = 0
+            batch_id = 0
             for p in batch:
                 queue_ns += int((started - p.enqueued) * 1e9)
                 timing = p.timing
                 if timing is not None:
+                    if not batch_id:
+                        batch_id = _random_bits(64) or 1
                     timing.queue_s = started - p.enqueued
                     timing.batch_s = finished - started
                     timing.batch_size = rows
+                    timing.batch_id = batch_id
+                    timing.placement = placement
             self.stats.queue_ns += queue_ns
             self._inflight -= 1
             assert self._slot_freed is not None

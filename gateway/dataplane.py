@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from gateway import __version__
-from gateway.backends.base import ReplicaBackend
+from gateway.backends.base import Placement, ReplicaBackend
 from gateway.batching import Batcher, BatchTiming, Tensors
 from gateway.errors import InvalidInput, ModelNotFound, ServerShuttingDown, TurnoutError
+from gateway.metrics import UNKNOWN_MODEL, RequestMetrics
 from gateway.repository import ModelSpec, Repository, TensorSpec, parse_version
 from gateway.routing.policy import Decision
+from gateway.tracing import TraceContext
 from gateway.types import InferOutput, InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -105,6 +107,7 @@ class DataPlane:
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
         self.shadow_stats: dict[tuple[str, int], ShadowStats] = {}
+        self.metrics = RequestMetrics()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -118,7 +121,7 @@ class DataPlane:
     async def load(self, spec: ModelSpec) -> LoadedModel:
         await self.backend.load(spec)
 
-        async def run_batch(inputs: Tensors) -> Tensors:
+        async def run_batch(inputs: Tensors) -> tuple[Tensors, Placement]:
             return await self.backend.infer(spec, inputs)
 
         batcher = Batcher(
@@ -170,6 +173,10 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
+    def versions_by_model(self) -> dict[str, list[int]]:
+        """Loaded version numbers of every served model, ascending."""
+        return {name: list(versions) for name, versions in list(self._models.items())}
+
     def loaded_models(self) -> list[LoadedModel]:
         return [m for versions in self._models.values() for m in versions.values()]
 
@@ -188,6 +195,10 @@ class DataPlane:
                 f"model '{name}' has no version {version} (loaded: "
                 f"{', '.join(str(v) for v in versions)})"
             ) from None
+
+    def model_label(self, name: str) -> str:
+        """``name`` if it is served, else one placeholder: metric labels stay bounded."""
+        return name if name in self._models else UNKNOWN_MODEL
 
     def _known(self) -> str:
         return ", ".join(sorted(self._models)) or "none"
@@ -251,10 +262,17 @@ class DataPlane:
     # -- inference -----------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        # With a monitor, one record per request goes to the emitter, failures included;
-        # kept inline (no wrapper coroutine, no per-request object beyond the timing).
+        # Metrics always; with a monitor, one record per request goes to the emitter,
+        # failures included. Kept inline (no wrapper coroutine, no per-request object beyond
+        # the timing) because this is the hot path.
         emitter = self.emitter
-        started = time.perf_counter()
+        metrics = self.metrics
+        entered = time.perf_counter()
+        received = request.received or entered
+        trace = request.trace
+        if trace is None:
+            trace = request.trace = TraceContext.start()
+        name = request.model_name
         version = -1  # -1: an unknown model name, not worth a record (or a key) of its own
         decision: Decision | None = None
         tensors: Tensors | None = None
@@ -262,46 +280,48 @@ class DataPlane:
         rows = 0
         timing = BatchTiming() if emitter is not None else None
         batchable = True
+        counted = False
+        versions: dict[int, LoadedModel] | None = None
         try:
             if self._stopping:
                 raise ServerShuttingDown("server is shutting down")
-            versions = self._models.get(request.model_name)
+            versions = self._models.get(name)
             if not versions:
-                raise ModelNotFound(
-                    f"model '{request.model_name}' is not served (known: {self._known()})"
-                )
+                raise ModelNotFound(f"model '{name}' is not served (known: {self._known()})")
+            metrics.in_flight[name] = metrics.in_flight.get(name, 0) + 1
+            counted = True
             ready = list(versions)
-            decision = self.selector.select(request.model_name, request, ready)
+            decision = self.selector.select(name, request, ready)
             model = versions.get(decision.version)
             if model is None:
                 version = 0  # not loaded: one key per model, whatever version was asked for
                 raise ModelNotFound(
-                    f"model '{request.model_name}' has no version {decision.version} (loaded: "
+                    f"model '{name}' has no version {decision.version} (loaded: "
                     f"{', '.join(str(v) for v in versions)})"
                 )
             version = decision.version
             batchable = model.spec.batchable
             tensors, rows = self._validate_inputs(model, request)
             wanted = self._requested_outputs(model, request)
-            shadow_version = self.selector.shadow_draw(request.model_name, ready)
+            shadow_version = self.selector.shadow_draw(name, ready)
             primary = model.batcher.submit(tensors, rows, request.timeout_s, timing)
             if shadow_version is not None and shadow_version != decision.version:
                 primary_task = asyncio.ensure_future(primary)
-                self._mirror(request.model_name, shadow_version, tensors, rows, primary_task)
+                self._mirror(name, shadow_version, tensors, rows, primary_task, trace)
                 results = await primary_task
             else:
                 results = await primary
             outputs = [
                 InferOutput(
-                    name=name,
-                    datatype=model.outputs[name].datatype,
-                    shape=results[name].shape,
-                    data=results[name],
+                    name=output,
+                    datatype=model.outputs[output].datatype,
+                    shape=results[output].shape,
+                    data=results[output],
                 )
-                for name in wanted
+                for output in wanted
             ]
             response = InferResponse(
-                model_name=request.model_name,
+                model_name=name,
                 model_version=str(model.spec.version),
                 id=request.id,
                 outputs=outputs,
@@ -309,44 +329,60 @@ class DataPlane:
                 arm=decision.arm,
             )
         except Exception as exc:
+            total_s = time.perf_counter() - received
+            status = exc.http_status if isinstance(exc, TurnoutError) else 500
+            if counted:
+                metrics.in_flight[name] -= 1
+            metrics.observe(
+                name if name in self._models else UNKNOWN_MODEL,
+                str(version) if version > 0 else "",
+                decision.arm if decision is not None and version > 0 else "",
+                request.protocol,
+                status,
+                total_s,
+            )
             if emitter is not None and version >= 0 and decision is not None:
-                assert timing is not None
-                status = exc.http_status if isinstance(exc, TurnoutError) else 500
-                total_s = time.perf_counter() - started
                 emitter.record(
-                    request.model_name,
+                    name,
                     version,
                     decision.revision,
                     decision.arm,
                     status,
                     time.time_ns() - int(total_s * 1e9),
-                    timing.queue_s,
-                    timing.batch_s,
+                    received,
+                    entered,
                     total_s,
-                    timing.batch_size,
-                    request.traceparent,
+                    timing,
+                    trace,
+                    request.protocol,
+                    request.path,
+                    exc.message if isinstance(exc, TurnoutError) else str(exc),
                     request.id,
                 )
             raise
+        total_s = time.perf_counter() - received
+        metrics.in_flight[name] -= 1
+        metrics.observe(name, response.model_version, decision.arm, request.protocol, 200, total_s)
         if emitter is not None:
-            assert timing is not None
             if not batchable:
                 # A model without a batch axis: the whole tensor is the request's one row.
                 tensors = {k: v[None] for k, v in tensors.items()}
                 results = {k: v[None] for k, v in results.items()}
-            total_s = time.perf_counter() - started
             emitter.record(
-                request.model_name,
+                name,
                 version,
                 decision.revision,
                 decision.arm,
                 200,
                 time.time_ns() - int(total_s * 1e9),
-                timing.queue_s,
-                timing.batch_s,
+                received,
+                entered,
                 total_s,
-                timing.batch_size,
-                request.traceparent,
+                timing,
+                trace,
+                request.protocol,
+                request.path,
+                "",
                 request.id,
                 rows,
                 tensors,
@@ -361,6 +397,7 @@ class DataPlane:
         tensors: Tensors,
         rows: int,
         primary: asyncio.Future[Tensors],
+        trace: TraceContext,
     ) -> None:
         """Send a copy to the shadow version; compare when both answered; never wait on it."""
         shadow = self._models.get(name, {}).get(version)
@@ -369,10 +406,31 @@ class DataPlane:
         if shadow is None:
             stats.errors += 1
             return
+        emitter = self.emitter
 
         async def compare() -> None:
+            started = time.perf_counter()
+            timing = BatchTiming() if emitter is not None else None
             try:
-                mirrored = await shadow.batcher.submit(tensors, rows)
+                mirrored = await shadow.batcher.submit(tensors, rows, None, timing)
+            except Exception as exc:
+                stats.errors += 1
+                if emitter is not None:
+                    took = time.perf_counter() - started
+                    status = exc.http_status if isinstance(exc, TurnoutError) else 500
+                    error = exc.message if isinstance(exc, TurnoutError) else str(exc)
+                    emitter.record_shadow(
+                        name, version, status, started, time.time_ns() - int(took * 1e9),
+                        took, timing, trace.child(), error,
+                    )  # fmt: skip
+                return
+            if emitter is not None:
+                took = time.perf_counter() - started
+                emitter.record_shadow(
+                    name, version, 200, started, time.time_ns() - int(took * 1e9),
+                    took, timing, trace.child(), "",
+                )  # fmt: skip
+            try:
                 answered = await primary
             except Exception:
                 stats.errors += 1

@@ -17,9 +17,11 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import uvicorn
+from prometheus_client import start_http_server
 
 from gateway.admin.auth import Token, TokenAuth, load_or_create_tokens
 from gateway.admin.grpc import TrafficServicer
@@ -31,6 +33,7 @@ from gateway.errors import TurnoutError
 from gateway.feedback import FeedbackForwarder, FeedbackServicer
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
+from gateway.metrics import GatewayCollector, gateway_registry
 from gateway.repository import Repository
 from gateway.routing.router import PolicyRouter
 from gateway.routing.store import BasePolicyStore, PolicyStore
@@ -123,6 +126,11 @@ class Gateway:
             env = {"TURNOUT_MONITOR_STATE_DIR": str(settings.state_dir), **os.environ}
             self.monitor = Supervisor(monitor_command(monitor_address(settings)), env=env)
         self.feedback = FeedbackForwarder(self.dataplane, settings.monitor_http)
+        self.metrics = gateway_registry(
+            GatewayCollector(self.dataplane, self.emitter, self._policy_revisions)
+        )
+        self.metrics_port: int | None = None
+        self._metrics_server: WSGIServer | None = None
         self.admin = TrafficAdmin(self.dataplane, self.store, self.router)
         tokens = load_or_create_tokens(
             settings.state_dir,
@@ -169,7 +177,13 @@ class Gateway:
             admin=AdminHttp(self.admin, self.auth),
             infer_auth=infer_auth,
             feedback=self.feedback,
+            metrics=self.metrics,
         )
+        if s.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(
+                s.metrics_port, addr=s.host, registry=self.metrics
+            )
+            self.metrics_port = self._metrics_server.server_port
         config = uvicorn.Config(
             app,
             loop="none",
@@ -209,6 +223,9 @@ class Gateway:
         if self._watch_task is not None:
             self._watch_task.cancel()
         await self.dataplane.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self.emitter is not None:
             self.emitter.close()  # after the drain: the last requests' records go out too
         if self.monitor is not None:
@@ -216,6 +233,13 @@ class Gateway:
         with contextlib.suppress(FileNotFoundError):
             if json.loads(self._address_file.read_text()).get("pid") == os.getpid():
                 self._address_file.unlink()
+
+    def _policy_revisions(self) -> dict[str, int]:
+        return {
+            name: self.router.policy_for(name, versions).revision
+            for name, versions in self.dataplane.versions_by_model().items()
+            if versions
+        }
 
     @property
     def _address_file(self) -> Path:

@@ -147,6 +147,10 @@ class ServerSettings(BaseSettings):
     require_infer_token: bool = False
     """Inference also needs a bearer token (role ``infer`` or ``admin``)."""
 
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Also serve ``/metrics`` on this port (its own thread), for scrapers kept off the
+    serving port; ``/metrics`` on the HTTP port stays. 0 picks a free port."""
+
     policy_poll_interval_s: float = Field(default=0.2, gt=0, le=1.0)
     """How often a gateway looks for policy changes made by other gateways."""
 

@@ -13,10 +13,11 @@ the token bucket of ``sample_rows_per_s`` rows allows it. A sampled request with
 adds ``r`` entries to the frame's ``sampled`` indices (each naming the request's record)
 and ``r`` rows to every tensor, so features stay aligned with their request's columns.
 
-Ids: ``trace_id`` is the caller's W3C ``traceparent`` trace id, else a new random one;
-``span_id`` is always a new id for the gateway's own span of the request (the caller's span
-is its parent; the frame format has no column for it). Timings are the data plane's:
-``total_s`` runs from its entry (the request decoded) to its answer (before encoding).
+Ids and timings come from the request's :class:`gateway.tracing.TraceContext` and the
+batcher's :class:`gateway.batching.BatchTiming`; both objects ride in the queued record and
+are read into columns by the flush thread, so the hot path formats nothing. Offsets
+(``decode_s``, ``enqueue_s``) and ``total_s`` count from the transport taking the request
+up; ``start_ns`` is that moment on the wall clock. The sidecar turns them into spans.
 """
 
 from __future__ import annotations
@@ -26,23 +27,23 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import socket
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
+from gateway.batching import BatchTiming
+from gateway.tracing import TraceContext
 from monitor.records import RecordBatch, encode_frame
 
 __all__ = [
     "DEFAULT_SOCKET_NAME",
     "RecordEmitter",
     "TokenBucket",
-    "parse_traceparent",
     "socket_path",
 ]
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET_NAME = "monitor.sock"
 MAX_FRAME_BYTES = 192 * 1024  # the default Unix datagram limit is ~208 KiB (wmem_default)
 _SEND_BUFFER_BYTES = 4 * 1024 * 1024  # the kernel caps it at net.core.wmem_max
-_ROW_OVERHEAD_BYTES = 128  # numeric columns + ids + msgpack framing, per record
+_ROW_OVERHEAD_BYTES = 256  # numeric columns + ids + msgpack framing, per record
 _DROPPED_SEND_ERRNOS = {
     errno.ENOENT,
     errno.ECONNREFUSED,
@@ -61,11 +62,12 @@ _DROPPED_SEND_ERRNOS = {
     errno.EMSGSIZE,
     errno.ENOTCONN,
 }
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 Tensors = dict[str, np.ndarray[Any, Any]]
-# One queued record: model, version, revision, arm, status, start_ns, queue_s, batch_s,
-# total_s, batch_size, traceparent, request_id, inputs, outputs, rows.
+SERVER, SHADOW = "server", "shadow"
+# One queued record: model, version, revision, arm, status, start_ns, received, entered,
+# total_s, timing, trace, kind, protocol, path, error, request_id, inputs, outputs, rows.
+# ``received``/``entered``: perf_counter() when the transport / the data plane took it up.
 _Record = tuple[
     str,
     int,
@@ -76,13 +78,21 @@ _Record = tuple[
     float,
     float,
     float,
-    int,
-    str | None,
+    BatchTiming | None,
+    TraceContext,
+    str,
+    str,
+    str,
+    str,
     str,
     Tensors | None,
     Tensors | None,
     int,
 ]
+_INPUTS: Final = 16
+_OUTPUTS: Final = 17
+_ROWS: Final = 18
+_NO_TIMING = BatchTiming()
 
 
 def socket_path(address: str) -> Path:
@@ -90,19 +100,6 @@ def socket_path(address: str) -> Path:
     if not address.startswith("unix://") or len(address) == len("unix://"):
         raise ValueError(f"{address!r} is not a unix:///path address")
     return Path(address[len("unix://") :])
-
-
-def parse_traceparent(header: str | None) -> tuple[str, str] | None:
-    """(trace id, parent span id) of a W3C ``traceparent`` header; None when absent or invalid."""
-    if not header:
-        return None
-    match = _TRACEPARENT.fullmatch(header.strip().lower()[:55])
-    if match is None:
-        return None
-    version, trace_id, span_id, _ = match.groups()
-    if version == "ff" or trace_id == "0" * 32 or span_id == "0" * 16:
-        return None
-    return trace_id, span_id
 
 
 class TokenBucket:
@@ -136,7 +133,7 @@ class RecordEmitter:
     (queue full), ``rows_sampled``, ``samples_skipped`` (sampling budget spent),
     ``samples_oversize`` (one request's tensors exceed a datagram; its record goes without),
     ``frames_sent``, ``frames_dropped`` (sidecar absent, refusing or full; frame too big),
-    ``records_sent``.
+    ``records_sent``, ``records_unsent`` (in frames that were dropped).
     """
 
     def __init__(
@@ -168,6 +165,7 @@ class RecordEmitter:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.records_sent = 0
+        self.records_unsent = 0
         self._last_send_error: int | None = -1  # log each new kind of failure once
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -203,11 +201,14 @@ class RecordEmitter:
         arm: str,
         status: int,
         start_ns: int,
-        queue_s: float,
-        batch_s: float,
+        received: float,
+        entered: float,
         total_s: float,
-        batch_size: int,
-        traceparent: str | None,
+        timing: BatchTiming | None,
+        trace: TraceContext,
+        protocol: str,
+        path: str,
+        error: str,
         request_id: str,
         rows: int = 0,
         inputs: Tensors | None = None,
@@ -216,7 +217,8 @@ class RecordEmitter:
         """Queue one request's record; O(1), never blocks, never raises.
 
         ``inputs``/``outputs`` (first axis: the request's ``rows``) are kept only when the
-        sampling budget allows; the caller passes them for successful requests.
+        sampling budget allows; the caller passes them for successful requests. ``timing``
+        and ``trace`` are read at flush time: the caller must not change them afterwards.
         """
         if len(self._queue) >= self.queue_size:
             self.records_dropped += 1
@@ -237,15 +239,60 @@ class RecordEmitter:
                 arm,
                 status,
                 start_ns,
-                queue_s,
-                batch_s,
+                received,
+                entered,
                 total_s,
-                batch_size,
-                traceparent,
+                timing,
+                trace,
+                SERVER,
+                protocol,
+                path,
+                error,
                 request_id,
                 inputs,
                 outputs,
                 rows,
+            )
+        )
+        self.records_queued += 1
+
+    def record_shadow(
+        self,
+        model: str,
+        version: int,
+        status: int,
+        received: float,
+        start_ns: int,
+        total_s: float,
+        timing: BatchTiming | None,
+        trace: TraceContext,
+        error: str,
+    ) -> None:
+        """Queue the record of a mirrored call; ``trace`` is a child of the primary's span."""
+        if len(self._queue) >= self.queue_size:
+            self.records_dropped += 1
+            return
+        self._queue.append(
+            (
+                model,
+                version,
+                0,
+                SHADOW,
+                status,
+                start_ns,
+                received,
+                received,
+                total_s,
+                timing,
+                trace,
+                SHADOW,
+                "",
+                "",
+                error,
+                "",
+                None,
+                None,
+                0,
             )
         )
         self.records_queued += 1
@@ -286,16 +333,17 @@ class RecordEmitter:
         budget = self.max_frame_bytes - 4096  # room for the frame's own keys
         row_bytes = 0
         for record in records:
-            if record[12] is not None and record[13] is not None:
-                tensor_bytes = _tensor_bytes(record[12]) + _tensor_bytes(record[13])
-                row_bytes = tensor_bytes // max(record[14], 1)
+            inputs, outputs = record[_INPUTS], record[_OUTPUTS]
+            if inputs is not None and outputs is not None:
+                tensor_bytes = _tensor_bytes(inputs) + _tensor_bytes(outputs)
+                row_bytes = tensor_bytes // max(record[_ROWS], 1)
                 break
         chunk: list[_Record] = []
         size = 0
         for record in records:
-            cost = _ROW_OVERHEAD_BYTES + len(record[3]) + len(record[11])
-            if record[12] is not None:
-                cost += row_bytes * record[14]
+            cost = _ROW_OVERHEAD_BYTES + len(record[13]) + len(record[14]) + len(record[15])
+            if record[_INPUTS] is not None:
+                cost += row_bytes * record[_ROWS]
             if chunk and size + cost > budget:
                 yield chunk
                 chunk, size = [], 0
@@ -328,31 +376,36 @@ class RecordEmitter:
                 return
             log.exception("encoding %d records of %s:%d failed", len(records), model, version)
             self.frames_dropped += 1
+            self.records_unsent += len(records)
             return
         except Exception:
             log.exception("encoding %d records of %s:%d failed", len(records), model, version)
             self.frames_dropped += 1
+            self.records_unsent += len(records)
             return
         if len(frame) > self.max_frame_bytes:
             if len(records) > 1:
                 half = len(records) // 2
                 self._send(model, version, records[:half])
                 self._send(model, version, records[half:])
-            elif records[0][12] is not None:
+            elif records[0][_INPUTS] is not None:
                 # One request's tensors alone exceed a datagram: send its record without.
                 self.samples_oversize += 1
-                self._send(model, version, [(*records[0][:12], None, None, records[0][14])])
+                self._send(model, version, [(*records[0][:_INPUTS], None, None, records[0][_ROWS])])
             else:
                 self.frames_dropped += 1
+                self.records_unsent += 1
             return
         sock = self._socket
         if sock is None:
             self.frames_dropped += 1
+            self.records_unsent += len(records)
             return
         try:
             sock.sendto(frame, self.path)
         except OSError as exc:
             self.frames_dropped += 1
+            self.records_unsent += len(records)
             if exc.errno not in _DROPPED_SEND_ERRNOS and exc.errno != self._last_send_error:
                 log.warning("sending records to %s failed: %s", self.address, exc)
             self._last_send_error = exc.errno
@@ -365,7 +418,7 @@ def _runs_of_alike_shapes(records: list[_Record]) -> list[list[_Record]]:
     runs: list[list[_Record]] = [[]]
     signature: tuple[Any, ...] | None = None
     for record in records:
-        inputs, outputs = record[12], record[13]
+        inputs, outputs = record[_INPUTS], record[_OUTPUTS]
         if inputs is not None and outputs is not None:
             record_signature = _signature(inputs, outputs)
             if signature is not None and record_signature != signature and runs[-1]:
@@ -396,7 +449,6 @@ def _signature(inputs: Tensors, outputs: Tensors) -> tuple[Any, ...]:
 def _batch(model: str, version: int, records: list[_Record]) -> RecordBatch:
     # Column-wise, with as few container objects per record as possible: every one the
     # flush allocates is work for the garbage collector of a process with a large heap.
-    n = len(records)
     (
         _,
         _,
@@ -404,26 +456,59 @@ def _batch(model: str, version: int, records: list[_Record]) -> RecordBatch:
         arm,
         status,
         start_ns,
-        queue_s,
-        batch_s,
+        received,
+        entered,
         total_s,
-        batch_size,
-        traceparents,
+        timings,
+        traces,
+        kind,
+        protocol,
+        path,
+        error,
         request_ids,
         inputs_column,
         outputs_column,
         rows_column,
     ) = zip(*records, strict=True)
-    # The trace id is the caller's (traceparent) or a new one; the span id is always this
-    # gateway's own. Drawn for the whole frame at once: one urandom call, not 2n.
-    ids = os.urandom(24 * n).hex()
-    trace_ids = [ids[i : i + 32] for i in range(0, 48 * n, 48)]
-    span_ids = [ids[i + 32 : i + 48] for i in range(0, 48 * n, 48)]
-    if traceparents.count(None) != n:
-        for index, header in enumerate(traceparents):
-            parsed = parse_traceparent(header)
-            if parsed is not None:
-                trace_ids[index] = parsed[0]
+    n = len(records)
+    enqueue_s = [0.0] * n
+    batch = [_NO_TIMING] * n
+    replica = [""] * n
+    device = [""] * n
+    for index, timing in enumerate(timings):
+        if timing is not None:
+            batch[index] = timing
+            if timing.enqueued:
+                enqueue_s[index] = timing.enqueued - received[index]
+            placement = timing.placement
+            if placement is not None:
+                replica[index] = placement.replica
+                device[index] = placement.device
+    columns: dict[str, Any] = {
+        "revision": np.array(revision, np.int64),
+        "arm": arm,
+        "status": np.array(status, np.int16),
+        "start_ns": np.array(start_ns, np.int64),
+        "decode_s": np.subtract(entered, received, dtype=np.float64),
+        "enqueue_s": np.array(enqueue_s, np.float64),
+        "queue_s": np.array([t.queue_s for t in batch], np.float64),
+        "batch_s": np.array([t.batch_s for t in batch], np.float64),
+        "total_s": np.array(total_s, np.float64),
+        "batch_size": np.array([t.batch_size for t in batch], np.int32),
+        "batch_id": np.array([t.batch_id for t in batch], np.uint64),
+        "trace_flags": np.array([t.flags for t in traces], np.uint8),
+        "trace_id": [f"{t.trace_id:032x}" for t in traces],
+        "span_id": [f"{t.span_id:016x}" for t in traces],
+        "parent_id": [f"{t.parent_span_id:016x}" if t.parent_span_id else "" for t in traces],
+        "tracestate": [t.state for t in traces],
+        "kind": kind,
+        "protocol": protocol,
+        "path": path,
+        "error": error,
+        "replica": replica,
+        "device": device,
+        "request_id": request_ids,
+    }
     sampled = [i for i in range(n) if inputs_column[i] is not None]
     if sampled:
         first_inputs, first_outputs = inputs_column[sampled[0]], outputs_column[sampled[0]]
@@ -435,19 +520,6 @@ def _batch(model: str, version: int, records: list[_Record]) -> RecordBatch:
         indices = np.repeat(np.asarray(sampled, np.int64), [rows_column[i] for i in sampled])
     else:
         inputs, outputs, indices = {}, {}, np.zeros(0, np.int64)
-    columns: dict[str, Any] = {
-        "revision": np.array(revision, np.int64),
-        "arm": arm,
-        "status": np.array(status, np.int16),
-        "start_ns": np.array(start_ns, np.int64),
-        "queue_s": np.array(queue_s, np.float64),
-        "batch_s": np.array(batch_s, np.float64),
-        "total_s": np.array(total_s, np.float64),
-        "batch_size": np.array(batch_size, np.int32),
-        "trace_id": trace_ids,
-        "span_id": span_ids,
-        "request_id": request_ids,
-    }
     return RecordBatch(
         model=model,
         version=version,

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.tracing import TraceContext
+
 __all__ = [
     "InferInput",
     "InferOutput",
@@ -46,9 +48,14 @@ class InferRequest:
     """From the gRPC deadline or the HTTP ``timeout`` parameter; None: the model's default."""
     routing_key: str | None = None
     """Sticky assignment key (header/metadata ``x-turnout-routing-key`` or ``routing_key``)."""
-    traceparent: str | None = None
-    """The W3C ``traceparent`` header/metadata, as received; the monitor's records carry its
-    trace id."""
+    trace: TraceContext | None = None
+    """W3C trace context (``traceparent``/``tracestate``); None: the data plane starts one."""
+    protocol: str = ""
+    """The transport it came in on: ``http`` or ``grpc`` (labels metrics and spans)."""
+    path: str = ""
+    """The HTTP path it was posted to ("" for gRPC)."""
+    received: float = 0.0
+    """``time.perf_counter()`` when the transport took it up; 0: when the data plane did."""
 
 
 @dataclass(slots=True)

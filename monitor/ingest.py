@@ -21,9 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monitor.records import decode_frame
 from monitor.state import MonitorState
+
+if TYPE_CHECKING:
+    from monitor.tracing import Tracer
 
 __all__ = ["Ingest"]
 
@@ -46,8 +50,10 @@ class Ingest:
         tick_s: float = 0.2,
         on_tick: Callable[[float], object] | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer | None = None,
     ) -> None:
         self.state = state
+        self.tracer = tracer
         self.path = path
         self.tick_s = tick_s
         self.on_tick = on_tick
@@ -121,6 +127,8 @@ class Ingest:
                     self.state.tick(now)
                     if self.on_tick is not None:
                         self.on_tick(now)
+                    if self.tracer is not None:
+                        self.tracer.tick(now)
                 except Exception:  # a bug in statistics or alerting must not stop ingestion
                     log.exception("monitor tick failed")
 
@@ -132,6 +140,14 @@ class Ingest:
         except (ValueError, IndexError, KeyError, TypeError) as exc:
             self.state.frames_invalid += 1
             log.debug("invalid record frame: %s", exc)
+            return
         except Exception:  # never let one frame stop the worker
             self.state.frames_invalid += 1
             log.exception("record frame could not be applied")
+            return
+        if self.tracer is not None:
+            try:
+                self.tracer.add(batch, now)
+            except Exception:  # tracing must never cost the statistics
+                self.state.frames_untraced += 1
+                log.exception("spans of a record frame could not be built")

@@ -5,21 +5,32 @@ last flush, column by column, so the sidecar can feed numpy arrays straight into
 kernels. Frames are msgpack maps; arrays travel as raw little-endian bytes with their dtype
 and shape. A frame fits one Unix datagram (the gateway splits larger batches).
 
-Frame layout (``FORMAT_VERSION`` 1)::
+Frame layout (``FORMAT_VERSION`` 2)::
 
-    {"v": 1, "model": str, "version": int,
+    {"v": 2, "model": str, "version": int,
      "n": rows,
      "columns": {               # one entry per request, all of length n
         "revision": int64, "arm": [str], "status": int16 (HTTP-style code),
-        "start_ns": int64 (wall clock), "queue_s": float64, "batch_s": float64,
-        "total_s": float64, "batch_size": int32,
-        "trace_id": [str hex32], "span_id": [str hex16], "request_id": [str]},
+        "start_ns": int64 (wall clock when the transport took the request up),
+        "decode_s": float64 (offset: the data plane took it up),
+        "enqueue_s": float64 (offset: queued for its batch; 0: never queued),
+        "queue_s": float64, "batch_s": float64 (durations), "total_s": float64,
+        "batch_size": int32 (rows in its backend call; 0: none),
+        "batch_id": uint64 (the backend call, shared by the requests it carried; 0: none),
+        "trace_flags": uint8, "trace_id": [str hex32], "span_id": [str hex16],
+        "parent_id": [str hex16 or ""], "tracestate": [str],
+        "kind": ["server" | "shadow"], "protocol": ["http" | "grpc" | ""],
+        "path": [str], "error": [str], "replica": [str], "device": [str],
+        "request_id": [str]},
      "sampled": int64 row indices whose tensors are included (subset of 0..n-1),
      "inputs":  {name: array [len(sampled), ...]},     # features of sampled rows
      "outputs": {name: array [len(sampled), ...]},
      "emitter": {"source": str, counter: int, ...}}   # optional: the gateway's cumulative
                                                       # drop counters, which the sidecar
                                                       # exports (frames it never got included)
+
+A ``shadow`` record is the mirrored call to a shadow version: its span's parent is the
+primary request's server span, and its arm is ``shadow``.
 """
 
 from __future__ import annotations
@@ -32,17 +43,34 @@ import numpy as np
 
 __all__ = ["FORMAT_VERSION", "RecordBatch", "decode_frame", "encode_frame"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NUMERIC_COLUMNS = {
     "revision": np.int64,
     "status": np.int16,
     "start_ns": np.int64,
+    "decode_s": np.float64,
+    "enqueue_s": np.float64,
     "queue_s": np.float64,
     "batch_s": np.float64,
     "total_s": np.float64,
     "batch_size": np.int32,
+    "batch_id": np.uint64,
+    "trace_flags": np.uint8,
 }
-TEXT_COLUMNS = ("arm", "trace_id", "span_id", "request_id")
+TEXT_COLUMNS = (
+    "arm",
+    "trace_id",
+    "span_id",
+    "parent_id",
+    "tracestate",
+    "kind",
+    "protocol",
+    "path",
+    "error",
+    "replica",
+    "device",
+    "request_id",
+)
 
 
 @dataclass(slots=True)
@@ -84,11 +112,15 @@ def _unpack_array(packed: dict[str, Any]) -> np.ndarray[Any, Any]:
 
 
 def encode_frame(batch: RecordBatch) -> bytes:
+    """One frame; columns the batch lacks go as zeros and empty strings."""
     columns: dict[str, Any] = {}
+    rows = batch.rows
+    given = batch.columns
     for name, dtype in NUMERIC_COLUMNS.items():
-        columns[name] = _pack_array(np.asarray(batch.columns[name], dtype=dtype))
+        value = given[name] if name in given else np.zeros(rows, dtype)
+        columns[name] = _pack_array(np.asarray(value, dtype=dtype))
     for name in TEXT_COLUMNS:
-        columns[name] = [str(v) for v in batch.columns[name]]
+        columns[name] = [str(v) for v in given[name]] if name in given else [""] * rows
     frame = {
         "v": FORMAT_VERSION,
         "model": batch.model,

@@ -31,6 +31,7 @@ from monitor.exporters.prometheus import build_registry
 from monitor.ingest import Ingest
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
+from monitor.tracing import build_tracer
 
 __all__ = ["MonitorServer", "run_monitor"]
 
@@ -46,13 +47,15 @@ class MonitorServer:
         self.settings = settings
         self.state = MonitorState(settings)
         self.alerts = AlertManager(settings, self.state)
-        self.registry: CollectorRegistry = build_registry(self.state, self.alerts)
+        self.tracer = build_tracer(settings, self.state)
+        self.registry: CollectorRegistry = build_registry(self.state, self.alerts, self.tracer)
         self.ingest = Ingest(
             self.state,
             settings.socket_file(),
             queue_size=settings.queue_size,
             tick_s=tick_s,
             on_tick=self.alerts.evaluate,
+            tracer=self.tracer,
         )
         self._http: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -98,6 +101,8 @@ class MonitorServer:
             self._http_thread.join(5)
         self.ingest.stop()
         self.alerts.stop()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # exports what is queued
 
 
 def _handler(server: MonitorServer) -> type[BaseHTTPRequestHandler]:

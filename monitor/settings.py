@@ -158,6 +158,32 @@ class MonitorSettings(BaseSettings):
     queue_size: int = Field(default=4096, ge=1)
     """Frames waiting to be applied; beyond it frames are dropped and counted."""
 
+    traces: Literal["auto", "otlp", "none"] = "auto"
+    """Export spans of the gateway's requests with OTLP: ``otlp``, ``none``, or ``auto`` (when
+    an endpoint is configured: ``trace_endpoint`` or ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``)."""
+
+    trace_endpoint: str | None = None
+    """OTLP endpoint; default from ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, else the exporter's own (localhost:4317 / :4318). For
+    http/protobuf a base URL gets ``/v1/traces`` appended."""
+
+    trace_protocol: Literal["grpc", "http/protobuf"] | None = None
+    """Default from ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``,
+    else ``http/protobuf``."""
+
+    trace_sample_ratio: float = Field(default=0.01, ge=0, le=1)
+    """Share of the traces kept that no other rule keeps (decided by trace id)."""
+
+    trace_slow_ms: float = Field(default=500.0, ge=0)
+    """Requests at least this slow are always kept."""
+
+    trace_keep_above_p99: bool = True
+    """Also keep every request slower than its version and arm's current p99."""
+
+    trace_keep_sampled_parents: bool = True
+    """Keep requests whose caller's ``traceparent`` has the sampled flag, so traces sampled
+    upstream are complete."""
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, listen: str) -> str:

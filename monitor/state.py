@@ -214,6 +214,7 @@ class MonitorState:
         self.frames_received = 0
         self.frames_dropped = 0
         self.frames_invalid = 0
+        self.frames_untraced = 0  # applied, but building their spans failed
         # Latest cumulative counters per sending gateway ("host:pid"), from frame headers.
         self.gateway_counters: dict[str, dict[str, int]] = {}
         self.records = 0

@@ -15,7 +15,7 @@ from gateway.backends._onnx import OnnxSession
 
 __all__ = ["OnnxReplica", "ReplicaReply"]
 
-ReplicaReply = tuple[dict[str, np.ndarray[Any, Any]], str]
+ReplicaReply = tuple[dict[str, np.ndarray[Any, Any]], str, str]
 
 
 class OnnxReplica:
@@ -34,11 +34,11 @@ class OnnxReplica:
         )
         context = ray.get_runtime_context()
         # Returned with every batch so the gateway can tell which replica and node served it.
-        self.identity = f"{context.get_node_id()[:12]}/{os.getpid()}/{self.session.device}"
+        self.identity = f"{context.get_node_id()[:12]}/{os.getpid()}"
 
     async def __call__(self, inputs: dict[str, np.ndarray[Any, Any]]) -> ReplicaReply:
         outputs = await asyncio.to_thread(self.session.run, inputs)
-        return outputs, self.identity
+        return outputs, self.identity, self.session.device
 
     def check_health(self) -> None:
         """Serve's periodic health check: a live session is all a replica needs."""

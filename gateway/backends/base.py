@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gateway.repository import ModelSpec
 
-__all__ = ["ReplicaBackend"]
+__all__ = ["Placement", "ReplicaBackend"]
 
 Tensors = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a batch ran: the replica (``node/pid`` on Ray, ``local/N`` in process) and device."""
+
+    replica: str
+    device: str
 
 
 class ReplicaBackend(ABC):
@@ -31,8 +40,8 @@ class ReplicaBackend(ABC):
         """Release the replicas of ``spec`` (callers drain its batcher first)."""
 
     @abstractmethod
-    async def infer(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
-        """Run one batch and return every output of the model."""
+    async def infer(self, spec: ModelSpec, inputs: Tensors) -> tuple[Tensors, Placement]:
+        """Run one batch; every output of the model and the replica that computed them."""
 
     @abstractmethod
     def describe(self, spec: ModelSpec) -> dict[str, str]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.backends._onnx import OnnxSession
-from gateway.backends.base import ReplicaBackend, Tensors
+from gateway.backends.base import Placement, ReplicaBackend, Tensors
 from gateway.errors import BackendError, ModelNotReady
 from gateway.repository import ModelSpec
 
@@ -22,9 +22,10 @@ __all__ = ["LocalBackend"]
 class _Replicas:
     def __init__(self, sessions: list[OnnxSession]) -> None:
         self.sessions = sessions
-        self._next: Iterator[OnnxSession] = itertools.cycle(sessions)
+        placed = [(s, Placement(f"local/{i}", s.device)) for i, s in enumerate(sessions)]
+        self._next: Iterator[tuple[OnnxSession, Placement]] = itertools.cycle(placed)
 
-    def pick(self) -> OnnxSession:
+    def pick(self) -> tuple[OnnxSession, Placement]:
         return next(self._next)
 
 
@@ -66,12 +67,13 @@ class LocalBackend(ReplicaBackend):
     async def unload(self, spec: ModelSpec) -> None:
         self._models.pop(spec.key, None)
 
-    async def infer(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
+    async def infer(self, spec: ModelSpec, inputs: Tensors) -> tuple[Tensors, Placement]:
         replicas = self._models.get(spec.key)
         if replicas is None:
             raise ModelNotReady(f"model '{spec.name}' version {spec.version} is not loaded")
-        session = replicas.pick()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, session.run, inputs)
+        session, placement = replicas.pick()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, session.run, inputs), placement
 
     def describe(self, spec: ModelSpec) -> dict[str, str]:
         replicas = self._models.get(spec.key)

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from gateway.backends._onnx import select_providers
-from gateway.backends.base import ReplicaBackend, Tensors
+from gateway.backends.base import Placement, ReplicaBackend, Tensors
 from gateway.errors import BackendError, ModelNotReady
 from gateway.repository import ModelSpec
 
@@ -38,6 +38,7 @@ class RayBackend(ReplicaBackend):
         # Serve's deployment API is not thread-safe: deploy one application at a time.
         self._deploy_lock = asyncio.Lock()
         self.batches_by_replica: collections.Counter[str] = collections.Counter()
+        self._placements: dict[str, Placement] = {}  # one object per replica, not per batch
 
     async def start(self) -> None:
         # On the loop's thread on purpose: nothing is served yet, and Ray installs its
@@ -123,12 +124,12 @@ class RayBackend(ReplicaBackend):
         if self._handles.pop(spec.key, None) is not None:
             await asyncio.to_thread(serve.delete, app_name(spec))
 
-    async def infer(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
+    async def infer(self, spec: ModelSpec, inputs: Tensors) -> tuple[Tensors, Placement]:
         handle = self._handles.get(spec.key)
         if handle is None:
             raise ModelNotReady(f"model '{spec.name}' version {spec.version} is not loaded")
         try:
-            outputs, replica = await handle.remote(inputs)
+            outputs, replica, device = await handle.remote(inputs)
         except BackendError:
             raise
         except Exception as exc:
@@ -137,8 +138,11 @@ class RayBackend(ReplicaBackend):
                 raise cause from None
             raise BackendError(f"model '{spec.key}' replica failed: {cause}") from exc
         self.batches_by_replica[replica] += 1
+        placement = self._placements.get(replica)
+        if placement is None:
+            placement = self._placements[replica] = Placement(replica, device)
         result: Tensors = outputs
-        return result
+        return result, placement
 
     def describe(self, spec: ModelSpec) -> dict[str, str]:
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from gateway.grpc.converters import (
 )
 from gateway.grpc.messages import SERVICE, message
 from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
+from gateway.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContext
 
 __all__ = ["Context", "Handler", "InferenceServicer", "build_grpc_server", "guarded"]
 
@@ -71,21 +73,39 @@ class InferenceServicer:
         return model_metadata_to_proto(self.dataplane.model_metadata(request.name, request.version))
 
     async def model_infer(self, request: Any, context: Context) -> Any:
-        infer_request = infer_request_from_proto(request, context.time_remaining())
+        received = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
-        if self.infer_auth is not None:
-            authorization = metadata.get("authorization")
-            self.infer_auth.authenticate(str(authorization) if authorization else None, "infer")
+        traceparent, tracestate = metadata.get(TRACEPARENT_HEADER), metadata.get(TRACESTATE_HEADER)
+        trace = TraceContext.start(
+            str(traceparent) if traceparent else None, str(tracestate) if tracestate else None
+        )
+        # Set first so an error's trailers carry it too (abort keeps what was set).
+        context.set_trailing_metadata(((TRACEPARENT_HEADER, trace.traceparent()),))
+        dp = self.dataplane
+        try:
+            if self.infer_auth is not None:
+                authorization = metadata.get("authorization")
+                self.infer_auth.authenticate(str(authorization) if authorization else None, "infer")
+            infer_request = infer_request_from_proto(request, context.time_remaining())
+        except TurnoutError as exc:
+            dp.metrics.rejected(dp.model_label(request.model_name), "grpc", exc.http_status)
+            raise
         if not infer_request.model_version:
             infer_request.model_version = str(metadata.get(VERSION_HEADER, ""))
         header_key = metadata.get(ROUTING_KEY_HEADER)
         infer_request.routing_key = routing_key(
             str(header_key) if header_key else None, infer_request.parameters
         )
-        traceparent = metadata.get("traceparent")
-        infer_request.traceparent = str(traceparent) if traceparent else None
-        response = await self.dataplane.infer(infer_request)
-        context.set_trailing_metadata(((REVISION_HEADER, str(response.revision)),))
+        infer_request.trace = trace
+        infer_request.protocol = "grpc"
+        infer_request.received = received
+        response = await dp.infer(infer_request)
+        context.set_trailing_metadata(
+            (
+                (REVISION_HEADER, str(response.revision)),
+                (TRACEPARENT_HEADER, trace.traceparent()),
+            )
+        )
         return infer_response_to_proto(response)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:

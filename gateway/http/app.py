@@ -7,10 +7,13 @@ and a request/response object per call is measurable at thousands of requests a 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from gateway.admin.auth import TokenAuth
 from gateway.admin.http import AdminHttp
@@ -19,6 +22,7 @@ from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError
 from gateway.feedback import FeedbackForwarder
 from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
+from gateway.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContext
 
 __all__ = ["HttpApp"]
 
@@ -31,6 +35,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
+_TRACEPARENT = TRACEPARENT_HEADER.encode()
 
 
 class _Reply(Exception):
@@ -54,8 +59,10 @@ class HttpApp:
         admin: AdminHttp | None = None,
         infer_auth: TokenAuth | None = None,
         feedback: FeedbackForwarder | None = None,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self.dataplane = dataplane
+        self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.admin = admin
         self.infer_auth = infer_auth
@@ -73,8 +80,7 @@ class HttpApp:
             headers = [(k.encode(), v.encode()) for k, v in reply.headers.items()]
             await _send(send, reply.status, orjson.dumps(reply.body), headers)
         except TurnoutError as exc:
-            headers = [(k.encode(), v.encode()) for k, v in exc.http_headers().items()]
-            await _send(send, exc.http_status, orjson.dumps({"error": exc.message}), headers)
+            await _send_error(send, exc)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             await _send(send, 500, orjson.dumps({"error": f"internal error: {exc}"}))
@@ -87,6 +93,11 @@ class HttpApp:
             body = await self._read_body(receive, headers.get("content-length"))
             status, document = await self.admin.handle(method, parts[2:], headers, body)
             await _send(send, status, orjson.dumps(document))
+            return
+        if parts == ["metrics"] and self.metrics is not None:
+            _expect(method, "GET")
+            encoder, content_type = choose_encoder(_headers(scope).get("accept", ""))
+            await _send(send, 200, encoder(self.metrics), content_type=content_type.encode())
             return
         if not parts or parts[0] != "v2":
             raise _Reply(404, {"error": f"no route for {scope['path']}"})
@@ -137,26 +148,42 @@ class HttpApp:
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
+        received = time.perf_counter()
         headers = _headers(scope)
-        if self.infer_auth is not None:
-            self.infer_auth.authenticate(headers.get("authorization"), "infer")
-        body = await self._read_body(receive, headers.get("content-length"))
-        request = decode_infer_request(
-            model, version or headers.get(VERSION_HEADER, ""), body, headers.get(HEADER_LENGTH)
-        )
-        request.routing_key = routing_key(headers.get(ROUTING_KEY_HEADER), request.parameters)
-        request.traceparent = headers.get("traceparent")
-        response = await self.dataplane.infer(request)
+        trace = TraceContext.start(headers.get(TRACEPARENT_HEADER), headers.get(TRACESTATE_HEADER))
+        trace_header = (_TRACEPARENT, trace.traceparent().encode())
+        dp = self.dataplane
+        try:
+            if self.infer_auth is not None:
+                self.infer_auth.authenticate(headers.get("authorization"), "infer")
+            body = await self._read_body(receive, headers.get("content-length"))
+            request = decode_infer_request(
+                model, version or headers.get(VERSION_HEADER, ""), body, headers.get(HEADER_LENGTH)
+            )
+            request.routing_key = routing_key(headers.get(ROUTING_KEY_HEADER), request.parameters)
+        except TurnoutError as exc:
+            dp.metrics.rejected(dp.model_label(model), "http", exc.http_status)
+            await _send_error(send, exc, trace_header)
+            return
+        request.trace = trace
+        request.protocol = "http"
+        request.path = scope["path"]
+        request.received = received
+        try:
+            response = await dp.infer(request)
+        except TurnoutError as exc:
+            await _send_error(send, exc, trace_header)
+            return
         payload, json_length = encode_infer_response(response, request)
         revision = (REVISION_HEADER.encode(), str(response.revision).encode())
         if json_length is None:
-            await _send(send, 200, payload, [revision])
+            await _send(send, 200, payload, [revision, trace_header])
         else:
             await _send(
                 send,
                 200,
                 payload,
-                [(HEADER_LENGTH.encode(), str(json_length).encode()), revision],
+                [(HEADER_LENGTH.encode(), str(json_length).encode()), revision, trace_header],
                 content_type=_OCTETS,
             )
 
@@ -194,6 +221,12 @@ class HttpApp:
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send_error(send: Send, exc: TurnoutError, *extra: tuple[bytes, bytes]) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in exc.http_headers().items()]
+    headers.extend(extra)
+    await _send(send, exc.http_status, orjson.dumps({"error": exc.message}), headers)
 
 
 def _expect(method: str, allowed: str) -> None:

@@ -2,9 +2,9 @@
 
 Families (all prefixed ``turnout_``, seconds as the unit of time):
 
-- ``turnout_request_duration_seconds`` histogram {model, version, arm}: end-to-end request
-  duration, with an exemplar per bucket (``trace_id`` of the latest request in it) in the
-  OpenMetrics exposition.
+- ``turnout_monitor_request_duration_seconds`` histogram {model, version, arm}: end-to-end
+  request duration from the records, with an exemplar per bucket (``trace_id`` of the
+  latest request in it) in the OpenMetrics exposition.
 - ``turnout_request_latency_quantile_seconds`` gauge {model, version, arm, stage, quantile,
   window}: p50/p90/p99/p99.9 (label ``percentile``: ``p50`` ... ``p99.9``; promtool
   reserves ``quantile`` for summaries) of ``total``, ``queue`` and ``batch`` time, over the last
@@ -25,6 +25,8 @@ Families (all prefixed ``turnout_``, seconds as the unit of time):
   regression models from ``POST /feedback``.
 - ``turnout_monitor_frames_received_total``, ``..._dropped_total`` (queue full),
   ``..._invalid_total`` (undecodable), ``turnout_monitor_records_total`` counters.
+- ``turnout_monitor_traces_kept_total`` {reason}, ``turnout_monitor_trace_records_total``,
+  ``turnout_monitor_spans_total``: tail sampling and span export (only with tracing on).
 
 No global registry: ``build_registry`` returns a fresh ``CollectorRegistry``.
 """
@@ -35,7 +37,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -49,6 +51,7 @@ from monitor.state import HISTOGRAM_BUCKETS, QUANTILES, STAGES, MonitorState, pe
 
 if TYPE_CHECKING:
     from monitor.alerts import AlertManager
+    from monitor.tracing import Tracer
 
 __all__ = ["MonitorCollector", "build_registry"]
 
@@ -70,7 +73,10 @@ def _le(bound: float) -> str:
 class MonitorCollector(Collector):
     """Builds every family from the state on each scrape."""
 
-    def __init__(self, state: MonitorState, alerts: AlertManager | None = None) -> None:
+    def __init__(
+        self, state: MonitorState, alerts: AlertManager | None = None, tracer: Tracer | None = None
+    ) -> None:
+        self.tracer = tracer
         self.state = state
         self.alerts = alerts
 
@@ -81,11 +87,13 @@ class MonitorCollector(Collector):
             yield from self._own()
         if self.alerts is not None:
             yield from self._alerts(self.alerts)
+        if self.tracer is not None:
+            yield from self._traces(self.tracer)
 
     def _latency(self) -> Iterator[Metric]:
         histogram = HistogramMetricFamily(
-            "turnout_request_duration_seconds",
-            "End-to-end request duration seen by the gateway",
+            "turnout_monitor_request_duration_seconds",
+            "End-to-end request duration in the gateway's records (exemplars: trace ids)",
             labels=["model", "version", "arm"],
         )
         quantiles = GaugeMetricFamily(
@@ -266,6 +274,29 @@ class MonitorCollector(Collector):
             "turnout_monitor_windows", "Tumbling windows closed", value=state.windows_closed
         )
 
+    def _traces(self, tracer: Tracer) -> Iterator[Metric]:
+        kept = CounterMetricFamily(
+            "turnout_monitor_traces_kept",
+            "Requests whose spans were exported, by the tail-sampling rule that kept them",
+            labels=["reason"],
+        )
+        for reason, count in list(tracer.kept.items()):
+            kept.add_metric([reason], count)
+        yield kept
+        yield CounterMetricFamily(
+            "turnout_monitor_trace_records",
+            "Request records the tail sampler decided on",
+            value=tracer.records_seen,
+        )
+        yield CounterMetricFamily(
+            "turnout_monitor_spans", "Spans handed to the OTLP exporter", value=tracer.spans
+        )
+        yield CounterMetricFamily(
+            "turnout_monitor_frames_untraced",
+            "Record frames applied whose spans could not be built",
+            value=self.state.frames_untraced,
+        )
+
     def _alerts(self, alerts: AlertManager) -> Iterator[Metric]:
         labels = ["alert", "model", "version", "feature"]
         firing = GaugeMetricFamily("turnout_alert_firing", "1 while an alert fires", labels=labels)
@@ -288,8 +319,11 @@ class MonitorCollector(Collector):
         yield from (firing, pending, sent)
 
 
-def build_registry(state: MonitorState, alerts: AlertManager | None = None) -> CollectorRegistry:
-    """A fresh registry holding only the monitor's collector."""
+def build_registry(
+    state: MonitorState, alerts: AlertManager | None = None, tracer: Tracer | None = None
+) -> CollectorRegistry:
+    """A fresh registry holding the monitor's collector and its process's metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MonitorCollector(state, alerts))
+    registry.register(MonitorCollector(state, alerts, tracer))
+    ProcessCollector(registry=registry)
     return registry

@@ -54,6 +54,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "require_infer_token": False,
         "policy_poll_interval_s": 0.2,
         "policy_store": "auto",
+        "metrics_port": None,
         "monitor": True,
         "monitor_address": None,
         "monitor_http": "http://127.0.0.1:9100",

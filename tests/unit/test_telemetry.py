@@ -17,7 +17,8 @@ import pytest
 from gateway.batching import Batcher, BatchTiming, Tensors
 from gateway.settings import ModelConfig, ServerSettings
 from gateway.supervisor import Supervisor
-from gateway.telemetry import RecordEmitter, TokenBucket, parse_traceparent, socket_path
+from gateway.telemetry import RecordEmitter, TokenBucket, socket_path
+from gateway.tracing import TraceContext
 from monitor.records import RecordBatch, decode_frame
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -62,11 +63,14 @@ def record(emitter: RecordEmitter, **kw: Any) -> None:
         "arm": "primary",
         "status": 200,
         "start_ns": time.time_ns(),
-        "queue_s": 0.001,
-        "batch_s": 0.002,
+        "received": 100.0,
+        "entered": 100.0002,
         "total_s": 0.004,
-        "batch_size": 8,
-        "traceparent": None,
+        "timing": BatchTiming(queue_s=0.001, batch_s=0.002, batch_size=8, enqueued=100.0005),
+        "trace": TraceContext.start(kw.pop("traceparent", None)),
+        "protocol": "http",
+        "path": "/v2/models/m/infer",
+        "error": "",
         "request_id": "",
     }
     values.update(kw)
@@ -107,6 +111,13 @@ def test_frames_carry_the_columns_and_sampled_tensors(
     assert all(len(t) == 32 for t in m.columns["trace_id"])
     assert all(len(s) == 16 for s in m.columns["span_id"])
     assert m.columns["trace_id"][0] != m.columns["trace_id"][1]
+    assert m.columns["parent_id"] == ["", PARENT]
+    assert list(m.columns["trace_flags"]) == [0, 1]
+    np.testing.assert_allclose(m.columns["decode_s"], [0.0002, 0.0002], rtol=1e-6)
+    np.testing.assert_allclose(m.columns["enqueue_s"], [0.0005, 0.0005], rtol=1e-6)
+    assert m.columns["kind"] == ["server", "server"]
+    assert m.columns["protocol"] == ["http", "http"]
+    assert m.columns["path"] == ["/v2/models/m/infer"] * 2
     other = frames[("other", 2)]
     assert other.columns["arm"] == ["canary"] and list(other.columns["revision"]) == [4]
     assert len(other.sampled) == 0 and other.inputs == {}
@@ -262,25 +273,6 @@ def test_token_bucket_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> No
     now[0] += 10  # saved up: one second's worth at most
     assert bucket.take(100)
     assert not bucket.take(1)
-
-
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        (f"00-{TRACE}-{PARENT}-01", (TRACE, PARENT)),
-        (f"00-{TRACE.upper()}-{PARENT}-00", (TRACE, PARENT)),
-        (f" 00-{TRACE}-{PARENT}-01 ", (TRACE, PARENT)),
-        (None, None),
-        ("", None),
-        ("garbage", None),
-        (f"00-{'0' * 32}-{PARENT}-01", None),
-        (f"00-{TRACE}-{'0' * 16}-01", None),
-        (f"ff-{TRACE}-{PARENT}-01", None),
-        (f"00-{TRACE[:-1]}-{PARENT}-01", None),
-    ],
-)
-def test_parse_traceparent(header: str | None, expected: tuple[str, str] | None) -> None:
-    assert parse_traceparent(header) == expected
 
 
 def test_addresses() -> None:

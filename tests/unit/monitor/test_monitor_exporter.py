@@ -88,12 +88,12 @@ def test_latency_histogram_quantiles_and_counters(state: MonitorState) -> None:
     _window(state, 0, shift=0.0)
     registry = build_registry(state)
     arm = {**LABELS, "arm": "stable"}
-    assert registry.get_sample_value("turnout_request_duration_seconds_count", arm) == 1000
+    assert registry.get_sample_value("turnout_monitor_request_duration_seconds_count", arm) == 1000
     assert (
-        registry.get_sample_value("turnout_request_duration_seconds_bucket", {**arm, "le": "+Inf"})
+        registry.get_sample_value("turnout_monitor_request_duration_seconds_bucket", {**arm, "le": "+Inf"})
         == 1000
     )
-    total = registry.get_sample_value("turnout_request_duration_seconds_sum", arm)
+    total = registry.get_sample_value("turnout_monitor_request_duration_seconds_sum", arm)
     assert total is not None and 10 < total < 30  # 1000 x ~20 ms
     for window in ("last", "cumulative"):
         p99 = registry.get_sample_value(
@@ -116,7 +116,7 @@ def test_openmetrics_carries_trace_id_exemplars(state: MonitorState) -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     buckets = [
         s
-        for s in families["turnout_request_duration_seconds"].samples
+        for s in families["turnout_monitor_request_duration_seconds"].samples
         if s.name.endswith("_bucket")
     ]
     exemplars = [s.exemplar for s in buckets if s.exemplar is not None]

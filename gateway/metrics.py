@@ -1,0 +1,249 @@
+"""The gateway's own Prometheus metrics: plain counters on the hot path, families on scrape.
+
+The data plane bumps a few dict entries per request (:class:`RequestMetrics`); everything
+else (queue depth, batch sizes, backend errors, records dropped, policy revisions) is read
+from the objects that already keep it when Prometheus scrapes, so an unscraped gateway pays
+nothing for it. The registry is the gateway's own, never prometheus_client's global one.
+
+Names, units and labels: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.dataplane import DataPlane
+    from gateway.telemetry import RecordEmitter
+
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "DURATION_BUCKETS",
+    "UNKNOWN_MODEL",
+    "GatewayCollector",
+    "RequestMetrics",
+    "gateway_registry",
+]
+
+# Upper bounds in seconds; serving latencies sit between half a millisecond and seconds.
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+UNKNOWN_MODEL = "(unknown)"
+"""The ``model`` label of requests naming a model that is not served: one series, not one
+per name a client typed."""
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+
+class RequestMetrics:
+    """Per-request counters the data plane and the transports update."""
+
+    def __init__(self) -> None:
+        # (model, version, arm, protocol, status) -> requests
+        self.requests: dict[tuple[str, str, str, str, int], int] = {}
+        # (model, version, arm) -> durations
+        self.durations: dict[tuple[str, str, str], _Histogram] = {}
+        self.in_flight: dict[str, int] = {}
+
+    def observe(
+        self, model: str, version: str, arm: str, protocol: str, status: int, duration_s: float
+    ) -> None:
+        """One answered request: counted, and its duration observed when it was routed."""
+        key = (model, version, arm, protocol, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if not version:
+            return
+        series = (model, version, arm)
+        histogram = self.durations.get(series)
+        if histogram is None:
+            histogram = self.durations[series] = _Histogram(len(DURATION_BUCKETS) + 1)
+        histogram.counts[bisect.bisect_left(DURATION_BUCKETS, duration_s)] += 1
+        histogram.total += duration_s
+
+    def rejected(self, model: str, protocol: str, status: int) -> None:
+        """A request refused before routing (unreadable body, missing token)."""
+        key = (model, "", "", protocol, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+class GatewayCollector(Collector):
+    """Builds the gateway's metric families from live objects at scrape time."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        emitter: RecordEmitter | None = None,
+        revisions: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        self.dataplane = dataplane
+        self.emitter = emitter
+        self.revisions = revisions
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._requests(self.dataplane.metrics)
+        yield from self._batches()
+        yield from self._records()
+        yield from self._policy()
+        info = InfoMetricFamily("turnout_gateway", "The gateway's build")
+        info.add_metric([], {"version": __version__, "backend": self.dataplane.backend.name})
+        yield info
+
+    def _requests(self, metrics: RequestMetrics) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "turnout_requests",
+            "Inference requests answered, by model, version, arm, protocol and status code",
+            labels=["model", "version", "arm", "protocol", "status"],
+        )
+        # list(): the scrape may run on another thread while the loop adds series.
+        for (model, version, arm, protocol, status), count in sorted(
+            list(metrics.requests.items())
+        ):
+            requests.add_metric([model, version, arm, protocol, str(status)], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "turnout_request_duration_seconds",
+            "Time from taking a routed inference request up to its answer",
+            labels=["model", "version", "arm"],
+            unit="seconds",
+        )
+        for labels, histogram in sorted(list(metrics.durations.items())):
+            durations.add_metric(
+                list(labels), _cumulative(DURATION_BUCKETS, histogram.counts), histogram.total
+            )
+        yield durations
+        in_flight = GaugeMetricFamily(
+            "turnout_requests_in_flight",
+            "Inference requests taken up and not yet answered",
+            labels=["model"],
+        )
+        for model, count in sorted(list(metrics.in_flight.items())):
+            in_flight.add_metric([model], count)
+        yield in_flight
+
+    def _batches(self) -> Iterator[Metric]:
+        queue = GaugeMetricFamily(
+            "turnout_queue_depth",
+            "Requests waiting in a version's batcher",
+            labels=["model", "version"],
+        )
+        inflight = GaugeMetricFamily(
+            "turnout_batches_in_flight",
+            "Backend calls running for a version",
+            labels=["model", "version"],
+        )
+        sizes = HistogramMetricFamily(
+            "turnout_batch_size",
+            "Rows per successful backend call",
+            labels=["model", "version"],
+        )
+        errors = CounterMetricFamily(
+            "turnout_backend_errors",
+            "Backend calls that failed (every request they carried failed with them)",
+            labels=["model", "version"],
+        )
+        ready = GaugeMetricFamily(
+            "turnout_model_version_loaded",
+            "1 for every loaded model version",
+            labels=["model", "version"],
+        )
+        for model in self.dataplane.loaded_models():
+            labels = [model.spec.name, str(model.spec.version)]
+            batcher = model.batcher
+            stats = batcher.stats
+            queue.add_metric(labels, batcher.queue_depth)
+            inflight.add_metric(labels, batcher.inflight_batches)
+            counts = dict(stats.batch_sizes)
+            per_bucket = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
+            total = 0
+            for size, count in counts.items():
+                per_bucket[bisect.bisect_left(BATCH_SIZE_BUCKETS, size)] += count
+                total += size * count
+            sizes.add_metric(labels, _cumulative(BATCH_SIZE_BUCKETS, per_bucket), total)
+            errors.add_metric(labels, stats.failed_batches)
+            ready.add_metric(labels, 1)
+        yield from (queue, inflight, sizes, errors, ready)
+        shadow = CounterMetricFamily(
+            "turnout_shadow_requests",
+            "Requests mirrored to a shadow version, by outcome (error, match, mismatch)",
+            labels=["model", "version", "outcome"],
+        )
+        for (name, version), s in sorted(list(self.dataplane.shadow_stats.items())):
+            labels = [name, str(version)]
+            shadow.add_metric([*labels, "error"], s.errors)
+            shadow.add_metric([*labels, "match"], s.exact_matches)
+            shadow.add_metric([*labels, "mismatch"], s.requests - s.errors - s.exact_matches)
+        yield shadow
+
+    def _records(self) -> Iterator[Metric]:
+        emitter = self.emitter
+        if emitter is None:
+            return
+        yield CounterMetricFamily(
+            "turnout_records_sent",
+            "Request records sent to the monitor sidecar",
+            value=emitter.records_sent,
+        )
+        dropped = CounterMetricFamily(
+            "turnout_records_dropped",
+            "Request records that never reached the sidecar, by reason (queue_full: the "
+            "bounded queue was full; send_failed: their frame could not be sent)",
+            labels=["reason"],
+        )
+        dropped.add_metric(["queue_full"], emitter.records_dropped)
+        dropped.add_metric(["send_failed"], emitter.records_unsent)
+        yield dropped
+
+    def _policy(self) -> Iterator[Metric]:
+        if self.revisions is None:
+            return
+        revision = GaugeMetricFamily(
+            "turnout_policy_revision",
+            "Revision of the traffic policy each served model is routed by (0: none set)",
+            labels=["model"],
+        )
+        for model, number in sorted(self.revisions().items()):
+            revision.add_metric([model], number)
+        yield revision
+
+
+def _cumulative(bounds: Iterable[float], per_bucket: list[int]) -> list[tuple[str, float]]:
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip([*map(_bound, bounds), "+Inf"], per_bucket, strict=True):
+        running += count
+        buckets.append((bound, running))
+    return buckets
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def gateway_registry(collector: GatewayCollector) -> CollectorRegistry:
+    """The gateway's metrics and its process's (CPU, memory, file descriptors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
