@@ -99,15 +99,24 @@ def run_sidecar(state_dir: Path, config_yaml: str) -> Iterator[tuple[str, Path]]
 
 
 @contextmanager
-def run_prometheus(metrics_url: str, state_dir: Path) -> Iterator[str]:
-    """A Prometheus server scraping ``metrics_url`` every second; yields its base URL."""
-    target = urllib.parse.urlsplit(metrics_url).netloc
+def run_prometheus(
+    metrics_url: str, state_dir: Path, others: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A Prometheus server scraping ``metrics_url`` (job turnout-monitor) and ``others``
+    (job name -> metrics URL) every second; yields its base URL."""
+    jobs = {"turnout-monitor": metrics_url, **(others or {})}
     config = state_dir / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: turnout-monitor\n    static_configs: [{{targets: ['{target}']}}]\n"
-    )
+    lines = [
+        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}",
+        "scrape_configs:",
+    ]
+    for job, url in jobs.items():
+        parts = urllib.parse.urlsplit(url)
+        lines.append(
+            f"  - {{job_name: {job}, metrics_path: '{parts.path or '/metrics'}', "
+            f"static_configs: [{{targets: ['{parts.netloc}']}}]}}"
+        )
+    config.write_text("\n".join(lines) + "\n")
     port = free_port()
     log = open(state_dir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
