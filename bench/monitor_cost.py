@@ -197,6 +197,74 @@ def summarize(runs: list[Run], mode: str) -> Summary:
     )
 
 
+def measure_rounds(
+    servers: dict[str, tuple[Server, int]],
+    body: Path,
+    duration: float,
+    concurrency: int,
+    rounds: int,
+    label: str = "monitor",
+) -> list[Run]:
+    """``rounds`` load runs per server, alternating which goes first, with CPU per request."""
+    runs: list[Run] = []
+    modes = list(servers)
+    for index in range(rounds):
+        # Alternate which goes first, so neither always follows the other's load.
+        order = modes if index % 2 == 0 else modes[::-1]
+        for mode in order:
+            server, port = servers[mode]
+            run = Run(mode, index)
+            before = read_counts(port, STATS_PATH)
+            assert server.proc is not None
+            cpu_before = cpu_snapshot(server.proc.pid)
+            try:
+                result = run_hey(
+                    f"http://127.0.0.1:{port}{INFER_PATH}", body, duration, concurrency
+                )
+            except Exception as exc:
+                run.error = str(exc)[:500]
+                console.print(f"[red]{label} {mode} round {index}: {run.error}")
+                runs.append(run)
+                continue
+            after = read_counts(port, STATS_PATH)
+            cpu_after = cpu_snapshot(server.proc.pid)
+            if before and after and after[0] > before[0]:
+                served = after[0] - before[0]  # one row per request
+                run.gateway_cpu_us = (cpu_after[0] - cpu_before[0]) / served * 1e6
+                sidecar = sum(
+                    spent - cpu_before[1].get(child, 0.0) for child, spent in cpu_after[1].items()
+                )
+                run.sidecar_cpu_us = sidecar / served * 1e6
+            run.rps, run.p50_ms, run.p99_ms = result.rps, result.p50_ms, result.p99_ms
+            run.requests, run.errors = result.requests, result.errors
+            if before and after and after[1] > before[1]:
+                run.avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+            console.print(
+                f"round {index} {label} {mode:3}: {fmt(run.rps, 0)} req/s, "
+                f"p50 {fmt(run.p50_ms)} ms, p99 {fmt(run.p99_ms)} ms, "
+                f"batch {fmt(run.avg_batch, 1)}, errors {run.errors}, CPU/request: "
+                f"gateway {fmt(run.gateway_cpu_us, 0)} us, "
+                f"sidecar {fmt(run.sidecar_cpu_us, 0)} us"
+            )
+            runs.append(run)
+            time.sleep(1)
+    return runs
+
+
+def paired_ratios(runs: list[Run], rounds: int) -> list[float]:
+    """on/off req/s of each round (the two ran back to back)."""
+    return [
+        on_run.rps / off_run.rps
+        for index in range(rounds)
+        for off_run in runs
+        for on_run in runs
+        if off_run.round == on_run.round == index
+        and (off_run.mode, on_run.mode) == ("off", "on")
+        and off_run.rps
+        and on_run.rps
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -269,50 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.suppress(Exception):  # warm-up
                     run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", body, 2, 16)
 
-            for index in range(args.rounds):
-                # Alternate which goes first, so neither always follows the other's load.
-                order = ("off", "on") if index % 2 == 0 else ("on", "off")
-                for mode in order:
-                    server, port = servers[mode]
-                    run = Run(mode, index)
-                    before = read_counts(port, STATS_PATH)
-                    assert server.proc is not None
-                    cpu_before = cpu_snapshot(server.proc.pid)
-                    try:
-                        result = run_hey(
-                            f"http://127.0.0.1:{port}{INFER_PATH}",
-                            body,
-                            args.duration,
-                            args.concurrency,
-                        )
-                    except Exception as exc:
-                        run.error = str(exc)[:500]
-                        console.print(f"[red]monitor {mode} round {index}: {run.error}")
-                        runs.append(run)
-                        continue
-                    after = read_counts(port, STATS_PATH)
-                    cpu_after = cpu_snapshot(server.proc.pid)
-                    if before and after and after[0] > before[0]:
-                        served = after[0] - before[0]  # one row per request
-                        run.gateway_cpu_us = (cpu_after[0] - cpu_before[0]) / served * 1e6
-                        sidecar = sum(
-                            spent - cpu_before[1].get(child, 0.0)
-                            for child, spent in cpu_after[1].items()
-                        )
-                        run.sidecar_cpu_us = sidecar / served * 1e6
-                    run.rps, run.p50_ms, run.p99_ms = result.rps, result.p50_ms, result.p99_ms
-                    run.requests, run.errors = result.requests, result.errors
-                    if before and after and after[1] > before[1]:
-                        run.avg_batch = (after[0] - before[0]) / (after[1] - before[1])
-                    console.print(
-                        f"round {index} monitor {mode:3}: {fmt(run.rps, 0)} req/s, "
-                        f"p50 {fmt(run.p50_ms)} ms, p99 {fmt(run.p99_ms)} ms, "
-                        f"batch {fmt(run.avg_batch, 1)}, errors {run.errors}, CPU/request: "
-                        f"gateway {fmt(run.gateway_cpu_us, 0)} us, "
-                        f"sidecar {fmt(run.sidecar_cpu_us, 0)} us"
-                    )
-                    runs.append(run)
-                    time.sleep(1)
+            runs = measure_rounds(servers, body, args.duration, args.concurrency, args.rounds)
             if use_sidecar:
                 served = read_counts(servers["on"][1], STATS_PATH)
                 recorded = sidecar_requests()
@@ -336,16 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(p99 {fmt(off.p99_ms_mean)} ms), on {fmt(on.rps_mean, 0)} req/s "
         f"(p99 {fmt(on.p99_ms_mean)} ms)"
     )
-    pairs = [
-        on_run.rps / off_run.rps
-        for index in range(args.rounds)
-        for off_run in runs
-        for on_run in runs
-        if off_run.round == on_run.round == index
-        and (off_run.mode, on_run.mode) == ("off", "on")
-        and off_run.rps
-        and on_run.rps
-    ]
+    pairs = paired_ratios(runs, args.rounds)
     paired_median = statistics.median(pairs) if pairs else None
     console.print(
         f"per-round on/off: {', '.join(f'{p:.3f}' for p in pairs)} "

@@ -142,9 +142,12 @@ class Server:
     stall the server mid-benchmark.
     """
 
-    def __init__(self, command: list[str], log_path: Path) -> None:
+    def __init__(
+        self, command: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.command = command
         self.log_path = log_path
+        self.env = env  # added to this process's environment
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -157,6 +160,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
 
     def log_tail(self, lines: int = 15) -> str:

@@ -7,7 +7,8 @@ finished and its outcome is known, :class:`TailSampler` decides whether its trac
 
     error      every request answered with a status other than 200
     slow       total time >= ``trace_slow_ms``
-    p99        total time above the version and arm's p99 (last window, else cumulative)
+    p99        total time above the version and arm's p99 (last window, else cumulative),
+               the slowest first, within a budget of 1% of the records
     parent     the caller's ``traceparent`` had the sampled flag (``trace_keep_sampled_parents``)
     ratio      the rest, by trace id: its low 64 bits below ``trace_sample_ratio`` * 2^64, so
                every service sampling by ratio on the same id agrees
@@ -94,6 +95,9 @@ GRPC_CODES = {
 _GRPC_SERVER_ERRORS = {2, 4, 12, 13, 14, 15}
 
 BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
+P99_SHARE = 0.01
+P99_BURST = 50.0
 
 
 class TailSampler:
@@ -108,6 +112,7 @@ class TailSampler:
         self.keep_sampled_parents = settings.trace_keep_sampled_parents
         self.p99: dict[tuple[str, int, str], float] = {}
         """(model, version, arm) -> p99 of total time; refreshed by the tracer's tick."""
+        self._p99_tokens = P99_BURST
 
     def reasons(self, batch: RecordBatch) -> list[str | None]:
         """Why each record's trace is kept (one of ``KEEP_REASONS``), or None."""
@@ -118,13 +123,9 @@ class TailSampler:
         error = status != 200
         slow = total >= self.slow_s
         if self.keep_above_p99 and self.p99:
-            limits = np.array(
-                [
-                    self.p99.get((batch.model, batch.version, arm), math.inf)
-                    for arm in columns["arm"]
-                ]
-            )
-            above = total > limits
+            key = (batch.model, batch.version)
+            limits = np.array([self.p99.get((*key, arm), math.inf) for arm in columns["arm"]])
+            above = self._slowest_within_budget(total, (total > limits) & ~error & ~slow)
         else:
             above = np.zeros(n, np.bool_)
         if self.keep_sampled_parents:
@@ -144,6 +145,23 @@ class TailSampler:
             for index in np.flatnonzero(mask).tolist():
                 reasons[index] = reason
         return reasons
+
+    def _slowest_within_budget(self, total: FloatArray, candidates: BoolArray) -> BoolArray:
+        """The slowest of ``candidates``, at most 1% of the records seen over time.
+
+        A p99 from the last window lags the traffic: when latency rises, far more than 1%
+        exceed it. The budget keeps the rule to its share (each record adds 0.01 of a
+        token, up to ``P99_BURST`` saved), and spends it on the slowest first.
+        """
+        self._p99_tokens = min(self._p99_tokens + P99_SHARE * len(total), P99_BURST)
+        found = np.flatnonzero(candidates)
+        allowed = int(self._p99_tokens)
+        if len(found) > allowed:
+            found = found[np.argsort(-total[found], kind="stable")[:allowed]]
+            candidates = np.zeros(len(total), np.bool_)
+            candidates[found] = True
+        self._p99_tokens -= len(found)
+        return candidates
 
     def by_ratio(self, trace_ids: list[str]) -> BoolArray:
         if self.all:

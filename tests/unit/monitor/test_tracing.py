@@ -244,3 +244,20 @@ def test_protocol_and_endpoint_come_from_settings_then_the_environment(
     assert tracer is not None
     tracer.shutdown()
     assert build_tracer(MonitorSettings(traces="none"), MonitorState(settings)) is None
+
+
+def test_the_p99_rule_keeps_the_slowest_within_one_percent() -> None:
+    sampler = TailSampler(MonitorSettings(trace_sample_ratio=0.0, trace_slow_ms=1000))
+    sampler.p99 = {("m", 1, "primary"): 0.01}
+    rng = np.random.default_rng(3)
+    kept = 0
+    slowest_kept = []
+    for _ in range(100):  # latency rose: half the requests are above the old p99
+        totals = rng.uniform(0.005, 0.015, 1000)
+        reasons = sampler.reasons(frame(1000, total_s=totals))
+        chosen = [i for i, r in enumerate(reasons) if r == "p99"]
+        kept += len(chosen)
+        slowest_kept.append(set(chosen) == set(np.argsort(-totals)[: len(chosen)].tolist()))
+    assert kept <= 0.01 * 100 * 1000 + 50  # the share, plus the burst saved at the start
+    assert kept >= 0.009 * 100 * 1000
+    assert all(slowest_kept)

@@ -1,0 +1,246 @@
+"""What tracing costs the gateway: two `turnout serve --backend local`, tracing off and on.
+
+Both gateways send request records to their own `turnout monitor` sidecar (supervised
+children, as in production). One sidecar has tracing off; the other tail-samples at ratio
+0.01 (errors, requests slower than 500 ms and requests above the current p99 always kept)
+and exports the spans with OTLP/HTTP to a receiver in this process that decodes and counts
+them. HTTP load from ``hey`` at c64 alternates between the two gateways, ``--rounds`` times
+each. The gateway's work is identical either way (it always records ids and timings);
+what tracing adds is the sidecar's CPU, which shares the machine's cores with the gateway.
+Target: tracing on keeps at least 95% of the req/s with it off. Usage:
+
+  python -m bench.tracing_cost [--duration 10] [--concurrency 64] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import urllib.request
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from bench._results import write_results
+from bench.models import INPUT_DIM, MODEL_NAME, build_repository
+from bench.monitor_cost import (
+    Run,
+    measure_rounds,
+    paired_ratios,
+    serve_command,
+    summarize,
+)
+from bench.serving import (
+    INFER_PATH,
+    REPO_ROOT,
+    Server,
+    check_http,
+    console,
+    fmt,
+    free_port,
+    http_body,
+    machine_info,
+    retry,
+    run_hey,
+)
+
+TARGET_RATIO = 0.95
+SAMPLE_RATIO = 0.01
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint that decodes every export and counts its spans."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self.exports = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                request = ExportTraceServiceRequest.FromString(self.rfile.read(length))
+                spans = sum(
+                    len(scope.spans)
+                    for resource in request.resource_spans
+                    for scope in resource.scope_spans
+                )
+                with receiver.lock:
+                    receiver.spans += spans
+                    receiver.exports += 1
+                body = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def traces_kept(metrics_port: int) -> dict[str, float]:
+    """``turnout_monitor_traces_kept_total`` by reason, from a sidecar's /metrics."""
+    try:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    kept = {}
+    for line in text.splitlines():
+        if line.startswith("turnout_monitor_traces_kept_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            kept[reason] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("turnout_monitor_trace_records_total "):
+            kept["records"] = float(line.rsplit(" ", 1)[1])
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10, help="seconds per load run")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4, help="off/on pairs, alternating")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    receiver = Receiver()
+    sidecar_ports = {"off": free_port(), "on": free_port()}
+    runs: list[Run] = []
+    kept: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ttc-") as tmp:
+        work = Path(tmp)
+        repo = build_repository(work / "models")
+        x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        model = str(repo / MODEL_NAME / "1" / "model.onnx")
+        expected = ort.InferenceSession(model, options).run(None, {"input": x})[0]
+        body = work / "body.json"
+        body.write_bytes(http_body(x))
+        servers: dict[str, tuple[Server, int]] = {}
+        try:
+            for mode in ("off", "on"):
+                state = work / f"state-{mode}"
+                state.mkdir()
+                config = work / f"turnout-{mode}.yaml"
+                config.write_text(f"state_dir: {state}\n")
+                env = {"TURNOUT_MONITOR_METRICS_PORT": str(sidecar_ports[mode])}
+                if mode == "on":
+                    env |= {
+                        "TURNOUT_MONITOR_TRACES": "otlp",
+                        "TURNOUT_MONITOR_TRACE_SAMPLE_RATIO": str(SAMPLE_RATIO),
+                        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
+                        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                    }
+                else:
+                    env["TURNOUT_MONITOR_TRACES"] = "none"
+                port = free_port()
+                server = Server(serve_command(repo, config, port, []), work / f"{mode}.log", env)
+                console.print(" ".join(server.command), style="dim")
+                server.start()
+                servers[mode] = (server, port)
+            for mode, (server, port) in servers.items():
+                took = server.wait_ready()
+                retry(lambda port=port: check_http(port, x, expected), f"{mode} HTTP check")
+                console.print(f"tracing {mode}: ready after {took:.1f} s")
+                with contextlib.suppress(Exception):  # warm-up
+                    run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", body, 2, 16)
+            runs = measure_rounds(
+                servers, body, args.duration, args.concurrency, args.rounds, label="tracing"
+            )
+            kept = traces_kept(sidecar_ports["on"])
+        finally:
+            for server, _ in servers.values():
+                server.stop()
+            receiver.stop()
+
+    off, on = summarize(runs, "off"), summarize(runs, "on")
+    ratio = on.rps_mean / off.rps_mean if on.rps_mean and off.rps_mean else None
+    pairs = paired_ratios(runs, args.rounds)
+    paired_median = statistics.median(pairs) if pairs else None
+    verdict = "PASS" if ratio is not None and ratio >= TARGET_RATIO else "FAIL"
+    console.print(
+        f"HTTP c{args.concurrency}: tracing off {fmt(off.rps_mean, 0)} req/s "
+        f"(p99 {fmt(off.p99_ms_mean)} ms), on {fmt(on.rps_mean, 0)} req/s "
+        f"(p99 {fmt(on.p99_ms_mean)} ms)"
+    )
+    console.print(
+        f"per-round on/off: {', '.join(f'{p:.3f}' for p in pairs)} "
+        f"(median {fmt(paired_median, 3)}); CPU per request: gateway "
+        f"{fmt(off.gateway_cpu_us_mean, 0)} us off, {fmt(on.gateway_cpu_us_mean, 0)} us on; "
+        f"sidecar {fmt(off.sidecar_cpu_us_mean, 0)} us off, {fmt(on.sidecar_cpu_us_mean, 0)} us on"
+    )
+    records = kept.pop("records", None)
+    console.print(
+        f"tail sampling kept {', '.join(f'{k} {v:.0f}' for k, v in kept.items() if v)} of "
+        f"{fmt(records, 0)} records; the receiver decoded {receiver.spans} spans in "
+        f"{receiver.exports} exports"
+    )
+    colour = "green" if verdict == "PASS" else "red"
+    console.print(
+        f"[{colour}]{verdict}[/{colour}] tracing on keeps >= {TARGET_RATIO:.0%} of req/s: "
+        f"ratio {fmt(ratio, 3)}"
+    )
+    path = write_results(
+        "tracing-cost",
+        args.out,
+        {
+            "machine": machine_info(),
+            "settings": {
+                "duration_s": args.duration,
+                "concurrency": args.concurrency,
+                "rounds": args.rounds,
+                "model": "MLP 256-1024-1024-10, FP32, one row per request",
+                "http_load": "hey -z D -c C, alternating off/on",
+                "tracing": f"ratio {SAMPLE_RATIO}, errors, slow >= 500 ms and > p99 kept; "
+                "OTLP/HTTP to a decoding receiver in the benchmark process",
+            },
+            "runs": [asdict(r) for r in runs],
+            "summary": {"off": asdict(off), "on": asdict(on)},
+            "ratio": ratio,
+            "paired_ratios": pairs,
+            "paired_ratio_median": paired_median,
+            "traces_kept": kept,
+            "trace_records": records,
+            "spans_received": receiver.spans,
+            "target": {"name": f"on/off req/s >= {TARGET_RATIO}", "verdict": verdict},
+        },
+    )
+    console.print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
