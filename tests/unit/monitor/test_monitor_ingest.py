@@ -104,9 +104,8 @@ def test_frames_over_the_socket_reach_metrics_and_status(sidecar: MonitorServer)
 
     content_type, text = _get(f"{sidecar.url}/metrics")
     assert content_type.startswith("text/plain")
-    assert (
-        'turnout_monitor_request_duration_seconds_count{arm="stable",model="m",version="1"} 1000.0' in text
-    )
+    series = 'turnout_monitor_request_duration_seconds_count{arm="stable",model="m",version="1"}'
+    assert f"{series} 1000.0" in text
     assert "turnout_monitor_frames_invalid_total 1.0" in text
     content_type, text = _get(f"{sidecar.url}/metrics", accept="application/openmetrics-text")
     assert content_type.startswith("application/openmetrics-text")
