@@ -358,3 +358,10 @@ def test_a_shadow_call_is_a_child_of_its_request(stack: Stack) -> None:
         assert len(shadow.links) == 1  # to the shadow version's backend call
     finally:
         stack.gateway.call(gateway.admin.apply("add_sub", "clear_shadow", {}, "test"))
+
+
+def test_a_grpc_error_carries_the_traceparent_in_its_trailers(stack: Stack) -> None:
+    header, trace_id, _ = traceparent(sampled=False)
+    code, trailers = grpc_infer(stack, "no_such_model", header)
+    assert code == grpc.StatusCode.NOT_FOUND
+    answered_span(trailers, trace_id)
