@@ -197,6 +197,55 @@ def summarize(runs: list[Run], mode: str) -> Summary:
     )
 
 
+@dataclass
+class Workload:
+    """The MLP repository, one request's input and body, and ONNX Runtime's answer to it."""
+
+    repo: Path
+    x: np.ndarray[Any, Any]
+    expected: np.ndarray[Any, Any]
+    body: Path
+
+
+def prepare_workload(work: Path) -> Workload:
+    repo = build_repository(work / "models")
+    x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    model = str(repo / MODEL_NAME / "1" / "model.onnx")
+    expected = ort.InferenceSession(model, options).run(None, {"input": x})[0]
+    body = work / "body.json"
+    body.write_bytes(http_body(x))
+    return Workload(repo, x, expected, body)
+
+
+def start_gateway(
+    work: Path, workload: Workload, mode: str, extra: list[str], env: dict[str, str] | None = None
+) -> tuple[Server, int]:
+    """`turnout serve --backend local` with a state dir of its own; returns it and its port."""
+    state = work / f"state-{mode}"
+    state.mkdir()
+    config = work / f"turnout-{mode}.yaml"
+    config.write_text(f"state_dir: {state}\n")
+    port = free_port()
+    server = Server(serve_command(workload.repo, config, port, extra), work / f"{mode}.log", env)
+    console.print(" ".join(server.command), style="dim")
+    server.start()
+    return server, port
+
+
+def wait_and_warm(servers: dict[str, tuple[Server, int]], workload: Workload, label: str) -> None:
+    """Each gateway ready, answering right, and warmed up."""
+    for mode, (server, port) in servers.items():
+        took = server.wait_ready()
+        retry(
+            lambda port=port: check_http(port, workload.x, workload.expected), f"{mode} HTTP check"
+        )
+        console.print(f"{label} {mode}: ready after {took:.1f} s")
+        with contextlib.suppress(Exception):  # warm-up
+            run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", workload.body, 2, 16)
+
+
 def measure_rounds(
     servers: dict[str, tuple[Server, int]],
     body: Path,
@@ -294,15 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     sidecar_stats: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="tmc-") as tmp:
         work = Path(tmp)
-        repo = build_repository(work / "models")
-        x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        model = str(repo / MODEL_NAME / "1" / "model.onnx")
-        expected = ort.InferenceSession(model, options).run(None, {"input": x})[0]
-        body = work / "body.json"
-        body.write_bytes(http_body(x))
-
+        workload = prepare_workload(work)
         servers: dict[str, tuple[Server, int]] = {}
         sink: Server | None = None
         socket_file = work / "sink.sock"
@@ -318,26 +359,15 @@ def main(argv: list[str] | None = None) -> int:
                         raise StartError(f"the sink did not start:\n{sink.log_tail()}")
                     time.sleep(0.1)
             for mode in ("off", "on"):
-                state = work / f"state-{mode}"
-                state.mkdir()
-                config = work / f"turnout-{mode}.yaml"
-                config.write_text(f"state_dir: {state}\n")
                 extra = ["--no-monitor"] if mode == "off" else []
                 if mode == "on" and not use_sidecar:
                     extra = ["--monitor-address", f"unix://{socket_file}"]
-                port = free_port()
-                server = Server(serve_command(repo, config, port, extra), work / f"{mode}.log")
-                console.print(" ".join(server.command), style="dim")
-                server.start()
-                servers[mode] = (server, port)
-            for mode, (server, port) in servers.items():
-                took = server.wait_ready()
-                retry(lambda port=port: check_http(port, x, expected), f"{mode} HTTP check")
-                console.print(f"monitor {mode}: ready after {took:.1f} s")
-                with contextlib.suppress(Exception):  # warm-up
-                    run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", body, 2, 16)
+                servers[mode] = start_gateway(work, workload, mode, extra)
+            wait_and_warm(servers, workload, "monitor")
 
-            runs = measure_rounds(servers, body, args.duration, args.concurrency, args.rounds)
+            runs = measure_rounds(
+                servers, workload.body, args.duration, args.concurrency, args.rounds
+            )
             if use_sidecar:
                 served = read_counts(servers["on"][1], STATS_PATH)
                 recorded = sidecar_requests()

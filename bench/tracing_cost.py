@@ -15,7 +15,6 @@ Target: tracing on keeps at least 95% of the req/s with it off. Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import statistics
 import sys
@@ -27,34 +26,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
 from bench._results import write_results
-from bench.models import INPUT_DIM, MODEL_NAME, build_repository
 from bench.monitor_cost import (
     Run,
     measure_rounds,
     paired_ratios,
-    serve_command,
+    prepare_workload,
+    start_gateway,
     summarize,
+    wait_and_warm,
 )
 from bench.serving import (
-    INFER_PATH,
     REPO_ROOT,
     Server,
-    check_http,
     console,
     fmt,
     free_port,
-    http_body,
     machine_info,
-    retry,
-    run_hey,
 )
 
 TARGET_RATIO = 0.95
@@ -141,21 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     kept: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ttc-") as tmp:
         work = Path(tmp)
-        repo = build_repository(work / "models")
-        x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        model = str(repo / MODEL_NAME / "1" / "model.onnx")
-        expected = ort.InferenceSession(model, options).run(None, {"input": x})[0]
-        body = work / "body.json"
-        body.write_bytes(http_body(x))
+        workload = prepare_workload(work)
         servers: dict[str, tuple[Server, int]] = {}
         try:
             for mode in ("off", "on"):
-                state = work / f"state-{mode}"
-                state.mkdir()
-                config = work / f"turnout-{mode}.yaml"
-                config.write_text(f"state_dir: {state}\n")
                 env = {"TURNOUT_MONITOR_METRICS_PORT": str(sidecar_ports[mode])}
                 if mode == "on":
                     env |= {
@@ -166,19 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 else:
                     env["TURNOUT_MONITOR_TRACES"] = "none"
-                port = free_port()
-                server = Server(serve_command(repo, config, port, []), work / f"{mode}.log", env)
-                console.print(" ".join(server.command), style="dim")
-                server.start()
-                servers[mode] = (server, port)
-            for mode, (server, port) in servers.items():
-                took = server.wait_ready()
-                retry(lambda port=port: check_http(port, x, expected), f"{mode} HTTP check")
-                console.print(f"tracing {mode}: ready after {took:.1f} s")
-                with contextlib.suppress(Exception):  # warm-up
-                    run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", body, 2, 16)
+                servers[mode] = start_gateway(work, workload, mode, [], env)
+            wait_and_warm(servers, workload, "tracing")
             runs = measure_rounds(
-                servers, body, args.duration, args.concurrency, args.rounds, label="tracing"
+                servers, workload.body, args.duration, args.concurrency, args.rounds, "tracing"
             )
             kept = traces_kept(sidecar_ports["on"])
         finally:

@@ -14,14 +14,34 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from model_zoo import standard_repository
 
 from gateway.backends.base import ReplicaBackend
+from gateway.grpc.messages import message
 from gateway.server import Gateway
 from gateway.settings import ServerSettings
 
 _FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
+
+
+def model_infer_stub(channel: grpc.Channel) -> Any:
+    """ModelInfer on a raw channel (``with_call`` gives the trailing metadata)."""
+    return channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=message("ModelInferRequest").SerializeToString,
+        response_deserializer=message("ModelInferResponse").FromString,
+    )
+
+
+def add_sub_request(model: str, a: list[float], b: list[float]) -> Any:
+    """A ModelInferRequest of one FP32 row for add_sub-shaped models (inputs a and b)."""
+    request = message("ModelInferRequest")(model_name=model)
+    for name, data in (("a", a), ("b", b)):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, len(data)],
+                           contents={"fp32_contents": data})  # fmt: skip
+    return request
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

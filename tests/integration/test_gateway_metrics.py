@@ -15,16 +15,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import GatewayThread, local_settings
+from conftest import GatewayThread, add_sub_request, local_settings, model_infer_stub
 from prometheus_client.parser import text_string_to_metric_families
-
-from gateway.grpc.messages import message
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 MODEL = "add_sub"
 A = [1.0, 2.0, 3.0, 4.0]
-_Request = message("ModelInferRequest")
-_Response = message("ModelInferResponse")
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +56,7 @@ def infer_body(inputs: tuple[str, ...] = ("a", "b")) -> bytes:
 
 def grpc_infer(gateway: GatewayThread) -> None:
     with grpc.insecure_channel(gateway.grpc_url) as channel:
-        stub = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=_Request.SerializeToString,
-            response_deserializer=_Response.FromString,
-        )
-        request = _Request(model_name=MODEL)
-        for name in ("a", "b"):
-            request.inputs.add(
-                name=name, datatype="FP32", shape=[1, 4], contents={"fp32_contents": A}
-            )
-        stub(request, timeout=10)
+        model_infer_stub(channel)(add_sub_request(MODEL, A, A), timeout=10)
 
 
 def scrape(url: str, accept: str = "") -> tuple[str, str]:

@@ -12,18 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import GatewayThread, local_settings
+from conftest import GatewayThread, add_sub_request, local_settings, model_infer_stub
 from monitor_harness import PROMETHEUS, query, run_prometheus, run_sidecar
-
-from gateway.grpc.messages import message
 
 MODEL = "add_sub"
 HTTP_REQUESTS = 400
 GRPC_REQUESTS = 100
 EVENTUALLY_S = 45.0
 A = [1.0, 2.0, 3.0, 4.0]
-_Request = message("ModelInferRequest")
-_Response = message("ModelInferResponse")
 
 pytestmark = pytest.mark.skipif(
     not Path(PROMETHEUS).exists(), reason="prometheus missing (apt-get install prometheus)"
@@ -42,16 +38,8 @@ def send_traffic(gateway: GatewayThread) -> collections.Counter[tuple[str, str]]
         with urllib.request.urlopen(request, timeout=10) as response:
             served[("http", json.loads(response.read())["model_version"])] += 1
     with grpc.insecure_channel(gateway.grpc_url) as channel:
-        stub = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=_Request.SerializeToString,
-            response_deserializer=_Response.FromString,
-        )
-        request = _Request(model_name=MODEL)
-        for name in ("a", "b"):
-            request.inputs.add(
-                name=name, datatype="FP32", shape=[1, 4], contents={"fp32_contents": A}
-            )
+        stub = model_infer_stub(channel)
+        request = add_sub_request(MODEL, A, A)
         for _ in range(GRPC_REQUESTS):
             served[("grpc", stub(request, timeout=10).model_version)] += 1
     return served

@@ -22,22 +22,19 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import GatewayThread, local_settings
+from conftest import GatewayThread, add_sub_request, local_settings, model_infer_stub
 from model_zoo import add_sub, write_repository
 from monitor_harness import free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from oteltest.sink import GrpcSink, HttpSink
 from oteltest.sink.handler import RequestHandler
 
-from gateway.grpc.messages import message
 from gateway.tracing import parse_traceparent
 from monitor.server import MonitorServer
 from monitor.settings import MonitorSettings
 
 EVENTUALLY_S = 20.0
 SLOW_MS = 150.0
-_Request = message("ModelInferRequest")
-_Response = message("ModelInferResponse")
 A = [1.0, 2.0, 3.0, 4.0]
 B = [0.5, 0.5, 0.5, 0.5]
 SERVER_ERROR = 2  # OTLP Status.STATUS_CODE_ERROR
@@ -204,16 +201,8 @@ def http_infer(
 
 def grpc_infer(stack: Stack, model: str, header: str) -> tuple[grpc.StatusCode, dict[str, str]]:
     with grpc.insecure_channel(stack.gateway.grpc_url) as channel:
-        stub = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=_Request.SerializeToString,
-            response_deserializer=_Response.FromString,
-        )
-        request = _Request(model_name=model)
-        for name, data in (("a", A), ("b", B)):
-            request.inputs.add(
-                name=name, datatype="FP32", shape=[1, 4], contents={"fp32_contents": data}
-            )
+        stub = model_infer_stub(channel)
+        request = add_sub_request(model, A, B)
         try:
             _, call = stub.with_call(request, metadata=[("traceparent", header)], timeout=10)
         except grpc.RpcError as error:
