@@ -151,6 +151,12 @@ x = http.InferInput("features", [1, {FEATURES}], "FP32")
 x.set_data_from_numpy(np.random.rand(1, {FEATURES}).astype(np.float32))
 print(client.infer("{MODEL}", [x]).as_numpy("probabilities"))
 EOF
+
+Watch it: requests per version, arm, protocol and status; the sidecar's drift and latency.
+
+  curl -s localhost:{http_port}/metrics | grep '^turnout_requests_total'
+  turnout monitor status {MODEL}
+  # traces: restart with OTEL_EXPORTER_OTLP_ENDPOINT=http://<collector>:4318 make demo
 """
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -33,6 +35,7 @@ from gateway.tracing import parse_traceparent
 from monitor.server import MonitorServer
 from monitor.settings import MonitorSettings
 
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 EVENTUALLY_S = 20.0
 SLOW_MS = 150.0
 A = [1.0, 2.0, 3.0, 4.0]
@@ -354,3 +357,18 @@ def test_a_grpc_error_carries_the_traceparent_in_its_trailers(stack: Stack) -> N
     code, trailers = grpc_infer(stack, "no_such_model", header)
     assert code == grpc.StatusCode.NOT_FOUND
     answered_span(trailers, trace_id)
+
+
+@pytest.mark.skipif(
+    not Path(PROMTOOL).exists(), reason="promtool missing (apt-get install prometheus)"
+)
+def test_the_sidecars_metrics_with_tracing_on_satisfy_promtool(stack: Stack) -> None:
+    with urllib.request.urlopen(f"{stack.monitor.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "turnout_monitor_traces_kept_total" in text and "turnout_monitor_spans_total" in text
+    result = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and not result.stdout and not result.stderr, (
+        result.stdout + result.stderr
+    )
