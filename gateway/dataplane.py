@@ -178,7 +178,8 @@ class DataPlane:
         return {name: list(versions) for name, versions in list(self._models.items())}
 
     def loaded_models(self) -> list[LoadedModel]:
-        return [m for versions in self._models.values() for m in versions.values()]
+        # Copies: a scrape on the metrics thread may run while the loop loads a version.
+        return [m for versions in list(self._models.values()) for m in list(versions.values())]
 
     def get_model(self, name: str, version: str = "") -> LoadedModel:
         """The loaded version named, or the highest one; NOT_FOUND names what is missing."""
