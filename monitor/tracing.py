@@ -191,6 +191,7 @@ class Tracer:
         self._base_resource = _base_resource()
         self._resources: dict[str, Resource] = {}
         self._kept_traces: dict[str, float] = {}
+        """Trace id -> when its request was kept, oldest first: shadow calls look here."""
         self._pending_shadows: collections.deque[tuple[float, RecordBatch, int]] = (
             collections.deque()
         )
@@ -219,7 +220,9 @@ class Tracer:
             if reason is None:
                 continue
             self._keep(reason)
-            self._kept_traces[batch.columns["trace_id"][index]] = now
+            trace_id = batch.columns["trace_id"][index]
+            self._kept_traces.pop(trace_id, None)  # re-inserted last: the dict stays in time order
+            self._kept_traces[trace_id] = now
             self._emit(self._request_spans(batch, index, resource, reason, links))
         self._emit(self._batch_spans(batch, resource, links))
 
@@ -236,11 +239,13 @@ class Tracer:
             self._emit(self._shadow_spans(batch, index, self._resource(batch), "trace", links))
         for batch, links in by_batch.values():
             self._emit(self._batch_spans(batch, self._resource(batch), links))
-        if self._kept_traces:
-            horizon = now - KEPT_TRACE_MEMORY_S
-            stale = [t for t, seen in self._kept_traces.items() if seen < horizon]
-            for trace in stale:
-                del self._kept_traces[trace]
+        kept = self._kept_traces
+        horizon = now - KEPT_TRACE_MEMORY_S
+        while kept:  # oldest first: stops at the first fresh one, so O(what expired)
+            oldest = next(iter(kept))
+            if kept[oldest] >= horizon:
+                break
+            del kept[oldest]
 
     def shutdown(self) -> None:
         self.processor.shutdown()

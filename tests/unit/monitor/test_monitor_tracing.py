@@ -193,6 +193,20 @@ def test_shadow_spans_follow_their_primary_decision(exporter: InMemorySpanExport
     assert {s.context.span_id for s in batch} >= {90}
     assert 91 not in {s.context.span_id for s in batch}
     assert tracer.kept["trace"] == 1
+    # Kept traces are remembered for 30 s, no longer: a shadow record later than that is not.
+    tracer.tick(45.0)
+    late = frame(
+        1,
+        version=2,
+        kind=["shadow"],
+        arm=["shadow"],
+        trace_id=primary.columns["trace_id"][:1],
+        parent_id=primary.columns["span_id"][:1],
+        batch_id=np.array([92], np.uint64),
+    )
+    tracer.add(late, now=45.0)
+    tracer.tick(46.5)
+    assert tracer.kept["trace"] == 1
 
 
 def test_the_p99_of_the_last_window_keeps_outliers(exporter: InMemorySpanExporter) -> None:
