@@ -24,7 +24,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "max_queue_delay_us": 500,
     "max_queue_size": 4096,
     "num_replicas": 1,
-    "max_inflight_batches": 2,
     "intra_op_threads": 1,
 }
 

@@ -42,6 +42,7 @@ Tensors = dict[str, np.ndarray[Any, Any]]
 # A backend call answers with the outputs, or the outputs and where they were computed.
 RunBatch = Callable[[Tensors], Awaitable[Tensors | tuple[Tensors, Placement]]]
 _random_bits = random.getrandbits
+DEFAULT_INFLIGHT_BATCHES = 2  # when neither the model's config nor its backend says
 
 
 @dataclass(slots=True)
@@ -102,7 +103,8 @@ class Batcher:
         self._delay_s = config.max_queue_delay_us / 1e6 if self._batchable else 0.0
         self._preferred = sorted(set(config.preferred_batch_sizes)) if self._batchable else []
         self._max_queue = config.max_queue_size
-        self._slots_total = max(1, replicas * config.max_inflight_batches)
+        per_replica = config.max_inflight_batches or DEFAULT_INFLIGHT_BATCHES
+        self._slots_total = max(1, replicas * per_replica)
         self.default_timeout_s = config.default_timeout_us / 1e6
         self.stats = BatchStats()
         self._queue: deque[_Pending] = deque()

@@ -7,6 +7,7 @@ decision (which version, is the request valid, how it is batched) is made here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -119,6 +120,10 @@ class DataPlane:
         self._ready = True
 
     async def load(self, spec: ModelSpec) -> LoadedModel:
+        if spec.config.max_inflight_batches is None:
+            inflight = self.backend.default_inflight_batches
+            config = spec.config.model_copy(update={"max_inflight_batches": inflight})
+            spec = dataclasses.replace(spec, config=config)
         await self.backend.load(spec)
 
         async def run_batch(inputs: Tensors) -> tuple[Tensors, Placement]:

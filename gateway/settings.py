@@ -54,8 +54,10 @@ class ModelConfig(BaseModel):
     default_timeout_us: int = Field(default=30_000_000, ge=1)
     """Request timeout when the client sets none (gRPC deadline or HTTP ``timeout``)."""
 
-    max_inflight_batches: int = Field(default=2, ge=1)
-    """Batches in flight at once per replica, so the next batch is ready when one ends."""
+    max_inflight_batches: int | None = Field(default=None, ge=1)
+    """Batches in flight at once per replica; unset: the backend's default (``local`` 2, so
+    the next batch is ready when one ends; ``ray`` 1, because every Ray call costs
+    milliseconds of CPU and fewer, fuller calls serve more: see docs/configuration.md)."""
 
     num_replicas: int = Field(default=1, ge=1)
     """Replicas of each version (Ray backend: Serve replicas; local: concurrent sessions)."""

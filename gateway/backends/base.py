@@ -27,6 +27,8 @@ class ReplicaBackend(ABC):
     """Runs ONNX models somewhere; the batcher calls ``infer`` once per batch."""
 
     name: str
+    default_inflight_batches: int = 2
+    """``max_inflight_batches`` for models whose config leaves it unset."""
 
     async def start(self) -> None:  # noqa: B027 (optional hook)
         """Acquire what the backend needs (threads, a Ray connection)."""

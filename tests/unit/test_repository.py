@@ -213,3 +213,30 @@ def test_parse_version_errors(version: str) -> None:
 def test_parse_version_superscript_digit() -> None:
     with pytest.raises(ModelNotFound):
         parse_version("m", "\u00b2")
+
+
+async def test_unset_inflight_batches_take_the_backends_default(tmp_path: Path) -> None:
+    """Local keeps two batches in flight per replica, Ray one; a config value wins."""
+    from gateway.backends.local import LocalBackend
+    from gateway.dataplane import DataPlane
+
+    model_zoo.write_repository(
+        tmp_path,
+        {
+            "unset": (model_zoo.add_sub, {"max_batch_size": 4}, [1]),
+            "set": (model_zoo.add_sub, {"max_batch_size": 4, "max_inflight_batches": 3}, [1]),
+        },
+    )
+
+    class OneInFlight(LocalBackend):
+        default_inflight_batches = 1
+
+    for backend, unset_gets in ((LocalBackend(), 2), (OneInFlight(), 1)):
+        plane = DataPlane(Repository(tmp_path, ServerSettings()), backend)
+        await plane.start()
+        try:
+            configs = {m.spec.name: m.spec.config for m in plane.loaded_models()}
+            assert configs["unset"].max_inflight_batches == unset_gets
+            assert configs["set"].max_inflight_batches == 3
+        finally:
+            await plane.stop()

@@ -167,7 +167,7 @@ def test_model_config_defaults() -> None:
     assert config.preferred_batch_sizes == []
     assert config.max_queue_size == 1024
     assert config.default_timeout_us == 30_000_000
-    assert config.max_inflight_batches == 2
+    assert config.max_inflight_batches is None  # the backend's default
     assert config.device == "cpu"
 
 
@@ -182,7 +182,7 @@ def test_model_config_merge_order(tmp_path: Path) -> None:
     assert config.max_batch_size == 32  # models.x beats config.yaml beats model_defaults
     assert config.max_queue_delay_us == 200  # config.yaml beats model_defaults
     assert config.max_queue_size == 10  # model_defaults beats the built-in default
-    assert config.max_inflight_batches == 2  # built-in default
+    assert config.max_inflight_batches is None  # built-in default: the backend's
 
 
 def test_model_config_without_a_file(tmp_path: Path) -> None:
