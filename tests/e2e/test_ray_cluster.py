@@ -29,9 +29,8 @@ def cluster() -> Iterator[Any]:
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, namespace="turnout", log_to_driver=False)
     yield nodes
-    from ray import serve
-
-    serve.shutdown()
+    # Not serve.shutdown(): the gateway's handles lived on its event loop, closed by now;
+    # the Serve controller goes with the cluster.
     ray.shutdown()
     nodes.shutdown()
 
