@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,7 @@ GRPC_METHOD = "ModelInfer"
 DEFAULT_SERVICE_NAME = "turnout-gateway"
 SHADOW_DECISION_DELAY_S = 1.0
 KEPT_TRACE_MEMORY_S = 30.0
+SHUTDOWN_TIMEOUT_S = 5.0
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _P99 = QUANTILES.index(0.99)
 _SCOPE = InstrumentationScope("turnout.monitor", "0.1.0")
@@ -180,11 +182,17 @@ class Tracer:
     """
 
     def __init__(
-        self, settings: MonitorSettings, state: MonitorState, processor: SpanProcessor
+        self,
+        settings: MonitorSettings,
+        state: MonitorState,
+        processor: SpanProcessor,
+        exporter: SpanExporter | None = None,
     ) -> None:
         self.state = state
         self.sampler = TailSampler(settings)
         self.processor = processor
+        self.exporter = exporter
+        """The processor's exporter, shut down to cut retries short when stopping."""
         self.records_seen = 0
         self.kept: dict[str, int] = dict.fromkeys(KEEP_REASONS, 0)
         self.spans = 0
@@ -247,8 +255,16 @@ class Tracer:
                 break
             del kept[oldest]
 
-    def shutdown(self) -> None:
-        self.processor.shutdown()
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Export what is queued, waiting at most ``timeout_s`` for a slow or absent collector
+        (the SDK would retry each batch for up to its export timeout)."""
+        stopping = threading.Thread(target=self.processor.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
+        if stopping.is_alive() and self.exporter is not None:
+            log.warning("spans not exported within %.0f s of stopping: dropped", timeout_s)
+            self.exporter.shutdown()  # ends the retry loop; the processor then returns
+            stopping.join(timeout_s)
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         return self.processor.force_flush(int(timeout_s * 1000))
@@ -598,5 +614,5 @@ def build_tracer(settings: MonitorSettings, state: MonitorState) -> Tracer | Non
         return None
     if settings.traces == "auto" and trace_endpoint(settings) is None:
         return None
-    processor = BatchSpanProcessor(build_exporter(settings))
-    return Tracer(settings, state, processor)
+    exporter = build_exporter(settings)
+    return Tracer(settings, state, BatchSpanProcessor(exporter), exporter)

@@ -4,13 +4,19 @@ for a collector (the OTLP path itself: tests/integration/test_tracing_otlp.py)."
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import gateway.errors as errors
@@ -275,3 +281,31 @@ def test_the_p99_rule_keeps_the_slowest_within_one_percent() -> None:
     assert kept <= 0.01 * 100 * 1000 + 50  # the share, plus the burst saved at the start
     assert kept >= 0.009 * 100 * 1000
     assert all(slowest_kept)
+
+
+class StuckExporter(SpanExporter):
+    """A collector that never answers until the exporter is shut down."""
+
+    def __init__(self) -> None:
+        self.exporting = threading.Event()
+        self.released = threading.Event()
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.exporting.set()
+        self.released.wait(120)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self.released.set()
+
+
+def test_stopping_does_not_wait_on_a_collector_that_never_answers() -> None:
+    settings = MonitorSettings(trace_sample_ratio=1.0)
+    stuck = StuckExporter()
+    processor = BatchSpanProcessor(stuck, schedule_delay_millis=10)
+    tracer = Tracer(settings, MonitorState(settings), processor, stuck)
+    tracer.add(frame(10), 0.0)
+    assert stuck.exporting.wait(10)
+    tracer.shutdown(timeout_s=0.1)
+    # The export in progress was cut short by shutting the exporter down.
+    assert stuck.released.is_set()
