@@ -40,14 +40,14 @@ import math
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
@@ -59,6 +59,7 @@ from monitor.state import QUANTILES, MonitorState
 __all__ = [
     "GRPC_CODES",
     "KEEP_REASONS",
+    "CountingExporter",
     "TailSampler",
     "Tracer",
     "build_exporter",
@@ -75,6 +76,8 @@ DEFAULT_SERVICE_NAME = "turnout-gateway"
 SHADOW_DECISION_DELAY_S = 1.0
 KEPT_TRACE_MEMORY_S = 30.0
 SHUTDOWN_TIMEOUT_S = 5.0
+DEFAULT_QUEUE_SIZE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
+MAX_SPANS_PER_REQUEST = 5  # server, route, queue, execute, and its share of a batch span
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _P99 = QUANTILES.index(0.99)
 _SCOPE = InstrumentationScope("turnout.monitor", "0.1.0")
@@ -187,12 +190,17 @@ class Tracer:
         state: MonitorState,
         processor: SpanProcessor,
         exporter: SpanExporter | None = None,
+        capacity: int | None = None,
     ) -> None:
         self.state = state
         self.sampler = TailSampler(settings)
         self.processor = processor
         self.exporter = exporter
         """The processor's exporter, shut down to cut retries short when stopping."""
+        self.capacity = capacity
+        """Spans the processor queues; beyond it (counted by a ``CountingExporter``) kept
+        requests are dropped whole and counted in ``traces_dropped``."""
+        self.traces_dropped = 0
         self.records_seen = 0
         self.kept: dict[str, int] = dict.fromkeys(KEEP_REASONS, 0)
         self.spans = 0
@@ -219,15 +227,13 @@ class Tracer:
         links: dict[int, list[Link]] = {}
         for index, reason in enumerate(reasons):
             if kinds[index] == "shadow":
-                if reason is not None:
-                    self._keep(reason)
-                    self._emit(self._shadow_spans(batch, index, resource, reason, links))
-                else:
+                if reason is None:
                     self._pending_shadows.append((now, batch, index))
+                elif self._keep(reason):
+                    self._emit(self._shadow_spans(batch, index, resource, reason, links))
                 continue
-            if reason is None:
+            if reason is None or not self._keep(reason):
                 continue
-            self._keep(reason)
             trace_id = batch.columns["trace_id"][index]
             self._kept_traces.pop(trace_id, None)  # re-inserted last: the dict stays in time order
             self._kept_traces[trace_id] = now
@@ -242,7 +248,8 @@ class Tracer:
             _, batch, index = pending.popleft()
             if batch.columns["trace_id"][index] not in self._kept_traces:
                 continue
-            self._keep("trace")
+            if not self._keep("trace"):
+                continue
             _, links = by_batch.setdefault(id(batch), (batch, {}))
             self._emit(self._shadow_spans(batch, index, self._resource(batch), "trace", links))
         for batch, links in by_batch.values():
@@ -271,8 +278,22 @@ class Tracer:
 
     # -- decisions -----------------------------------------------------------------------
 
-    def _keep(self, reason: str) -> None:
+    def _keep(self, reason: str) -> bool:
+        """Count a kept request; False when the exporter is too far behind to take its spans.
+
+        Dropping here, before building anything, spares the CPU and the SDK's warning per
+        span it drops from a full queue.
+        """
         self.kept[reason] += 1
+        exporter = self.exporter
+        if (
+            isinstance(exporter, CountingExporter)
+            and self.capacity
+            and self.spans - exporter.finished > self.capacity - MAX_SPANS_PER_REQUEST
+        ):
+            self.traces_dropped += 1
+            return False
+        return True
 
     def _refresh_p99(self) -> None:
         p99: dict[tuple[str, int, str], float] = {}
@@ -614,5 +635,28 @@ def build_tracer(settings: MonitorSettings, state: MonitorState) -> Tracer | Non
         return None
     if settings.traces == "auto" and trace_endpoint(settings) is None:
         return None
-    exporter = build_exporter(settings)
-    return Tracer(settings, state, BatchSpanProcessor(exporter), exporter)
+    exporter = CountingExporter(build_exporter(settings))
+    capacity = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") or DEFAULT_QUEUE_SIZE)
+    processor = BatchSpanProcessor(exporter, max_queue_size=capacity)
+    return Tracer(settings, state, processor, exporter, capacity)
+
+
+class CountingExporter(SpanExporter):
+    """Passes spans on to ``inner`` and counts those it is done with (sent or failed), so the
+    tracer knows how many wait in the processor's queue."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.finished = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            return self.inner.export(spans)
+        finally:
+            self.finished += len(spans)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)

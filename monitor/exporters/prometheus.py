@@ -292,6 +292,11 @@ class MonitorCollector(Collector):
             "turnout_monitor_spans", "Spans handed to the OTLP exporter", value=tracer.spans
         )
         yield CounterMetricFamily(
+            "turnout_monitor_traces_dropped",
+            "Kept requests whose spans were dropped because the exporter was too far behind",
+            value=tracer.traces_dropped,
+        )
+        yield CounterMetricFamily(
             "turnout_monitor_frames_untraced",
             "Record frames applied whose spans could not be built",
             value=self.state.frames_untraced,

@@ -25,6 +25,7 @@ from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
 from monitor.tracing import (
     GRPC_CODES,
+    CountingExporter,
     TailSampler,
     Tracer,
     build_tracer,
@@ -309,3 +310,28 @@ def test_stopping_does_not_wait_on_a_collector_that_never_answers() -> None:
     tracer.shutdown(timeout_s=0.1)
     # The export in progress was cut short by shutting the exporter down.
     assert stuck.released.is_set()
+
+
+def test_a_backlogged_exporter_drops_whole_requests_before_the_queue_overflows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = MonitorSettings(trace_sample_ratio=1.0)
+    stuck = StuckExporter()
+    counting = CountingExporter(stuck)
+    capacity = 40
+    processor = BatchSpanProcessor(
+        counting, max_queue_size=capacity, max_export_batch_size=8, schedule_delay_millis=10
+    )
+    tracer = Tracer(settings, MonitorState(settings), processor, counting, capacity)
+    try:
+        tracer.add(frame(2), 0.0)
+        assert stuck.exporting.wait(10)  # the first batch of spans is stuck in export
+        for _ in range(10):
+            tracer.add(frame(5), 0.0)
+        assert tracer.traces_dropped > 0
+        assert tracer.kept["ratio"] == 2 + 50
+        # Never more waiting than the queue holds: the SDK dropped nothing (and said nothing).
+        assert tracer.spans - counting.finished <= capacity + 8
+        assert "Queue full" not in caplog.text
+    finally:
+        tracer.shutdown(timeout_s=0.1)
