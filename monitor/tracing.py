@@ -80,6 +80,7 @@ DEFAULT_QUEUE_SIZE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 MAX_SPANS_PER_REQUEST = 5  # server, route, queue, execute, and its share of a batch span
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _P99 = QUANTILES.index(0.99)
+_UNSET = Status(StatusCode.UNSET)
 _SCOPE = InstrumentationScope("turnout.monitor", "0.1.0")
 
 #: The gateway's HTTP-style statuses as gRPC status codes (docs/errors.md).
@@ -408,7 +409,7 @@ class Tracer:
             resource=resource,
             attributes=attributes,
             kind=SpanKind.SERVER,
-            status=Status(StatusCode.ERROR, error or None) if failed else Status(StatusCode.UNSET),
+            status=Status(StatusCode.ERROR, error or None) if failed else _UNSET,
             start_time=start,
             end_time=end,
             instrumentation_scope=_SCOPE,
@@ -426,14 +427,13 @@ class Tracer:
         rows = int(c["batch_size"][i])
         queue_end = start + enqueue + _ns(c["queue_s"][i]) if rows else end
         yield self._child(
-            "turnout.queue", server, resource, start + enqueue, queue_end, common,
+            "turnout.queue", server, resource, start + enqueue, queue_end, {},
             "" if rows else unqueued_error,
         )  # fmt: skip
         if not rows:
             return
         batch_id = int(c["batch_id"][i])
-        execute = {
-            **common,
+        execute = {  # model and version are the parent's: each attribute costs encoding time
             "turnout.batch.size": rows,
             "turnout.replica": c["replica"][i],
             "turnout.device": c["device"][i],
@@ -447,7 +447,7 @@ class Tracer:
             resource=resource,
             attributes=execute,
             links=link,
-            status=Status(StatusCode.ERROR, error) if status != 200 else Status(StatusCode.UNSET),
+            status=Status(StatusCode.ERROR, error) if status != 200 else _UNSET,
             start_time=queue_end,
             end_time=queue_end + _ns(c["batch_s"][i]),
             instrumentation_scope=_SCOPE,
@@ -497,7 +497,7 @@ class Tracer:
             attributes=attributes,
             links=[Link(_batch_context(batch_id))] if batch_id else [],
             kind=SpanKind.INTERNAL,
-            status=Status(StatusCode.ERROR, error) if status != 200 else Status(StatusCode.UNSET),
+            status=Status(StatusCode.ERROR, error) if status != 200 else _UNSET,
             start_time=start,
             end_time=start + _ns(c["total_s"][i]),
             instrumentation_scope=_SCOPE,
@@ -561,7 +561,7 @@ class Tracer:
             parent=parent,
             resource=resource,
             attributes=attributes,
-            status=Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET),
+            status=Status(StatusCode.ERROR, error) if error else _UNSET,
             start_time=start,
             end_time=max(start, end),
             instrumentation_scope=_SCOPE,
