@@ -234,8 +234,14 @@ def start_gateway(
     return server, port
 
 
-def wait_and_warm(servers: dict[str, tuple[Server, int]], workload: Workload, label: str) -> None:
-    """Each gateway ready, answering right, and warmed up."""
+def wait_and_warm(
+    servers: dict[str, tuple[Server, int]],
+    workload: Workload,
+    label: str,
+    warm_s: float = 2,
+    concurrency: int = 16,
+) -> None:
+    """Each gateway ready, answering right, and warmed up with ``warm_s`` of load."""
     for mode, (server, port) in servers.items():
         took = server.wait_ready()
         retry(
@@ -243,7 +249,7 @@ def wait_and_warm(servers: dict[str, tuple[Server, int]], workload: Workload, la
         )
         console.print(f"{label} {mode}: ready after {took:.1f} s")
         with contextlib.suppress(Exception):  # warm-up
-            run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", workload.body, 2, 16)
+            run_hey(f"http://127.0.0.1:{port}{INFER_PATH}", workload.body, warm_s, concurrency)
 
 
 def measure_rounds(

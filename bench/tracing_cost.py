@@ -7,9 +7,10 @@ and exports the spans with OTLP/HTTP to a receiver in this process that decodes 
 them. HTTP load from ``hey`` at c64 alternates between the two gateways, ``--rounds`` times
 each. The gateway's work is identical either way (it always records ids and timings);
 what tracing adds is the sidecar's CPU, which shares the machine's cores with the gateway.
-Target: tracing on keeps at least 95% of the req/s with it off. Usage:
+Target: tracing on keeps at least 95% of the req/s with it off (median of the paired
+rounds). Usage:
 
-  python -m bench.tracing_cost [--duration 10] [--concurrency 64] [--rounds 4]
+  python -m bench.tracing_cost [--duration 10] [--concurrency 64] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, default=10, help="seconds per load run")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4, help="off/on pairs, alternating")
+    parser.add_argument("--rounds", type=int, default=6, help="off/on pairs, alternating")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     env["TURNOUT_MONITOR_TRACES"] = "none"
                 servers[mode] = start_gateway(work, workload, mode, [], env)
-            wait_and_warm(servers, workload, "tracing")
+            # Warm at the measured load: the first window's statistics and the exporter's
+            # connection are set up before round 0, not during it.
+            wait_and_warm(servers, workload, "tracing", warm_s=5, concurrency=args.concurrency)
             runs = measure_rounds(
                 servers, workload.body, args.duration, args.concurrency, args.rounds, "tracing"
             )
@@ -163,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = on.rps_mean / off.rps_mean if on.rps_mean and off.rps_mean else None
     pairs = paired_ratios(runs, args.rounds)
     paired_median = statistics.median(pairs) if pairs else None
-    verdict = "PASS" if ratio is not None and ratio >= TARGET_RATIO else "FAIL"
+    # The verdict is the median of the paired rounds (each pair ran back to back): single
+    # rounds on a shared 2-core machine swing by more than the cost being measured.
+    verdict = "PASS" if paired_median is not None and paired_median >= TARGET_RATIO else "FAIL"
     console.print(
         f"HTTP c{args.concurrency}: tracing off {fmt(off.rps_mean, 0)} req/s "
         f"(p99 {fmt(off.p99_ms_mean)} ms), on {fmt(on.rps_mean, 0)} req/s "
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     colour = "green" if verdict == "PASS" else "red"
     console.print(
         f"[{colour}]{verdict}[/{colour}] tracing on keeps >= {TARGET_RATIO:.0%} of req/s: "
-        f"ratio {fmt(ratio, 3)}"
+        f"median of paired rounds {fmt(paired_median, 3)} (ratio of means {fmt(ratio, 3)})"
     )
     path = write_results(
         "tracing-cost",
@@ -208,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             "traces_kept": kept,
             "trace_records": records,
             "spans_received": receiver.spans,
-            "target": {"name": f"on/off req/s >= {TARGET_RATIO}", "verdict": verdict},
+            "target": {
+                "name": f"median of paired on/off req/s >= {TARGET_RATIO}",
+                "verdict": verdict,
+            },
         },
     )
     console.print(f"results: {path}")
