@@ -5,46 +5,26 @@ gauge, and the webhook must get exactly one firing alert."""
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from monitor_frames import record_batch
 from monitor_harness import PROMETHEUS, WAIT_S, Webhook, query, run_prometheus, run_sidecar
 
 from monitor.profiles import build_profile, features_of, save_profile
-from monitor.records import RecordBatch, encode_frame
+from monitor.records import encode_frame
 
 pytestmark = pytest.mark.slow
 
 MODEL = "iris"
 PSI = 'turnout_drift_psi{model="iris",version="1",feature="x[0]",window="last"}'
 THRESHOLD = 'turnout_drift_threshold{model="iris",version="1",feature="x[0]",statistic="psi"}'
-
-
-def _batch(x: np.ndarray[Any, Any]) -> RecordBatch:
-    n = len(x)
-    total = np.full(n, 0.01)
-    columns = {
-        "revision": np.ones(n, np.int64),
-        "arm": ["stable"] * n,
-        "status": np.full(n, 200, np.int16),
-        "start_ns": np.full(n, time.time_ns(), np.int64),
-        "queue_s": total / 10,
-        "batch_s": total / 2,
-        "total_s": total,
-        "batch_size": np.full(n, 4, np.int32),
-        "trace_id": [secrets.token_hex(16) for _ in range(n)],
-        "span_id": [secrets.token_hex(8) for _ in range(n)],
-        "request_id": [str(i) for i in range(n)],
-    }
-    return RecordBatch(MODEL, 1, columns, np.arange(n, dtype=np.int64), {"x": x}, {})
 
 
 @pytest.fixture
@@ -100,7 +80,9 @@ def test_prometheus_sees_drift_cross_the_threshold_and_one_alert_is_sent(
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             while time.monotonic() < end:
                 x = np.column_stack([rng.normal(size=200) + shift, rng.normal(5.0, 2.0, 200)])
-                sock.sendto(encode_frame(_batch(x)), str(socket_file))
+                sock.sendto(
+                    encode_frame(record_batch(MODEL, 1, {"x": x}, total_s=0.01)), str(socket_file)
+                )
                 time.sleep(0.25)
 
     # Normal traffic until Prometheus has scraped both gauges: no drift, nothing sent.

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from monitor_frames import record_batch
 
 from monitor.profiles import build_profile, features_of, save_profile
-from monitor.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
 
@@ -54,27 +54,6 @@ def _load(name: str) -> tuple[list[str], np.ndarray[Any, Any], np.ndarray[Any, A
     return names, features.reshape(len(rows), len(names)), np.asarray(targets)
 
 
-def _batch(model: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> RecordBatch:
-    """One record batch with every row sampled, as the gateway sends it."""
-    n = len(y)
-    total = np.full(n, 0.01)
-    columns = {
-        "revision": np.ones(n, np.int64),
-        "arm": ["stable"] * n,
-        "status": np.full(n, 200, np.int16),
-        "start_ns": np.full(n, time.time_ns(), np.int64),
-        "queue_s": total / 10,
-        "batch_s": total / 2,
-        "total_s": total,
-        "batch_size": np.full(n, 1, np.int32),
-        "trace_id": [""] * n,
-        "span_id": [""] * n,
-        "request_id": [str(i) for i in range(n)],
-    }
-    inputs = {"x": x} if x.shape[1] else {}
-    return RecordBatch(model, 1, columns, np.arange(n, dtype=np.int64), inputs, {"y": y})
-
-
 def _drift(name: str, tmp_path: Path) -> dict[str, Any]:
     """The sidecar's view of the last 30% against a profile of the first 30%: per feature,
     its statistics (window and slow), thresholds and the statistics that drifted."""
@@ -87,7 +66,9 @@ def _drift(name: str, tmp_path: Path) -> dict[str, Any]:
     settings = MonitorSettings(state_dir=tmp_path, min_window_rows=30, slow_sample_size=k)
     save_profile(profile, settings.profiles_path())
     state = MonitorState(settings)
-    state.apply(_batch(name.lower(), x[-k:], y[-k:]), time.time())
+    inputs = {"x": x[-k:]} if x.shape[1] else {}
+    batch = record_batch(name.lower(), 1, inputs, {"y": y[-k:]}, traced=False, total_s=0.01)
+    state.apply(batch, time.time())
     state.close_window()
     state.run_slow()
     document = state.snapshot(name.lower())

@@ -4,7 +4,6 @@ process, send it real frames over its socket, scrape it, ask its status, stop it
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import socket
 import subprocess
@@ -18,29 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from monitor_frames import record_batch
 from monitor_harness import run_sidecar
 
-from monitor.records import RecordBatch, encode_frame
-
-
-def _batch(x: np.ndarray, y: np.ndarray, arm: str) -> RecordBatch:
-    n = len(x)
-    total = np.full(n, 0.015)
-    columns = {
-        "revision": np.ones(n, np.int64),
-        "arm": [arm] * n,
-        "status": np.full(n, 200, np.int16),
-        "start_ns": np.full(n, time.time_ns(), np.int64),
-        "queue_s": total / 10,
-        "batch_s": total / 2,
-        "total_s": total,
-        "batch_size": np.full(n, 4, np.int32),
-        "trace_id": [secrets.token_hex(16) for _ in range(n)],
-        "span_id": [secrets.token_hex(8) for _ in range(n)],
-        "request_id": [str(i) for i in range(n)],
-    }
-    sampled = np.arange(n, dtype=np.int64)
-    return RecordBatch("iris", 1, columns, sampled, {"x": x}, {"label": y})
+from monitor.records import encode_frame
 
 
 @pytest.fixture
@@ -85,8 +65,9 @@ def test_profile_serve_scrape_status(state_dir: Path) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             for _ in range(3):
                 x = np.column_stack([rng.normal(size=400) + 1.5, rng.normal(5.0, 2.0, 400)])
-                sock.sendto(encode_frame(_batch(x, rng.integers(0, 3, 400), "canary")),
-                            str(socket_file))  # fmt: skip
+                labels = {"label": rng.integers(0, 3, 400)}
+                batch = record_batch("iris", 1, {"x": x}, labels, arm="canary", total_s=0.015)
+                sock.sendto(encode_frame(batch), str(socket_file))
 
         deadline = time.monotonic() + 30
         document: dict = {}
