@@ -335,42 +335,26 @@ class DataPlane:
                 arm=decision.arm,
             )
         except Exception as exc:
-            total_s = time.perf_counter() - received
+            failure: Exception | None = exc
             status = exc.http_status if isinstance(exc, TurnoutError) else 500
+            error = exc.message if isinstance(exc, TurnoutError) else str(exc)
+        else:
+            failure, status, error = None, 200, ""
+        finally:  # cancelled requests too
             if counted:
                 metrics.in_flight[name] -= 1
-            metrics.observe(
-                name if name in self._models else UNKNOWN_MODEL,
-                str(version) if version > 0 else "",
-                decision.arm if decision is not None and version > 0 else "",
-                request.protocol,
-                status,
-                total_s,
-            )
-            if emitter is not None and version >= 0 and decision is not None:
-                emitter.record(
-                    name,
-                    version,
-                    decision.revision,
-                    decision.arm,
-                    status,
-                    time.time_ns() - int(total_s * 1e9),
-                    received,
-                    entered,
-                    total_s,
-                    timing,
-                    trace,
-                    request.protocol,
-                    request.path,
-                    exc.message if isinstance(exc, TurnoutError) else str(exc),
-                    request.id,
-                )
-            raise
         total_s = time.perf_counter() - received
-        metrics.in_flight[name] -= 1
-        metrics.observe(name, response.model_version, decision.arm, request.protocol, 200, total_s)
-        if emitter is not None:
-            if not batchable:
+        routed = decision is not None and version > 0
+        metrics.observe(
+            name if counted or name in self._models else UNKNOWN_MODEL,
+            str(version) if routed else "",
+            decision.arm if routed and decision is not None else "",
+            request.protocol,
+            status,
+            total_s,
+        )
+        if emitter is not None and version >= 0 and decision is not None:
+            if failure is None and not batchable and tensors is not None and results is not None:
                 # A model without a batch axis: the whole tensor is the request's one row.
                 tensors = {k: v[None] for k, v in tensors.items()}
                 results = {k: v[None] for k, v in results.items()}
@@ -379,7 +363,7 @@ class DataPlane:
                 version,
                 decision.revision,
                 decision.arm,
-                200,
+                status,
                 time.time_ns() - int(total_s * 1e9),
                 received,
                 entered,
@@ -388,12 +372,14 @@ class DataPlane:
                 trace,
                 request.protocol,
                 request.path,
-                "",
+                error,
                 request.id,
                 rows,
-                tensors,
-                results,
+                tensors if failure is None else None,
+                results if failure is None else None,
             )
+        if failure is not None:
+            raise failure
         return response
 
     def _mirror(
