@@ -79,8 +79,9 @@ class InferenceServicer:
         trace = TraceContext.start(
             str(traceparent) if traceparent else None, str(tracestate) if tracestate else None
         )
+        answer_trace = (TRACEPARENT_HEADER, trace.traceparent())
         # Set first so an error's trailers carry it too (abort keeps what was set).
-        context.set_trailing_metadata(((TRACEPARENT_HEADER, trace.traceparent()),))
+        context.set_trailing_metadata((answer_trace,))
         dp = self.dataplane
         try:
             if self.infer_auth is not None:
@@ -100,12 +101,7 @@ class InferenceServicer:
         infer_request.protocol = "grpc"
         infer_request.received = received
         response = await dp.infer(infer_request)
-        context.set_trailing_metadata(
-            (
-                (REVISION_HEADER, str(response.revision)),
-                (TRACEPARENT_HEADER, trace.traceparent()),
-            )
-        )
+        context.set_trailing_metadata(((REVISION_HEADER, str(response.revision)), answer_trace))
         return infer_response_to_proto(response)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
