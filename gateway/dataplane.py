@@ -403,25 +403,23 @@ class DataPlane:
         async def compare() -> None:
             started = time.perf_counter()
             timing = BatchTiming() if emitter is not None else None
+            mirrored: Tensors | None = None
             try:
                 mirrored = await shadow.batcher.submit(tensors, rows, None, timing)
             except Exception as exc:
                 stats.errors += 1
-                if emitter is not None:
-                    took = time.perf_counter() - started
-                    status = exc.http_status if isinstance(exc, TurnoutError) else 500
-                    error = exc.message if isinstance(exc, TurnoutError) else str(exc)
-                    emitter.record_shadow(
-                        name, version, status, started, time.time_ns() - int(took * 1e9),
-                        took, timing, trace.child(), error,
-                    )  # fmt: skip
-                return
+                status = exc.http_status if isinstance(exc, TurnoutError) else 500
+                error = exc.message if isinstance(exc, TurnoutError) else str(exc)
+            else:
+                status, error = 200, ""
             if emitter is not None:
                 took = time.perf_counter() - started
                 emitter.record_shadow(
-                    name, version, 200, started, time.time_ns() - int(took * 1e9),
-                    took, timing, trace.child(), "",
+                    name, version, status, started, time.time_ns() - int(took * 1e9),
+                    took, timing, trace.child(), error,
                 )  # fmt: skip
+            if mirrored is None:
+                return
             try:
                 answered = await primary
             except Exception:
