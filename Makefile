@@ -44,16 +44,17 @@ test-tools:
 	@command -v promtool >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
 
-test: $(STAMP) check-generated test-tools
+# CI runs exactly this: generated code, lint (ruff + mypy --strict) and every test.
+test: $(STAMP) check-generated lint test-tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not e2e"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway monitor tests bench
-	$(VENV)/bin/ruff format --check gateway monitor tests bench
-	$(VENV)/bin/mypy gateway monitor
+	$(VENV)/bin/ruff check gateway monitor turnout_contract tests bench
+	$(VENV)/bin/ruff format --check gateway monitor turnout_contract tests bench
+	$(VENV)/bin/mypy gateway monitor turnout_contract
 
 # Load generators come from Debian: hey (HTTP) and h2load (gRPC, nghttp2-client).
 bench-tools:

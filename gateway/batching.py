@@ -19,11 +19,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from gateway.backends.base import Placement
 from gateway.errors import (
     BackendError,
     DeadlineExceeded,
@@ -33,28 +31,16 @@ from gateway.errors import (
     TurnoutError,
 )
 from gateway.settings import ModelConfig
+from turnout_contract.records import BatchTiming, Placement, Tensors
 
 __all__ = ["BatchStats", "BatchTiming", "Batcher", "RunBatch", "Tensors"]
 
 log = logging.getLogger(__name__)
 
-Tensors = dict[str, np.ndarray[Any, Any]]
 # A backend call answers with the outputs, or the outputs and where they were computed.
 RunBatch = Callable[[Tensors], Awaitable[Tensors | tuple[Tensors, Placement]]]
 _random_bits = random.getrandbits
 DEFAULT_INFLIGHT_BATCHES = 2  # when neither the model's config nor its backend says
-
-
-@dataclass(slots=True)
-class BatchTiming:
-    """Where one request's time went; filled by the batcher when its batch ends."""
-
-    queue_s: float = 0.0  # from submit until its batch started
-    batch_s: float = 0.0  # the backend call that carried it
-    batch_size: int = 0  # rows in that call (0: it never reached one)
-    enqueued: float = 0.0  # perf_counter() when it was queued (0: never queued)
-    batch_id: int = 0  # the call's id, shared by every request it carried (trace links)
-    placement: Placement | None = None  # the replica that ran it, when the backend says
 
 
 @dataclass(slots=True)

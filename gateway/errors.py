@@ -1,27 +1,39 @@
 """One error hierarchy for every transport.
 
-Each class declares the HTTP status and the gRPC code it maps to, so the REST and gRPC
-adapters each need one handler and the data plane never thinks about transports::
+Each class names its :class:`turnout_contract.status.Status`, which gives both the HTTP
+status and the gRPC code it maps to, so the REST and gRPC adapters each need one handler and
+the data plane never thinks about transports::
 
     TurnoutError (500, INTERNAL)
     ├── InvalidInput            400  INVALID_ARGUMENT   bad tensors, JSON, parameters
     ├── Unauthenticated         401  UNAUTHENTICATED
     ├── PermissionDenied        403  PERMISSION_DENIED
     ├── ModelNotFound           404  NOT_FOUND          unknown model or version
-    ├── Conflict                409  FAILED_PRECONDITION stale revision; version in use
+    ├── Conflict                409  FAILED_PRECONDITION version in use
+    │   └── RevisionConflict    409  FAILED_PRECONDITION stale revision (someone changed it first)
     ├── PayloadTooLarge         413  RESOURCE_EXHAUSTED body over the configured limit
     ├── QueueFull               429  RESOURCE_EXHAUSTED batcher queue at max_queue_size
     ├── BackendError            500  INTERNAL           the replica failed to run the model
     ├── ModelNotReady           503  UNAVAILABLE        known but not loaded (yet)
     ├── ServerShuttingDown      503  UNAVAILABLE        draining
+    ├── PolicyStoreUnavailable  503  UNAVAILABLE        the Ray policy store cannot be reached
+    ├── MonitorUnavailable      503  UNAVAILABLE        the sidecar cannot take feedback
     └── DeadlineExceeded        504  DEADLINE_EXCEEDED  request timeout reached
+
+Anything else raised while serving is answered as 500/INTERNAL with an incident id only
+(:func:`internal_error`); its text goes to the log under that id, never to the client.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from typing import ClassVar
 
 import grpc
+
+from turnout_contract import status as statuses
+from turnout_contract.status import Status
 
 __all__ = [
     "BackendError",
@@ -30,20 +42,30 @@ __all__ = [
     "InvalidInput",
     "ModelNotFound",
     "ModelNotReady",
+    "MonitorUnavailable",
     "PayloadTooLarge",
     "PermissionDenied",
+    "PolicyStoreUnavailable",
     "QueueFull",
+    "RevisionConflict",
     "ServerShuttingDown",
     "TurnoutError",
     "Unauthenticated",
+    "internal_error",
 ]
 
 
 class TurnoutError(Exception):
     """Base of every error a client may see; carries its HTTP status and gRPC code."""
 
-    http_status: ClassVar[int] = 500
+    status: ClassVar[Status] = statuses.INTERNAL
+    http_status: ClassVar[int] = statuses.INTERNAL.http
     grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.http_status = cls.status.http
+        cls.grpc_code = grpc.StatusCode[cls.status.grpc_name]
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -55,38 +77,36 @@ class TurnoutError(Exception):
 
 
 class InvalidInput(TurnoutError):
-    http_status = 400
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    status = statuses.INVALID_ARGUMENT
 
 
 class Unauthenticated(TurnoutError):
-    http_status = 401
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    status = statuses.UNAUTHENTICATED
 
 
 class PermissionDenied(TurnoutError):
-    http_status = 403
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    status = statuses.PERMISSION_DENIED
 
 
 class ModelNotFound(TurnoutError):
-    http_status = 404
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    status = statuses.NOT_FOUND
 
 
 class Conflict(TurnoutError):
-    http_status = 409
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    status = statuses.CONFLICT
+
+
+class RevisionConflict(Conflict):
+    """The stored revision moved: someone else changed the policy first (a client's
+    ``--if-revision``, or a commit's expected revision, no longer holds)."""
 
 
 class PayloadTooLarge(TurnoutError):
-    http_status = 413
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = statuses.PAYLOAD_TOO_LARGE
 
 
 class QueueFull(TurnoutError):
-    http_status = 429
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = statuses.TOO_MANY_REQUESTS
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
@@ -97,20 +117,39 @@ class QueueFull(TurnoutError):
 
 
 class BackendError(TurnoutError):
-    http_status = 500
-    grpc_code = grpc.StatusCode.INTERNAL
+    status = statuses.INTERNAL
 
 
 class ModelNotReady(TurnoutError):
-    http_status = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    status = statuses.UNAVAILABLE
 
 
 class ServerShuttingDown(TurnoutError):
-    http_status = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    status = statuses.UNAVAILABLE
+
+
+class PolicyStoreUnavailable(TurnoutError):
+    """The policy store actor cannot be reached (Ray down, actor restarting)."""
+
+    status = statuses.UNAVAILABLE
+
+
+class MonitorUnavailable(TurnoutError):
+    """The monitor sidecar could not be reached (or failed) for feedback."""
+
+    status = statuses.UNAVAILABLE
 
 
 class DeadlineExceeded(TurnoutError):
-    http_status = 504
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = statuses.DEADLINE_EXCEEDED
+
+
+def internal_error(log: logging.Logger, what: str) -> str:
+    """Log the exception being handled under a new incident id; the client's message.
+
+    Call it from an ``except`` block: the traceback goes to the log, and the client learns
+    only the id to quote (an exception's text can hold paths, addresses or model internals).
+    """
+    incident = secrets.token_hex(6)
+    log.exception("internal error %s in %s", incident, what)
+    return f"internal error (incident {incident}; the gateway's log has the details)"

@@ -25,17 +25,15 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from gateway.admin.auth import TokenAuth
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, TurnoutError
+from gateway.errors import InvalidInput, MonitorUnavailable
 from gateway.grpc.messages import load_messages
-from gateway.grpc.servicer import Context, guarded
+from gateway.grpc.servicer import Context, guarded, invocation_headers
 
 __all__ = [
     "SERVICE",
     "FeedbackForwarder",
     "FeedbackServicer",
-    "MonitorUnavailable",
     "feedback_documents",
 ]
 
@@ -46,13 +44,6 @@ _Request = _CLASSES[f"{PACKAGE}.SendFeedbackRequest"]
 _Response = _CLASSES[f"{PACKAGE}.SendFeedbackResponse"]
 
 MAX_LABELS = 100_000
-
-
-class MonitorUnavailable(TurnoutError):
-    """The monitor sidecar could not be reached (or failed) for feedback."""
-
-    http_status = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
 def _label_value(value: Any, where: str) -> Any:
@@ -102,7 +93,7 @@ class FeedbackForwarder:
         self.timeout_s = timeout_s
 
     async def send(self, model: str, body: Any) -> dict[str, Any]:
-        self.dataplane.get_model(model)  # 404 for a model that is not served
+        self.dataplane.models.get(model)  # 404 for a model that is not served
         documents = feedback_documents(model, body)
         return await asyncio.to_thread(self._post, json.dumps(documents).encode())
 
@@ -134,14 +125,11 @@ class FeedbackForwarder:
 class FeedbackServicer:
     """``turnout.monitor.v1.FeedbackService``: SendFeedback through a FeedbackForwarder."""
 
-    def __init__(self, forwarder: FeedbackForwarder, auth: TokenAuth | None = None) -> None:
+    def __init__(self, forwarder: FeedbackForwarder) -> None:
         self.forwarder = forwarder
-        self.auth = auth
 
     async def send_feedback(self, request: Any, context: Context) -> Any:
-        if self.auth is not None:
-            header = dict(context.invocation_metadata() or ()).get("authorization")
-            self.auth.authenticate(str(header) if header else None, "infer")
+        self.forwarder.dataplane.check_token(invocation_headers(context))
         if not request.model:
             raise InvalidInput("'model' is required")
         labels = []

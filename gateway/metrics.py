@@ -1,8 +1,9 @@
 """The gateway's own Prometheus metrics: plain counters on the hot path, families on scrape.
 
-The data plane bumps a few dict entries per request (:class:`RequestMetrics`); everything
-else (queue depth, batch sizes, backend errors, records dropped, policy revisions) is read
-from the objects that already keep it when Prometheus scrapes, so an unscraped gateway pays
+:class:`RequestMetrics` observes every request's record and bumps a few dict entries;
+everything else (requests in flight, queue depth, batch sizes, backend errors, records
+dropped, policy revisions) is read when Prometheus scrapes from the objects that already
+keep it, through the small :class:`ServingState` protocol, so an unscraped gateway pays
 nothing for it. The registry is the gateway's own, never prometheus_client's global one.
 
 Names, units and labels: docs/metrics.md.
@@ -11,8 +12,8 @@ Names, units and labels: docs/metrics.md.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -25,17 +26,17 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from gateway import __version__
-
-if TYPE_CHECKING:
-    from gateway.dataplane import DataPlane
-    from gateway.telemetry import RecordEmitter
+from gateway.batching import Batcher
+from gateway.routing.shadow import ShadowStats
+from gateway.telemetry import RecordEmitter
+from turnout_contract.records import RequestRecord
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
     "DURATION_BUCKETS",
-    "UNKNOWN_MODEL",
     "GatewayCollector",
     "RequestMetrics",
+    "ServingState",
     "gateway_registry",
 ]
 
@@ -44,9 +45,27 @@ DURATION_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-UNKNOWN_MODEL = "(unknown)"
-"""The ``model`` label of requests naming a model that is not served: one series, not one
-per name a client typed."""
+
+
+class ServingState(Protocol):
+    """What the collector reads at scrape time (the composition root passes the gateway's)."""
+
+    @property
+    def backend_name(self) -> str: ...
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests taken up and not yet answered, per served model."""
+        ...
+
+    def batchers(self) -> list[tuple[str, int, Batcher]]:
+        """(model, version, batcher) of every loaded version."""
+        ...
+
+    def shadow_stats(self) -> dict[tuple[str, int], ShadowStats]: ...
+
+    def revisions(self) -> dict[str, int]:
+        """The policy revision each served model is routed by (0: none set)."""
+        ...
 
 
 class _Histogram:
@@ -58,34 +77,31 @@ class _Histogram:
 
 
 class RequestMetrics:
-    """Per-request counters the data plane and the transports update."""
+    """Per-request counters, bumped by :meth:`observe` for every request's record."""
 
     def __init__(self) -> None:
         # (model, version, arm, protocol, status) -> requests
         self.requests: dict[tuple[str, str, str, str, int], int] = {}
         # (model, version, arm) -> durations
         self.durations: dict[tuple[str, str, str], _Histogram] = {}
-        self.in_flight: dict[str, int] = {}
 
-    def observe(
-        self, model: str, version: str, arm: str, protocol: str, status: int, duration_s: float
-    ) -> None:
-        """One answered request: counted, and its duration observed when it was routed."""
-        key = (model, version, arm, protocol, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        if not version:
+    def observe(self, record: RequestRecord) -> None:
+        """One answered request: counted; its duration observed when it was routed (a
+        request refused before routing counts with empty version and arm)."""
+        if record.version <= 0:
+            key = (record.model, "", "", record.protocol, record.status)
+            self.requests[key] = self.requests.get(key, 0) + 1
             return
-        series = (model, version, arm)
+        version = str(record.version)
+        key = (record.model, version, record.arm, record.protocol, record.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        series = (record.model, version, record.arm)
         histogram = self.durations.get(series)
         if histogram is None:
             histogram = self.durations[series] = _Histogram(len(DURATION_BUCKETS) + 1)
+        duration_s = record.total_s
         histogram.counts[bisect.bisect_left(DURATION_BUCKETS, duration_s)] += 1
         histogram.total += duration_s
-
-    def rejected(self, model: str, protocol: str, status: int) -> None:
-        """A request refused before routing (unreadable body, missing token)."""
-        key = (model, "", "", protocol, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
 
 
 class GatewayCollector(Collector):
@@ -93,21 +109,21 @@ class GatewayCollector(Collector):
 
     def __init__(
         self,
-        dataplane: DataPlane,
+        state: ServingState,
+        requests: RequestMetrics,
         emitter: RecordEmitter | None = None,
-        revisions: Callable[[], dict[str, int]] | None = None,
     ) -> None:
-        self.dataplane = dataplane
+        self.state = state
+        self.requests = requests
         self.emitter = emitter
-        self.revisions = revisions
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._requests(self.dataplane.metrics)
+        yield from self._requests(self.requests)
         yield from self._batches()
         yield from self._records()
         yield from self._policy()
         info = InfoMetricFamily("turnout_gateway", "The gateway's build")
-        info.add_metric([], {"version": __version__, "backend": self.dataplane.backend.name})
+        info.add_metric([], {"version": __version__, "backend": self.state.backend_name})
         yield info
 
     def _requests(self, metrics: RequestMetrics) -> Iterator[Metric]:
@@ -138,7 +154,7 @@ class GatewayCollector(Collector):
             "Inference requests taken up and not yet answered",
             labels=["model"],
         )
-        for model, count in sorted(list(metrics.in_flight.items())):
+        for model, count in sorted(list(self.state.in_flight().items())):
             in_flight.add_metric([model], count)
         yield in_flight
 
@@ -168,9 +184,8 @@ class GatewayCollector(Collector):
             "1 for every loaded model version",
             labels=["model", "version"],
         )
-        for model in self.dataplane.loaded_models():
-            labels = [model.spec.name, str(model.spec.version)]
-            batcher = model.batcher
+        for name, version, batcher in self.state.batchers():
+            labels = [name, str(version)]
             stats = batcher.stats
             queue.add_metric(labels, batcher.queue_depth)
             inflight.add_metric(labels, batcher.inflight_batches)
@@ -189,7 +204,7 @@ class GatewayCollector(Collector):
             "Requests mirrored to a shadow version, by outcome (error, match, mismatch)",
             labels=["model", "version", "outcome"],
         )
-        for (name, version), s in sorted(list(self.dataplane.shadow_stats.items())):
+        for (name, version), s in sorted(list(self.state.shadow_stats().items())):
             labels = [name, str(version)]
             shadow.add_metric([*labels, "error"], s.errors)
             shadow.add_metric([*labels, "match"], s.exact_matches)
@@ -216,14 +231,12 @@ class GatewayCollector(Collector):
         yield dropped
 
     def _policy(self) -> Iterator[Metric]:
-        if self.revisions is None:
-            return
         revision = GaugeMetricFamily(
             "turnout_policy_revision",
             "Revision of the traffic policy each served model is routed by (0: none set)",
             labels=["model"],
         )
-        for model, number in sorted(self.revisions().items()):
+        for model, number in sorted(self.state.revisions().items()):
             revision.add_metric([model], number)
         yield revision
 

@@ -1,7 +1,10 @@
-"""The gateway process: data plane, backend, and both servers on one event loop.
+"""The gateway process: the composition root that wires every part, and both servers.
 
-HTTP (uvicorn, uvloop + httptools) and gRPC (grpc.aio) share the loop and the data plane,
-so a request's batcher sees every request for its model regardless of transport.
+HTTP (uvicorn, uvloop + httptools) and gRPC (grpc.aio) share one event loop and one data
+plane, so a request's batcher sees every request for its model regardless of transport.
+:class:`Gateway` builds the model table, the router and its store, the data plane with its
+observers (the metrics, the record emitter), the admin and the servers, and owns their
+lifetimes.
 """
 
 from __future__ import annotations
@@ -23,23 +26,27 @@ import grpc
 import uvicorn
 from prometheus_client import start_http_server
 
-from gateway.admin.auth import Token, TokenAuth, load_or_create_tokens
 from gateway.admin.grpc import TrafficServicer
 from gateway.admin.http import AdminHttp
 from gateway.admin.traffic import TrafficAdmin
+from gateway.auth import Token, TokenAuth, load_or_create_tokens
 from gateway.backends.base import ReplicaBackend
-from gateway.dataplane import DataPlane
+from gateway.batching import Batcher
+from gateway.dataplane import DataPlane, Observer
 from gateway.errors import TurnoutError
 from gateway.feedback import FeedbackForwarder, FeedbackServicer
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
-from gateway.metrics import GatewayCollector, gateway_registry
+from gateway.metrics import GatewayCollector, RequestMetrics, gateway_registry
+from gateway.models import ModelTable
 from gateway.repository import Repository
 from gateway.routing.router import PolicyRouter
+from gateway.routing.shadow import ShadowMirror, ShadowStats
 from gateway.routing.store import BasePolicyStore, PolicyStore
 from gateway.settings import ServerSettings, SettingsError
 from gateway.supervisor import Supervisor, monitor_command
-from gateway.telemetry import DEFAULT_SOCKET_NAME, RecordEmitter
+from gateway.telemetry import RecordEmitter
+from turnout_contract.address import MONITOR_STATE_DIR_ENV, socket_address
 
 __all__ = [
     "Gateway",
@@ -82,7 +89,7 @@ def build_policy_store(settings: ServerSettings, backend: ReplicaBackend) -> Bas
 
 def monitor_address(settings: ServerSettings) -> str:
     """Where request records go: ``monitor_address``, else the state directory's socket."""
-    return settings.monitor_address or f"unix://{settings.state_dir / DEFAULT_SOCKET_NAME}"
+    return settings.monitor_address or socket_address(settings.state_dir)
 
 
 def build_emitter(settings: ServerSettings) -> RecordEmitter | None:
@@ -104,6 +111,35 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class ServingView:
+    """What the metrics collector reads at scrape time, from the gateway's live parts."""
+
+    def __init__(self, models: ModelTable, dataplane: DataPlane, router: PolicyRouter) -> None:
+        self._models = models
+        self._dataplane = dataplane
+        self._router = router
+
+    @property
+    def backend_name(self) -> str:
+        return self._models.backend.name
+
+    def in_flight(self) -> dict[str, int]:
+        return dict(self._dataplane.in_flight)
+
+    def batchers(self) -> list[tuple[str, int, Batcher]]:
+        return [(m.spec.name, m.spec.version, m.batcher) for m in self._models.loaded()]
+
+    def shadow_stats(self) -> dict[tuple[str, int], ShadowStats]:
+        return dict(self._dataplane.mirror.stats)
+
+    def revisions(self) -> dict[str, int]:
+        return {
+            name: self._router.policy_for(name, versions).revision
+            for name, versions in self._models.versions_by_model().items()
+            if versions
+        }
+
+
 class Gateway:
     """Owns the servers' lifetimes; ``start`` returns once both ports accept requests."""
 
@@ -113,30 +149,41 @@ class Gateway:
         self.store = build_policy_store(settings, self.backend)
         self.router = PolicyRouter(self.store)
         self.emitter = build_emitter(settings)
-        self.dataplane = DataPlane(
-            Repository(settings.model_repository, settings),
-            self.backend,
-            selector=self.router,
-            drain_timeout_s=settings.drain_timeout_s,
-            emitter=self.emitter,
-        )
-        self.monitor: Supervisor | None = None
-        if settings.monitor and not settings.monitor_address:
-            # The sidecar keeps its reference profiles in the gateway's state directory too.
-            env = {"TURNOUT_MONITOR_STATE_DIR": str(settings.state_dir), **os.environ}
-            self.monitor = Supervisor(monitor_command(monitor_address(settings)), env=env)
-        self.feedback = FeedbackForwarder(self.dataplane, settings.monitor_http)
-        self.metrics = gateway_registry(
-            GatewayCollector(self.dataplane, self.emitter, self._policy_revisions)
-        )
-        self.metrics_port: int | None = None
-        self._metrics_server: WSGIServer | None = None
-        self.admin = TrafficAdmin(self.dataplane, self.store, self.router)
         tokens = load_or_create_tokens(
             settings.state_dir,
             [Token(t.name, t.token, t.role) for t in settings.admin_tokens],
         )
         self.auth = TokenAuth(tokens)
+        self.models = ModelTable(
+            Repository(settings.model_repository, settings),
+            self.backend,
+            drain_timeout_s=settings.drain_timeout_s,
+        )
+        self.request_metrics = RequestMetrics()
+        recorders: list[Observer] = [] if self.emitter is None else [self.emitter.observe]
+        self.dataplane = DataPlane(
+            self.models,
+            selector=self.router,
+            observers=[self.request_metrics.observe, *recorders],
+            mirror=ShadowMirror(recorders),
+            auth=self.auth if settings.require_infer_token else None,
+        )
+        self.monitor: Supervisor | None = None
+        if settings.monitor and not settings.monitor_address:
+            # The sidecar keeps its reference profiles in the gateway's state directory too.
+            env = {MONITOR_STATE_DIR_ENV: str(settings.state_dir), **os.environ}
+            self.monitor = Supervisor(monitor_command(monitor_address(settings)), env=env)
+        self.feedback = FeedbackForwarder(self.dataplane, settings.monitor_http)
+        self.metrics = gateway_registry(
+            GatewayCollector(
+                ServingView(self.models, self.dataplane, self.router),
+                self.request_metrics,
+                self.emitter,
+            )
+        )
+        self.metrics_port: int | None = None
+        self._metrics_server: WSGIServer | None = None
+        self.admin = TrafficAdmin(self.models, self.store, self.router, self.dataplane.mirror)
         self._watch_task: asyncio.Task[None] | None = None
         self.http_port = settings.http_port
         self.grpc_port = settings.grpc_port
@@ -149,20 +196,16 @@ class Gateway:
         s = self.settings
         if self.emitter is not None:
             self.emitter.start()
-        await self.dataplane.start()
+        await self.models.start()
         self.store.connect()  # after the backend: the Ray store needs its Ray connection
 
         self._grpc = build_grpc_server(
-            self.dataplane,
-            s.max_request_bytes,
-            s.grpc_max_concurrent_streams,
-            infer_auth=self.auth if s.require_infer_token else None,
+            self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams
         )
-        infer_auth = self.auth if s.require_infer_token else None
         self._grpc.add_generic_rpc_handlers(
             [
                 TrafficServicer(self.admin, self.auth).handler(),
-                FeedbackServicer(self.feedback, infer_auth).handler(),
+                FeedbackServicer(self.feedback).handler(),
             ]
         )
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
@@ -175,7 +218,6 @@ class Gateway:
             self.dataplane,
             s.max_request_bytes,
             admin=AdminHttp(self.admin, self.auth),
-            infer_auth=infer_auth,
             feedback=self.feedback,
             metrics=self.metrics,
         )
@@ -222,7 +264,7 @@ class Gateway:
         await asyncio.gather(*stops, return_exceptions=True)
         if self._watch_task is not None:
             self._watch_task.cancel()
-        await self.dataplane.stop()
+        await self.models.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -233,13 +275,6 @@ class Gateway:
         with contextlib.suppress(FileNotFoundError):
             if json.loads(self._address_file.read_text()).get("pid") == os.getpid():
                 self._address_file.unlink()
-
-    def _policy_revisions(self) -> dict[str, int]:
-        return {
-            name: self.router.policy_for(name, versions).revision
-            for name, versions in self.dataplane.versions_by_model().items()
-            if versions
-        }
 
     @property
     def _address_file(self) -> Path:
@@ -260,7 +295,7 @@ class Gateway:
 
     def ready_line(self) -> str:
         s = self.settings
-        models = ", ".join(m.spec.key for m in self.dataplane.loaded_models()) or "none"
+        models = ", ".join(m.spec.key for m in self.models.loaded()) or "none"
         return (
             f"turnout ready: http://{s.host}:{self.http_port} grpc {s.host}:{self.grpc_port} "
             f"backend {self.backend.name} models {models}"

@@ -7,31 +7,23 @@ environment variables, command-line flags. A model's knobs come from the server 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from turnout_contract.address import default_state_dir
+from turnout_contract.settings import SettingsError, error_key, load_layered, read_yaml
 
 __all__ = [
     "ModelConfig",
     "ServerSettings",
     "SettingsError",
     "TokenConfig",
-    "default_state_dir",
-    "load_layered",
     "load_model_config",
     "load_settings",
 ]
-
-
-SettingsT = TypeVar("SettingsT", bound=BaseSettings)
-
-
-class SettingsError(ValueError):
-    """A configuration file or value is invalid; the message names the key."""
 
 
 class ModelConfig(BaseModel):
@@ -88,10 +80,6 @@ class ModelConfig(BaseModel):
             if size < 1 or (max_batch_size and size > max_batch_size):
                 raise ValueError(f"{size} must be between 1 and max_batch_size ({max_batch_size})")
         return sizes
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "turnout"
 
 
 class TokenConfig(BaseModel):
@@ -202,43 +190,6 @@ class ServerSettings(BaseSettings):
     """Per-model overrides applied after the model's config.yaml."""
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise SettingsError(f"{path}: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise SettingsError(f"{path}: expected a mapping at the top level")
-    return loaded
-
-
-def _key(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(root)"
-
-
-def _describe(exc: ValidationError, source: str) -> SettingsError:
-    problems = "; ".join(f"{_key(err['loc'])}: {err['msg']}" for err in exc.errors())
-    return SettingsError(f"{source}: {problems}")
-
-
-def load_layered(
-    cls: type[SettingsT], config_file: Path | None, env_label: str, overrides: dict[str, Any]
-) -> SettingsT:
-    """Defaults < YAML file < environment < explicit (non-None) overrides, for any settings
-    class; errors name the layer and the key."""
-    from_file = _read_yaml(config_file) if config_file else {}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        env_only = cls()
-    except ValidationError as exc:
-        raise _describe(exc, f"{env_label} environment") from exc
-    env_set = {name: getattr(env_only, name) for name in env_only.model_fields_set}
-    try:
-        return cls(**{**from_file, **env_set, **given})
-    except ValidationError as exc:
-        raise _describe(exc, str(config_file or "settings")) from exc
-
-
 def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
     """Build server settings from a YAML file, the environment and explicit overrides."""
     return load_layered(ServerSettings, config_file, "TURNOUT_*", overrides)
@@ -253,7 +204,7 @@ def load_model_config(model_dir: Path, settings: ServerSettings) -> ModelConfig:
     path = model_dir / "config.yaml"
     layers = [("model_defaults.", settings.model_defaults)]
     if path.exists():
-        layers.append((f"{path}: ", _read_yaml(path)))
+        layers.append((f"{path}: ", read_yaml(path)))
     layers.append((f"models.{model_dir.name}.", settings.models.get(model_dir.name, {})))
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -265,7 +216,7 @@ def load_model_config(model_dir: Path, settings: ServerSettings) -> ModelConfig:
     except ValidationError as exc:
         problems = "; ".join(
             f"{origin.get(str(err['loc'][0]), '') if err['loc'] else ''}"
-            f"{_key(err['loc'])}: {err['msg']}"
+            f"{error_key(err['loc'])}: {err['msg']}"
             for err in exc.errors()
         )
         raise SettingsError(f"model '{model_dir.name}': {problems}") from exc

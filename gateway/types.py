@@ -1,4 +1,8 @@
-"""The data plane's own request and response types, shared by every transport."""
+"""The data plane's own request and response types, shared by every transport.
+
+What is known of a request before it is decoded (protocol, headers, arrival, trace) is its
+:class:`gateway.context.RequestContext`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from gateway.tracing import TraceContext
 
 __all__ = [
     "InferInput",
@@ -48,14 +50,6 @@ class InferRequest:
     """From the gRPC deadline or the HTTP ``timeout`` parameter; None: the model's default."""
     routing_key: str | None = None
     """Sticky assignment key (header/metadata ``x-turnout-routing-key`` or ``routing_key``)."""
-    trace: TraceContext | None = None
-    """W3C trace context (``traceparent``/``tracestate``); None: the data plane starts one."""
-    protocol: str = ""
-    """The transport it came in on: ``http`` or ``grpc`` (labels metrics and spans)."""
-    path: str = ""
-    """The HTTP path it was posted to ("" for gRPC)."""
-    received: float = 0.0
-    """``time.perf_counter()`` when the transport took it up; 0: when the data plane did."""
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from monitor.records import RecordBatch
+from turnout_contract.records import RecordBatch
 
 __all__ = ["Accuracy", "Errors", "PredictionLog", "Task"]
 

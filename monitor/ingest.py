@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from monitor.records import decode_frame
+from turnout_contract.records import decode_frame
 from monitor.state import MonitorState
 
 if TYPE_CHECKING:

@@ -14,15 +14,15 @@ variables, command-line flags. Alert rules and webhooks live in the same file::
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.settings import SettingsError, default_state_dir, load_layered
+from turnout_contract.address import gateway_state_dir, socket_address
+from turnout_contract.address import socket_path as _socket_path
+from turnout_contract.settings import SettingsError, load_layered
 
 __all__ = [
     "DRIFT_STATISTICS",
@@ -39,11 +39,6 @@ __all__ = [
 DRIFT_STATISTICS = ("psi", "js", "hellinger", "ks", "wasserstein", "chi2_cramers_v", "linf")
 #: Latency statistics alert rules may name (seconds, per model, version and arm).
 LATENCY_STATISTICS = ("latency_p50", "latency_p90", "latency_p99", "latency_p999")
-
-
-def _gateway_state_dir() -> Path:
-    configured = os.environ.get("TURNOUT_STATE_DIR")
-    return Path(configured) if configured else default_state_dir()
 
 
 class AlertRule(BaseModel):
@@ -88,7 +83,7 @@ class MonitorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TURNOUT_MONITOR_", extra="forbid")
 
-    state_dir: Path = Field(default_factory=lambda: _gateway_state_dir())
+    state_dir: Path = Field(default_factory=gateway_state_dir)
     """The gateway's state directory: the default socket and profiles live there. Default:
     ``TURNOUT_STATE_DIR`` if set (the gateway's variable), else the gateway's default."""
 
@@ -192,7 +187,7 @@ class MonitorSettings(BaseSettings):
         return listen
 
     def socket_file(self) -> Path:
-        return socket_path(self.listen or f"unix://{self.state_dir / 'monitor.sock'}")
+        return socket_path(self.listen or socket_address(self.state_dir))
 
     def profiles_path(self) -> Path:
         return self.profiles_dir or self.state_dir / "profiles"
@@ -206,10 +201,11 @@ class MonitorSettings(BaseSettings):
 
 
 def socket_path(address: str) -> Path:
-    match = re.fullmatch(r"unix://(.+)", address)
-    if not match:
-        raise SettingsError(f"listen: {address!r} is not a unix:///path address")
-    return Path(match.group(1))
+    """The socket file of a ``listen`` address; SettingsError names the key."""
+    try:
+        return _socket_path(address)
+    except ValueError as exc:
+        raise SettingsError(f"listen: {exc}") from None
 
 
 def load_monitor_settings(config_file: Path | None = None, **overrides: Any) -> MonitorSettings:

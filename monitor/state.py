@@ -35,7 +35,7 @@ from monitor.profiles import (
     load_profile,
     save_profile,
 )
-from monitor.records import RecordBatch
+from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.sketch import LatencySketch
 

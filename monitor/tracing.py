@@ -52,7 +52,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
-from monitor.records import RecordBatch
+from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.state import QUANTILES, MonitorState
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.records import RecordBatch
+from turnout_contract.records import RecordBatch
 
 
 def record_batch(

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from gateway.settings import default_state_dir
+from turnout_contract.address import gateway_state_dir
 
 __all__ = ["add_admin_commands"]
 
@@ -27,10 +27,7 @@ class CliError(Exception):
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    if args.state_dir:
-        return Path(args.state_dir)
-    env = os.environ.get("TURNOUT_STATE_DIR")
-    return Path(env) if env else default_state_dir()
+    return Path(args.state_dir) if args.state_dir else gateway_state_dir()
 
 
 def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
@@ -240,7 +237,7 @@ def add_admin_commands(commands: Any) -> None:
         "--explicit", choices=["allow", "deny"], help="may requests name a version"
     )
     action("switch", "blue-green: swap active and standby")
-    promote = action("promote", "send 100% to a version")
+    promote = action("promote", "send 100%% to a version")
     promote.add_argument("version", type=int)
     action("rollback", "restore the previous revision's policy")
     shadow = action("shadow", "mirror a share of requests to a version")

@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from gateway.admin.auth import TokenAuth
 from gateway.admin.traffic import TrafficAdmin
+from gateway.auth import TokenAuth
 from gateway.errors import InvalidInput
 from gateway.grpc.messages import load_messages
 from gateway.grpc.servicer import Context, Handler, guarded

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from gateway.admin.auth import TokenAuth
 from gateway.admin.traffic import TrafficAdmin
+from gateway.auth import TokenAuth
 from gateway.errors import InvalidInput, ModelNotFound
 from gateway.repository import parse_version
 

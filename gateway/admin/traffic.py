@@ -8,26 +8,34 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.dataplane import DataPlane
 from gateway.errors import Conflict, InvalidInput, ModelNotFound
+from gateway.models import ModelTable
 from gateway.routing.operations import OPERATIONS, apply_operation, parse_int
 from gateway.routing.policy import TrafficPolicy
 from gateway.routing.router import PolicyRouter
+from gateway.routing.shadow import ShadowMirror
 from gateway.routing.store import BasePolicyStore
 
 __all__ = ["OPERATIONS", "TrafficAdmin"]
 
 
 class TrafficAdmin:
-    def __init__(self, dataplane: DataPlane, store: BasePolicyStore, router: PolicyRouter) -> None:
-        self.dataplane = dataplane
+    def __init__(
+        self,
+        models: ModelTable,
+        store: BasePolicyStore,
+        router: PolicyRouter,
+        shadow: ShadowMirror,
+    ) -> None:
+        self.table = models
         self.store = store
         self.router = router
+        self.shadow = shadow
 
     # -- reading -------------------------------------------------------------------------
 
     def _ready(self, model: str) -> list[int]:
-        versions = [m.spec.version for m in self.dataplane.loaded_models() if m.spec.name == model]
+        versions = [m.spec.version for m in self.table.loaded() if m.spec.name == model]
         if not versions:
             raise ModelNotFound(f"model '{model}' is not served")
         return sorted(versions)
@@ -39,13 +47,13 @@ class TrafficAdmin:
         policy = self.policy(model)
         shadow = {
             str(version): stats.public()
-            for (name, version), stats in self.dataplane.shadow_stats.items()
+            for (name, version), stats in self.shadow.stats.items()
             if name == model
         }
         return {**policy.public(), "loaded_versions": self._ready(model), "shadow_stats": shadow}
 
     def models(self) -> list[dict[str, Any]]:
-        names = sorted({m.spec.name for m in self.dataplane.loaded_models()})
+        names = sorted({m.spec.name for m in self.table.loaded()})
         return [self.status(name) for name in names]
 
     def history(self, model: str) -> list[dict[str, Any]]:
@@ -99,23 +107,20 @@ class TrafficAdmin:
             )
 
     async def load(self, model: str, version: int) -> dict[str, Any]:
-        if any(
-            m.spec.name == model and m.spec.version == version
-            for m in self.dataplane.loaded_models()
-        ):
+        if any(m.spec.name == model and m.spec.version == version for m in self.table.loaded()):
             raise Conflict(f"model '{model}' version {version} is already loaded")
-        spec = self.dataplane.repository.read(model, version)
+        spec = self.table.repository.read(model, version)
         if self.store.get(model) is None and model in self._served():
             # Revision 0 means "the highest loaded version": pin it first, so loading a
             # newer version never moves traffic by itself.
             pinned = self.policy(model)
             weights = {str(v): w for v, w in pinned.weights.items()}
             await self.apply(model, "set", {"weights": weights}, actor="turnout (pin before load)")
-        await self.dataplane.load(spec)
+        await self.table.load(spec)
         return self.status(model)
 
     def _served(self) -> set[str]:
-        return {m.spec.name for m in self.dataplane.loaded_models()}
+        return {m.spec.name for m in self.table.loaded()}
 
     async def unload(self, model: str, version: int) -> dict[str, Any]:
         ready = self._ready(model)
@@ -127,5 +132,5 @@ class TrafficAdmin:
                 f"model '{model}' version {version} has traffic under revision "
                 f"{policy.revision}; move traffic away first (promote, set, clear_shadow)"
             )
-        await self.dataplane.unload(model, version)
+        await self.table.unload(model, version)
         return {"model": model, "unloaded": version, "loaded_versions": self._ready(model)}

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gateway.repository import ModelSpec
+from turnout_contract.records import Placement
 
 __all__ = ["Placement", "ReplicaBackend"]
 
 Tensors = dict[str, np.ndarray[Any, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a batch ran: the replica (``node/pid`` on Ray, ``local/N`` in process) and device."""
-
-    replica: str
-    device: str
 
 
 class ReplicaBackend(ABC):

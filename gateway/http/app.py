@@ -7,7 +7,6 @@ and a request/response object per call is measurable at thousands of requests a 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -15,14 +14,16 @@ import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from gateway.admin.auth import TokenAuth
+from gateway import metadata
 from gateway.admin.http import AdminHttp
+from gateway.context import RequestContext
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError
+from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError, internal_error
 from gateway.feedback import FeedbackForwarder
 from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
-from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
-from gateway.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER, TraceContext
+from gateway.routing import REVISION_HEADER
+from gateway.types import InferRequest
+from turnout_contract.trace import TRACEPARENT_HEADER
 
 __all__ = ["HttpApp"]
 
@@ -57,7 +58,6 @@ class HttpApp:
         dataplane: DataPlane,
         max_request_bytes: int,
         admin: AdminHttp | None = None,
-        infer_auth: TokenAuth | None = None,
         feedback: FeedbackForwarder | None = None,
         metrics: CollectorRegistry | None = None,
     ) -> None:
@@ -65,7 +65,6 @@ class HttpApp:
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.admin = admin
-        self.infer_auth = infer_auth
         self.feedback = feedback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,9 +80,9 @@ class HttpApp:
             await _send(send, reply.status, orjson.dumps(reply.body), headers)
         except TurnoutError as exc:
             await _send_error(send, exc)
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            await _send(send, 500, orjson.dumps({"error": f"internal error: {exc}"}))
+        except Exception:
+            message = internal_error(log, f"{scope['method']} {scope['path']}")
+            await _send(send, 500, orjson.dumps({"error": message}))
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -102,21 +101,22 @@ class HttpApp:
         if not parts or parts[0] != "v2":
             raise _Reply(404, {"error": f"no route for {scope['path']}"})
         rest = parts[1:]
-        dp = self.dataplane
+        models = self.dataplane.models
         if not rest:
             _expect(method, "GET")
-            await _send(send, 200, orjson.dumps(dp.server_metadata()))
+            await _send(send, 200, orjson.dumps(metadata.server_metadata()))
             return
         if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
             _expect(method, "GET")
-            ok = dp.live() if rest[1] == "live" else dp.ready()
+            ok = models.live() if rest[1] == "live" else models.ready()
             await _send(send, 200 if ok else 503, orjson.dumps({rest[1]: ok}))
             return
         if rest[0] != "models" or len(rest) < 2:
             raise _Reply(404, {"error": f"no route for {scope['path']}"})
         if rest[1] == "stats" and len(rest) == 2:
             _expect(method, "GET")
-            await _send(send, 200, orjson.dumps({"model_stats": dp.statistics()}))
+            stats = metadata.statistics(models)
+            await _send(send, 200, orjson.dumps({"model_stats": stats}))
             return
         model, tail = rest[1], rest[2:]
         version = ""
@@ -133,14 +133,15 @@ class HttpApp:
             await self._feedback(scope, receive, send, model)
         elif action == "":
             _expect(method, "GET")
-            await _send(send, 200, orjson.dumps(dp.model_metadata(model, version)))
+            document = metadata.model_metadata(models, model, version)
+            await _send(send, 200, orjson.dumps(document))
         elif action == "ready":
             _expect(method, "GET")
-            ready = dp.model_ready(model, version)
+            ready = models.model_ready(model, version)
             await _send(send, 200 if ready else 503, orjson.dumps({"ready": ready}))
         elif action == "stats":
             _expect(method, "GET")
-            stats = dp.statistics(model, version)
+            stats = metadata.statistics(models, model, version)
             await _send(send, 200, orjson.dumps({"model_stats": stats}))
         else:
             raise _Reply(404, {"error": f"no route for {scope['path']}"})
@@ -148,33 +149,24 @@ class HttpApp:
     async def _infer(
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str
     ) -> None:
-        received = time.perf_counter()
         headers = _headers(scope)
-        trace = TraceContext.start(headers.get(TRACEPARENT_HEADER), headers.get(TRACESTATE_HEADER))
-        trace_header = (_TRACEPARENT, trace.traceparent().encode())
-        dp = self.dataplane
-        try:
-            if self.infer_auth is not None:
-                self.infer_auth.authenticate(headers.get("authorization"), "infer")
+        context = RequestContext.arrived("http", model, headers, scope["path"])
+        trace_header = (_TRACEPARENT, context.trace.traceparent().encode())
+        decoded: InferRequest | None = None
+
+        async def decode() -> InferRequest:
+            nonlocal decoded
             body = await self._read_body(receive, headers.get("content-length"))
-            request = decode_infer_request(
-                model, version or headers.get(VERSION_HEADER, ""), body, headers.get(HEADER_LENGTH)
-            )
-            request.routing_key = routing_key(headers.get(ROUTING_KEY_HEADER), request.parameters)
-        except TurnoutError as exc:
-            dp.metrics.rejected(dp.model_label(model), "http", exc.http_status)
-            await _send_error(send, exc, trace_header)
-            return
-        request.trace = trace
-        request.protocol = "http"
-        request.path = scope["path"]
-        request.received = received
+            decoded = decode_infer_request(model, version, body, headers.get(HEADER_LENGTH))
+            return decoded
+
         try:
-            response = await dp.infer(request)
+            response = await self.dataplane.infer(context, decode)
         except TurnoutError as exc:
             await _send_error(send, exc, trace_header)
             return
-        payload, json_length = encode_infer_response(response, request)
+        assert decoded is not None
+        payload, json_length = encode_infer_response(response, decoded)
         revision = (REVISION_HEADER.encode(), str(response.revision).encode())
         if json_length is None:
             await _send(send, 200, payload, [revision, trace_header])
@@ -190,9 +182,8 @@ class HttpApp:
     async def _feedback(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
         assert self.feedback is not None
         headers = _headers(scope)
-        if self.infer_auth is not None:
-            self.infer_auth.authenticate(headers.get("authorization"), "infer")
-        self.dataplane.get_model(model)  # 404 before looking at the body
+        self.dataplane.check_token(headers)
+        self.dataplane.models.get(model)  # 404 before looking at the body
         body = await self._read_body(receive, headers.get("content-length"))
         try:
             document = orjson.loads(body)

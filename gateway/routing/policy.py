@@ -11,8 +11,10 @@ its weight only extends its range downward, moving keys *into* it and never out 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -67,9 +69,22 @@ class TrafficPolicy(BaseModel):
                 raise ValueError(f"standby version {self.standby} is also the active one")
         return self
 
-    @property
+    # Derived fields are computed once per policy object: a policy never changes, and a new
+    # revision is a new object, so the hot path reads them for free.
+
+    @cached_property
     def active_versions(self) -> list[int]:
         return [v for v, w in self.weights.items() if w > 0]
+
+    @cached_property
+    def edges(self) -> list[float]:
+        """Upper ends of the active versions' ranges in [0, 100), ascending."""
+        edges: list[float] = []
+        edge = 0.0
+        for version in self.active_versions:
+            edge += self.weights[version]
+            edges.append(edge)
+        return edges
 
     @property
     def kind(self) -> str:
@@ -77,7 +92,7 @@ class TrafficPolicy(BaseModel):
             return "blue-green"
         return "canary" if len(self.active_versions) > 1 else "single"
 
-    @property
+    @cached_property
     def primary(self) -> int:
         """The version with the largest share (the lowest version on ties)."""
         return max(self.active_versions, key=lambda v: (self.weights[v], -v))
@@ -109,6 +124,8 @@ class Decision:
     version: int
     arm: str  # "primary", "canary" or "explicit"
     revision: int
+    shadow: int | None = None
+    """The version this request is mirrored to, or None."""
 
 
 def key_point(model: str, key: str) -> float:
@@ -117,14 +134,9 @@ def key_point(model: str, key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64 * 100
 
 
-def route(policy: TrafficPolicy, point: float) -> Decision:
+def route(policy: TrafficPolicy, point: float, shadow: int | None = None) -> Decision:
     """The version owning ``point`` in [0, 100) under ``policy``'s weights."""
-    edge = 0.0
-    chosen = policy.active_versions[-1]
-    for version in policy.active_versions:
-        edge += policy.weights[version]
-        if point < edge:
-            chosen = version
-            break
+    versions = policy.active_versions
+    chosen = versions[min(bisect.bisect_right(policy.edges, point), len(versions) - 1)]
     arm = "primary" if chosen == policy.primary else "canary"
-    return Decision(chosen, arm, policy.revision)
+    return Decision(chosen, arm, policy.revision, shadow)

@@ -22,26 +22,17 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from gateway.errors import TurnoutError
+from gateway.errors import PolicyStoreUnavailable, TurnoutError
 from gateway.routing.policy import TrafficPolicy
 from gateway.routing.store import BasePolicyStore, PolicyStore
 
-__all__ = ["ACTOR_NAME", "PolicyStoreActor", "PolicyStoreUnavailable", "RayPolicyStore"]
+__all__ = ["ACTOR_NAME", "PolicyStoreActor", "RayPolicyStore"]
 
 log = logging.getLogger(__name__)
 
 ACTOR_NAME = "turnout-policy-store"
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 """Pins the actor to the head node, whose disk outlives every other node of the cluster."""
-
-
-class PolicyStoreUnavailable(TurnoutError):
-    """The policy store actor cannot be reached (Ray down, actor restarting)."""
-
-    http_status = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
 class PolicyStoreActor:

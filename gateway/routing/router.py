@@ -19,14 +19,23 @@ def default_policy(model: str, ready: list[int]) -> TrafficPolicy:
 
 
 class PolicyRouter:
-    """Chooses the version per request: explicit version, sticky key, or weighted draw."""
+    """Chooses the version per request: explicit version, sticky key, or weighted draw; and
+    whether the request is mirrored to the shadow version. One ``select`` per request."""
 
     def __init__(self, store: BasePolicyStore, seed: int | None = None) -> None:
         self.store = store
         self._rng = random.Random(seed)
+        self._defaults: dict[str, TrafficPolicy] = {}
+        """The default policy of each model without a stored one, for its highest version."""
 
     def policy_for(self, model: str, ready: list[int]) -> TrafficPolicy:
-        return self.store.get(model) or default_policy(model, ready)
+        policy = self.store.get(model)
+        if policy is not None:
+            return policy
+        default = self._defaults.get(model)
+        if default is None or default.active_versions[-1] != ready[-1]:
+            default = self._defaults[model] = default_policy(model, ready)
+        return default
 
     def select(self, model: str, request: InferRequest, ready: list[int]) -> Decision:
         policy = self.policy_for(model, ready)
@@ -36,18 +45,16 @@ class PolicyRouter:
                     f"model '{model}' does not allow requests to name a version "
                     f"(policy revision {policy.revision})"
                 )
-            return Decision(
-                parse_version(model, request.model_version), "explicit", policy.revision
-            )
+            version = parse_version(model, request.model_version)
+            return Decision(version, "explicit", policy.revision, self._shadow(policy))
         if request.routing_key:
             point = key_point(model, request.routing_key)
         else:
             point = self._rng.random() * 100
-        return route(policy, point)
+        return route(policy, point, self._shadow(policy))
 
-    def shadow_draw(self, model: str, ready: list[int]) -> int | None:
+    def _shadow(self, policy: TrafficPolicy) -> int | None:
         """The shadow version for this request, or None when it is not mirrored."""
-        policy = self.policy_for(model, ready)
         shadow = policy.shadow
         if shadow is None or self._rng.random() * 100 >= shadow.percent:
             return None

@@ -33,22 +33,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import Conflict
+from gateway.errors import RevisionConflict
 from gateway.routing.operations import build_policy
 from gateway.routing.policy import TrafficPolicy
 
-__all__ = ["BasePolicyStore", "PolicyStore", "RevisionConflict"]
+__all__ = ["BasePolicyStore", "PolicyStore"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 50
 COMMIT_ATTEMPTS = 20
 """``update`` recomputes a change this often when other writers keep committing first."""
-
-
-class RevisionConflict(Conflict):
-    """The stored revision moved: someone else changed the policy first (a client's
-    ``--if-revision``, or a commit's expected revision, no longer holds)."""
 
 
 Change = Callable[[TrafficPolicy | None, list[dict[str, Any]]], dict[str, Any]]

@@ -18,7 +18,7 @@ from monitor_frames import record_batch
 from monitor_harness import PROMETHEUS, WAIT_S, Webhook, query, run_prometheus, run_sidecar
 
 from monitor.profiles import build_profile, features_of, save_profile
-from monitor.records import encode_frame
+from turnout_contract.records import encode_frame
 
 pytestmark = pytest.mark.slow
 

@@ -24,11 +24,11 @@ from conftest import GatewayThread, local_settings
 from model_zoo import add_sub, write_repository
 
 from gateway.backends.local import LocalBackend
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, RevisionConflict
 from gateway.routing.operations import apply_operation
 from gateway.routing.policy import TrafficPolicy
 from gateway.routing.ray_store import ACTOR_NAME, RayPolicyStore
-from gateway.routing.store import PolicyStore, RevisionConflict
+from gateway.routing.store import PolicyStore
 from gateway.server import build_policy_store
 from gateway.settings import SettingsError, load_settings
 

@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 from conftest import GatewayThread, local_settings
 from tritonclient.utils import InferenceServerException
 
-from monitor.records import RecordBatch, decode_frame
+from turnout_contract.records import RecordBatch, decode_frame
 
 MODEL = "add_sub"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -20,7 +20,7 @@ import pytest
 from monitor_frames import record_batch
 from monitor_harness import run_sidecar
 
-from monitor.records import encode_frame
+from turnout_contract.records import encode_frame
 
 
 @pytest.fixture

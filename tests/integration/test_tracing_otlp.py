@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from oteltest.sink import GrpcSink, HttpSink
 from oteltest.sink.handler import RequestHandler
 
-from gateway.tracing import parse_traceparent
+from turnout_contract.trace import parse_traceparent
 from monitor.server import MonitorServer
 from monitor.settings import MonitorSettings
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, RevisionConflict
 from gateway.routing.operations import OPERATIONS, apply_operation, build_policy, parse_int
 from gateway.routing.policy import ShadowPolicy, TrafficPolicy
-from gateway.routing.store import PolicyStore, RevisionConflict
+from gateway.routing.store import PolicyStore
 
 MODEL = "m"
 SINGLE = TrafficPolicy(model=MODEL, revision=3, weights={1: 100})

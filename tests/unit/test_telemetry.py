@@ -18,8 +18,8 @@ from gateway.batching import Batcher, BatchTiming, Tensors
 from gateway.settings import ModelConfig, ServerSettings
 from gateway.supervisor import Supervisor
 from gateway.telemetry import RecordEmitter, TokenBucket, socket_path
-from gateway.tracing import TraceContext
-from monitor.records import RecordBatch, decode_frame
+from turnout_contract.trace import TraceContext
+from turnout_contract.records import RecordBatch, decode_frame
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"

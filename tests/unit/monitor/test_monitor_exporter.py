@@ -155,7 +155,7 @@ def test_promtool_check_metrics_is_silent(state: MonitorState, tmp_path: Path) -
 def test_gateway_drop_counters_travel_in_frames_and_sum_over_gateways(
     state: MonitorState,
 ) -> None:
-    from monitor.records import decode_frame, encode_frame
+    from turnout_contract.records import decode_frame, encode_frame
 
     registry = build_registry(state)
     x = np.zeros((2, 1))

@@ -12,7 +12,7 @@ from monitor_frames import record_batch
 from prometheus_client.exposition import generate_latest
 
 from monitor.exporters.prometheus import build_registry
-from monitor.records import RecordBatch
+from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
 

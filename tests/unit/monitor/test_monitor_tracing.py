@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import gateway.errors as errors
-from monitor.records import RecordBatch, decode_frame, encode_frame
+from turnout_contract.records import RecordBatch, decode_frame, encode_frame
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
 from monitor.tracing import (

@@ -1,5 +1,8 @@
 """Bearer tokens with roles: ``admin`` may change traffic and models, ``infer`` may only infer.
 
+The data plane checks inference tokens (``require_infer_token``); the admin adapters check
+admin tokens. Both use the one :class:`TokenAuth` built at start-up.
+
 With no tokens configured, the first start writes one admin token to
 ``STATE_DIR/tokens.json`` (mode 0600), where the CLI on the same machine finds it.
 Comparisons are constant-time.
