@@ -3,7 +3,7 @@
 The gateway creates no spans. It draws the ids of its server span here, returns them to the
 caller in a ``traceparent`` (response header / trailing metadata), and puts ids and
 timestamps into the request record; the monitor sidecar builds and exports the spans
-(``monitor/tracing.py``), so tracing costs the serving path a few hundred nanoseconds.
+(``monitor/tracing/``), so tracing costs the serving path a few hundred nanoseconds.
 """
 
 from __future__ import annotations
