@@ -19,18 +19,16 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import gateway.errors as errors
-from turnout_contract.records import RecordBatch, decode_frame, encode_frame
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
 from monitor.tracing import (
-    GRPC_CODES,
     CountingExporter,
     TailSampler,
     Tracer,
     build_tracer,
     trace_protocol,
 )
+from turnout_contract.records import RecordBatch, decode_frame, encode_frame
 
 START_NS = 1_800_000_000_000_000_000
 
@@ -229,13 +227,6 @@ def test_the_p99_of_the_last_window_keeps_outliers(exporter: InMemorySpanExporte
             if s.attributes and "turnout.sampling.reason" in s.attributes}  # fmt: skip
     assert kept == {"p99"}
     assert tracer.kept["p99"] == 1
-
-
-def test_grpc_codes_agree_with_the_error_hierarchy() -> None:
-    for name in errors.__all__:
-        error = getattr(errors, name)
-        assert GRPC_CODES[error.http_status] == error.grpc_code.value[0], name
-    assert GRPC_CODES[200] == grpc.StatusCode.OK.value[0]
 
 
 def test_protocol_and_endpoint_come_from_settings_then_the_environment(
