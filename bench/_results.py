@@ -1,4 +1,12 @@
-"""Where every benchmark writes its JSON: a timestamped file and a ``-latest`` copy."""
+"""Where every benchmark writes its JSON: a timestamped file and a ``-latest`` copy.
+
+Every run writes one ``<name>-<UTC stamp>.json`` (``--out``, default bench/results/), so no
+run overwrites another, and ``<name>-latest.json``, a copy of it at a fixed path for looking
+at the newest run by hand; no code reads it, and bench/results/.gitignore keeps it out of git.
+
+Commit only the timestamped files that a figure in README.md or docs/ cites (and name the
+file next to the figure); the other runs stay on the machine that made them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""The benchmark model: an ONNX MLP built with onnx.helper, and a turnout model repository."""
+"""The benchmarks' ONNX models, built with onnx.helper, and their turnout model repositories.
+
+- ``mlp``: an MLP 256 -> 1024 -> 1024 -> 10 (bench.serving, bench.monitor_cost,
+  bench.tracing_cost);
+- ``rollout``: ``y = x + version`` in two versions, so every answer names the version that
+  computed it (bench.rollout, tests/e2e/test_zero_downtime.py).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +62,11 @@ def build_mlp(path: Path, seed: int = 0) -> None:
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", OUTPUT_DIM])],
         initializers,
     )
+    save_model(graph, path)
+
+
+def save_model(graph: onnx.GraphProto, path: Path) -> None:
+    """Check ``graph`` as a model and write it to ``path``."""
     # Opset 17 / IR 8 load in every onnxruntime release turnout supports.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
@@ -83,4 +94,37 @@ def build_repository(
         **overrides,
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+# ------------------------------------------------------------------ rollout: y = x + version
+
+ROLLOUT_MODEL_NAME = "rollout"
+ROLLOUT_VERSIONS = (1, 2)
+ROLLOUT_WIDTH = 4
+ROLLOUT_CONFIG: dict[str, Any] = {
+    "max_batch_size": 16,
+    "max_queue_delay_us": 500,
+    "max_queue_size": 4096,
+}
+
+
+def build_add_model(path: Path, version: int) -> None:
+    """``y = x + version``, FP32 [batch, ROLLOUT_WIDTH]: an answer names its version."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", ROLLOUT_WIDTH])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", ROLLOUT_WIDTH])
+    offset = numpy_helper.from_array(np.full(ROLLOUT_WIDTH, version, dtype=np.float32), "offset")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "offset"], ["y"])], ROLLOUT_MODEL_NAME, [x], [y], [offset]
+    )
+    save_model(graph, path)
+
+
+def build_rollout_repository(root: Path, **config: Any) -> Path:
+    """Write ``root/rollout/{1,2}/model.onnx`` and its config.yaml; return ``root``."""
+    for version in ROLLOUT_VERSIONS:
+        build_add_model(root / ROLLOUT_MODEL_NAME / str(version) / "model.onnx", version)
+    (root / ROLLOUT_MODEL_NAME / "config.yaml").write_text(
+        yaml.safe_dump({**ROLLOUT_CONFIG, **config})
+    )
     return root

@@ -26,11 +26,7 @@ monitor-stats-latest.json. Usage:
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import importlib.metadata
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,10 +40,16 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 from ddsketch import DDSketch
-from rich.console import Console
-from rich.table import Table
 
-from bench._results import write_results
+from bench.harness import (
+    RESULTS_DIR,
+    argument_parser,
+    console,
+    exit_status,
+    machine_info,
+    new_table,
+    save_results,
+)
 from monitor.sketch import LatencySketch
 from monitor.stats import (
     ReferenceBins,
@@ -68,14 +70,12 @@ with warnings.catch_warnings():
     )
     from evidently.legacy.core import ColumnType
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 QUANTILES = np.array([0.5, 0.9, 0.95, 0.99, 0.999])
 INGEST_FEATURES = 8
 INGEST_BATCH_ROWS = 8192
 TARGETS = {"psi": 30.0, "js": 30.0, "ks": 5.0, "sketch": 50.0}
 INGEST_TARGET = 1_000_000.0
-
-console = Console(width=None if sys.stdout.isatty() else 130)
+STATS_PACKAGES = ("numpy", "numba", "scipy", "pandas", "evidently", "ddsketch")
 
 
 @dataclass
@@ -261,10 +261,9 @@ def bench_ingest(rows: int, repeats: int) -> dict[str, Any]:
 
 
 def print_table(rows: list[Row], ingest: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    table = Table(title=f"monitor statistics, {n:,} vs {n:,} values (medians)")
     columns = ("statistic", "reference", "ref ms", "turnout ms", "speed-up", "target", "|diff|")
-    for column in columns:
-        table.add_column(column, justify="left" if column in columns[:2] else "right")
+    title = f"monitor statistics, {n:,} vs {n:,} values (medians)"
+    table = new_table(title, columns, left=columns[:2])
     verdicts = []
     for row in rows:
         verdict = "-" if row.target is None else "PASS" if row.speedup >= row.target else "FAIL"
@@ -298,30 +297,11 @@ def print_table(rows: list[Row], ingest: dict[str, Any], n: int) -> list[dict[st
     return verdicts
 
 
-def machine_info() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "load_average_1_5_15": list(os.getloadavg()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **{p: version(p) for p in ("numpy", "numba", "scipy", "pandas", "evidently", "ddsketch")},
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--n", type=int, default=1_000_000, help="values per side")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     args = parser.parse_args(argv)
 
@@ -333,13 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(bench_sketch(args.n, args.repeats))
     ingest = bench_ingest(args.n, args.repeats)
     verdicts = print_table(rows, ingest, args.n)
-    machine = machine_info()
+    machine = machine_info(STATS_PACKAGES, hardware=False, load_average=True, tools=())
     machine["load_average_before"] = list(load_before)
     console.print(
         f"load average before {load_before[0]:.2f}, after {machine['load_average_1_5_15'][0]:.2f}"
         f" on {machine['nproc']} cores"
     )
-    path = write_results(
+    save_results(
         "monitor-stats",
         args.out,
         {
@@ -359,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": verdicts,
         },
     )
-    console.print(f"results: {path}")
-    failed = any(v["verdict"] == "FAIL" for v in verdicts)
-    return 1 if args.strict and failed else 0
+    return exit_status(verdicts, args.strict)
 
 
 if __name__ == "__main__":

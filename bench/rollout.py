@@ -25,12 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import contextlib
-import datetime as dt
-import json
-import platform
 import random
-import signal
 import struct
 import sys
 import tempfile
@@ -42,32 +37,42 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnx
 import orjson
-import yaml
-from onnx import TensorProto, helper, numpy_helper
-from rich.table import Table
 
-from bench._results import write_results
-from bench.serving import (
-    READY_TIMEOUT_S,
-    REPO_ROOT,
+from bench.harness import (
+    RESULTS_DIR,
+    AdminClient,
+    HttpConnection,
     Server,
     StartError,
+    admin_token,
+    argument_parser,
     console,
+    exit_on_sigterm,
     fmt,
+    gateway_address,
+    gateway_config,
+    infer_http,
+    infer_json,
+    infer_request,
+    infer_stub,
     machine_info,
+    new_table,
     retry,
     running,
-    turnout_executable,
+    save_results,
+    serve_command,
+    synchronously,
 )
-from gateway.grpc.messages import SERVICE, message
+
+# bench.rollout.build_repository and .admin_token: tests/e2e/test_zero_downtime.py uses them.
+from bench.models import ROLLOUT_CONFIG as MODEL_CONFIG
+from bench.models import ROLLOUT_MODEL_NAME as MODEL_NAME
+from bench.models import ROLLOUT_VERSIONS as VERSIONS
+from bench.models import ROLLOUT_WIDTH as WIDTH
+from bench.models import build_rollout_repository as build_repository
 from gateway.routing import REVISION_HEADER, ROUTING_KEY_HEADER
 
-MODEL_NAME = "rollout"
-VERSIONS = (1, 2)
-WIDTH = 4
-MODEL_CONFIG = {"max_batch_size": 16, "max_queue_delay_us": 500, "max_queue_size": 4096}
 # One change kind after another; each is valid after the one before it (``switch`` follows
 # a standby), and a ``set`` or ``rollback`` in between makes the cycle visit every shape.
 CHANGE_CYCLE = (
@@ -88,123 +93,6 @@ GRPC_SHARE = 0.25  # of the workers
 KEYED_SHARE = 3  # every third request carries a routing key
 REQUEST_TIMEOUT_S = 30.0
 SAMPLES_KEPT = 20
-
-
-# ------------------------------------------------------------------------------------- models
-
-
-def build_model(path: Path, version: int) -> None:
-    """``y = x + version``, FP32 [batch, WIDTH]: an answer names the version that computed it."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])
-    offset = numpy_helper.from_array(np.full(WIDTH, version, dtype=np.float32), "offset")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "offset"], ["y"])], MODEL_NAME, [x], [y], [offset]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-
-
-def build_repository(root: Path, **config: Any) -> Path:
-    """Write ``root/rollout/{1,2}/model.onnx`` and its config.yaml; return ``root``."""
-    for version in VERSIONS:
-        build_model(root / MODEL_NAME / str(version) / "model.onnx", version)
-    (root / MODEL_NAME / "config.yaml").write_text(yaml.safe_dump({**MODEL_CONFIG, **config}))
-    return root
-
-
-def admin_token(state_dir: Path) -> str:
-    """The admin token a gateway wrote to its state dir on first start."""
-    tokens = json.loads((state_dir / "tokens.json").read_text())["tokens"]
-    return str(next(t["token"] for t in tokens if t["role"] == "admin"))
-
-
-# ------------------------------------------------------------------------------------ clients
-
-
-class HttpConnection:
-    """One keep-alive HTTP/1.1 connection on raw asyncio streams.
-
-    The load generator shares the CPUs with the gateway it measures; a bare client costs a
-    fraction of a full-featured one per request, so more of the CPU goes to the gateway.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
-        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        lines.append(f"content-length: {len(body)}")
-        try:
-            self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-            head = await self._reader.readuntil(b"\r\n\r\n")
-            status_line, *header_lines = head.decode("latin-1").split("\r\n")
-            status = int(status_line.split(" ", 2)[1])
-            reply = {}
-            for line in header_lines:
-                if line:
-                    name, _, value = line.partition(":")
-                    reply[name.strip().lower()] = value.strip()
-            data = await self._reader.readexactly(int(reply.get("content-length", "0")))
-        except BaseException:
-            await self.close()  # the connection's state is unknown: start a fresh one
-            raise
-        if reply.get("connection", "").lower() == "close":
-            await self.close()
-        return status, reply, data
-
-    async def close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-
-class AdminClient:
-    """The admin REST API (``/admin/v1``) for one model, over its own connection."""
-
-    def __init__(self, http_address: str, token: str, model: str = MODEL_NAME) -> None:
-        host, _, port = http_address.rpartition(":")
-        self.connection = HttpConnection(host, int(port))
-        self.headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
-        self.model = model
-
-    async def call(
-        self, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> tuple[int, Any]:
-        data = orjson.dumps(body) if body is not None else b""
-        url = f"/admin/v1/models/{self.model}/{path}"
-        status, _, reply = await self.connection.request(method, url, data, self.headers)
-        return status, orjson.loads(reply) if reply else None
-
-    async def change(self, body: dict[str, Any]) -> tuple[int, Any]:
-        return await self.call("POST", "traffic", body)
-
-    async def status(self) -> dict[str, Any]:
-        status, document = await self.call("GET", "traffic")
-        if status != 200:
-            raise RuntimeError(f"GET traffic: {status} {document}")
-        return dict(document)
-
-    async def history(self) -> list[dict[str, Any]]:
-        status, document = await self.call("GET", "traffic/history")
-        if status != 200:
-            raise RuntimeError(f"GET traffic/history: {status} {document}")
-        return list(document["history"])
-
-    async def close(self) -> None:
-        await self.connection.close()
 
 
 # ----------------------------------------------------------------------------------- the load
@@ -231,6 +119,11 @@ def _row(worker: int) -> list[float]:
     return [worker + i / 4 for i in range(WIDTH)]  # exact in FP32, and so is row + version
 
 
+def _input(worker: int) -> np.ndarray:
+    """The model's input ``x``, [1, WIDTH]: the worker's row."""
+    return np.asarray([_row(worker)], dtype=np.float32)
+
+
 def _key(worker: int, n: int) -> str | None:
     return f"user-{(worker * 7919 + n) % 97}" if n % KEYED_SHARE == 0 else None
 
@@ -240,11 +133,9 @@ def _answer_ok(values: list[float], row: list[float], version: int) -> bool:
 
 
 async def http_worker(worker: int, http_address: str, stop_at: float, out: list[Response]) -> None:
-    host, _, port = http_address.rpartition(":")
-    connection = HttpConnection(host, int(port))
+    connection = HttpConnection.to(http_address)
     row = _row(worker)
-    tensor = {"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": row}
-    body = orjson.dumps({"inputs": [tensor]})
+    body = infer_json(_input(worker), "x")
     path = f"/v2/models/{MODEL_NAME}/infer"
     n = 0
     try:
@@ -283,17 +174,9 @@ async def http_worker(worker: int, http_address: str, stop_at: float, out: list[
 async def grpc_worker(
     worker: int, channel: grpc.aio.Channel, stop_at: float, out: list[Response]
 ) -> None:
-    infer = channel.unary_unary(
-        f"/{SERVICE}/ModelInfer",
-        request_serializer=message("ModelInferRequest").SerializeToString,
-        response_deserializer=message("ModelInferResponse").FromString,
-    )
+    infer = infer_stub(channel)
     row = _row(worker)
-    request = message("ModelInferRequest")(model_name=MODEL_NAME)
-    tensor = request.inputs.add()
-    tensor.name, tensor.datatype = "x", "FP32"
-    tensor.shape.extend([1, WIDTH])
-    request.raw_input_contents.append(struct.pack(f"<{WIDTH}f", *row))
+    request = infer_request(_input(worker), MODEL_NAME, "x")
     n = 0
     while time.monotonic() < stop_at:
         n += 1
@@ -591,7 +474,7 @@ async def rollout(
 ) -> RolloutResult:
     """Load a running gateway while changing its policy; check every response."""
     responses: list[Response] = []
-    admin = AdminClient(http_address, token)
+    admin = AdminClient(http_address, token, MODEL_NAME)
     grpc_workers = round(concurrency * GRPC_SHARE) if concurrency > 1 else 0
     channel = grpc.aio.insecure_channel(grpc_address)
     result = RolloutResult(backend, duration, concurrency)
@@ -620,75 +503,26 @@ async def rollout(
     return check(result, responses, history, applied, started, elapsed)
 
 
-def run_rollout(
-    backend: str,
-    http_address: str,
-    grpc_address: str,
-    token: str,
-    duration: float,
-    changes: int,
-    concurrency: int,
-    seed: int = 0,
-) -> RolloutResult:
-    """The blocking form of :func:`rollout`, on a fresh event loop."""
-    return asyncio.run(
-        rollout(backend, http_address, grpc_address, token, duration, changes, concurrency, seed)
-    )
+run_rollout = synchronously(rollout)
 
 
 def warm_up(http_address: str) -> None:
     """One answered request: a `ready` line may come before every route is live."""
-
-    async def once() -> None:
-        host, _, port = http_address.rpartition(":")
-        connection = HttpConnection(host, int(port))
-        tensor = {"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": _row(0)}
-        try:
-            body = orjson.dumps({"inputs": [tensor]})
-            status, _, data = await connection.request(
-                "POST", f"/v2/models/{MODEL_NAME}/infer", body
-            )
-        finally:
-            await connection.close()
-        if status != 200:
-            raise RuntimeError(f"warm-up request: {status} {data[:200]!r}")
-
-    retry(lambda: asyncio.run(once()), "warm-up request")
-
-
-def wait_for_gateway(server: Server, state_dir: Path) -> dict[str, str]:
-    """The gateway's address file, once it printed its own `turnout ready` line.
-
-    ``Server.wait_ready`` takes any line with the word `ready`, and Ray Serve logs
-    "Application '...' is ready." while the gateway is still starting.
-    """
-    server.wait_ready()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while "turnout ready" not in server.log_path.read_text(errors="replace"):
-        if server.proc is None or server.proc.poll() is not None:
-            raise StartError(f"exited during start-up:\n{server.log_tail()}")
-        if time.monotonic() > deadline:
-            raise StartError(f"no 'turnout ready' line:\n{server.log_tail()}")
-        time.sleep(0.2)
-    return dict(json.loads((state_dir / "gateway.json").read_text()))
+    x = _input(0)
+    retry(lambda: infer_http(http_address, x, MODEL_NAME, "x", "y"), "warm-up request")
 
 
 def bench_backend(backend: str, work: Path, args: argparse.Namespace) -> RolloutResult:
     """Start ``turnout serve`` for ``backend`` as a subprocess and run the rollout against it."""
-    state_dir = work / f"state-{backend}"
-    config = work / f"turnout-{backend}.yaml"
-    settings = {"state_dir": str(state_dir), "host": "127.0.0.1", "http_port": 0, "grpc_port": 0}
-    config.write_text(yaml.safe_dump(settings))
-    command = [turnout_executable(), "serve", "--backend", backend, "--config", str(config)]
-    command += ["--model-repository", str(work / "models")]
+    config, state_dir = gateway_config(work, backend, host="127.0.0.1", http_port=0, grpc_port=0)
+    command = serve_command(work / "models", backend, "--config", str(config))
     server = Server(command, work / f"server-{backend}.log")
     console.rule(f"turnout {backend}")
     console.print(" ".join(command), style="dim")
     with running(server):
         try:
-            took = time.monotonic()
-            address = wait_for_gateway(server, state_dir)
-            took = time.monotonic() - took
+            took = server.wait_ready()  # the gateway's own `turnout ready` line
+            address = gateway_address(state_dir)
             http_address = address["http"].removeprefix("http://")
             warm_up(http_address)
         except (StartError, OSError, ValueError, KeyError) as exc:
@@ -714,7 +548,6 @@ def bench_backend(backend: str, work: Path, args: argparse.Namespace) -> Rollout
 
 
 def print_table(results: list[RolloutResult]) -> None:
-    table = Table(title=f"Policy changes under load ({MODEL_NAME}: two versions, x + version)")
     columns = (
         "backend",
         "requests",
@@ -729,8 +562,8 @@ def print_table(results: list[RolloutResult]) -> None:
         "p99 in change",
         "change p50/max ms",
     )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "backend" else "right")
+    title = f"Policy changes under load ({MODEL_NAME}: two versions, x + version)"
+    table = new_table(title, columns, left=("backend",))
     for r in results:
         table.add_row(
             r.backend,
@@ -749,27 +582,14 @@ def print_table(results: list[RolloutResult]) -> None:
     console.print(table)
 
 
-def describe_machine() -> dict[str, Any]:
-    try:
-        return machine_info()
-    except OSError:  # bench.serving's asks h2load for its version; this benchmark needs none
-        return {
-            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        }
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--backend", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     parser.add_argument("--duration", type=float, default=60, help="seconds of load per backend")
     parser.add_argument("--changes", type=int, default=100, help="policy changes per backend")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument("--seed", type=int, default=0, help="seeds the changes' choices")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 on any failure, violation or stale answer"
     )
@@ -777,8 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.changes < 0 or args.concurrency < 1:
         parser.error("--duration must be > 0, --changes >= 0 and --concurrency >= 1")
 
-    # As in bench.serving: SIGTERM becomes SystemExit so `running` stops the server.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
 
     results = []
     with tempfile.TemporaryDirectory(prefix="turnout-rollout-") as tmp:
@@ -788,11 +607,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_backend(backend, work, args))
 
     print_table(results)
-    path = write_results(
+    save_results(
         "rollout",
         args.out,
         {
-            "machine": describe_machine(),
+            "machine": machine_info(),
             "settings": {
                 "backends": args.backend,
                 "duration_s": args.duration,
@@ -808,7 +627,6 @@ def main(argv: list[str] | None = None) -> int:
             "passed": all(r.passed for r in results),
         },
     )
-    console.print(f"results: {path}")
     return 1 if args.strict and not all(r.passed for r in results) else 0
 
 

@@ -12,47 +12,54 @@ HTTP load comes from `hey`, gRPC load (turnout only) from `h2load`. Usage:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime as dt
-import importlib.metadata
-import os
-import platform
 import re
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-import orjson
 import yaml
-from rich.console import Console
-from rich.table import Table
 
-from bench._results import write_results
-from bench.models import INPUT_DIM, MODEL_NAME, build_repository
+from bench.harness import (
+    INFER_PATH,
+    RESULTS_DIR,
+    STATS_PATH,
+    LoadResult,
+    Server,
+    StartError,
+    Workload,
+    argument_parser,
+    check_grpc,
+    check_http,
+    console,
+    exit_on_sigterm,
+    exit_status,
+    fmt,
+    free_port,
+    goodput,
+    infer_request,
+    machine_info,
+    new_table,
+    prepare_workload,
+    print_verdict,
+    read_counts,
+    retry,
+    run_hey,
+    running,
+    save_results,
+    serve_command,
+)
+from bench.models import MODEL_NAME
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
 WARMUP_S = 2
-
-# Piped output (make, CI logs) would otherwise be squeezed to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 130)
 
 
 @dataclass(frozen=True)
@@ -70,16 +77,15 @@ class System:
             return [sys.executable, "-m", module, "--model", model, "--port", str(http_port)]
         backend = "local" if self.key == "c" else "ray"
         ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-        options = ["--model-repository", str(repo), "--backend", backend, "--host", "127.0.0.1"]
         # The serving path alone; the monitor's cost is measured by bench/monitor_cost.py.
-        return [turnout_executable(), "serve", *options, *ports, "--no-monitor"]
+        return serve_command(repo, backend, "--host", "127.0.0.1", *ports, "--no-monitor")
 
 
 SYSTEMS = {
     "a": System("a", "floor", grpc=False, stats_path=None),
     "b": System("b", "ray_naive", grpc=False, stats_path="/stats"),
-    "c": System("c", "turnout local", grpc=True, stats_path=f"/v2/models/{MODEL_NAME}/stats"),
-    "d": System("d", "turnout ray", grpc=True, stats_path=f"/v2/models/{MODEL_NAME}/stats"),
+    "c": System("c", "turnout local", grpc=True, stats_path=STATS_PATH),
+    "d": System("d", "turnout ray", grpc=True, stats_path=STATS_PATH),
 }
 
 
@@ -100,255 +106,13 @@ class Row:
     ratio_b: float | None = None
 
 
-@dataclass
-class LoadResult:
-    rps: float
-    p50_ms: float | None
-    p99_ms: float | None
-    requests: int
-    errors: int
-    notes: list[str] = field(default_factory=list)
-
-
-class StartError(RuntimeError):
-    pass
-
-
-def turnout_executable() -> str:
-    # The venv's console script sits next to the interpreter running this module.
-    candidate = Path(sys.executable).parent / "turnout"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("turnout")
-    if found is None:
-        raise StartError("turnout executable not found (is the package installed?)")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# ---------------------------------------------------------------------------- server lifecycle
-
-
-class Server:
-    """One system under test as a subprocess with its output in a log file.
-
-    A log file rather than a pipe: nobody drains a pipe during the load, and a full pipe would
-    stall the server mid-benchmark.
-    """
-
-    def __init__(
-        self, command: list[str], log_path: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.command = command
-        self.log_path = log_path
-        self.env = env  # added to this process's environment
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            # A session of its own, so stragglers (e.g. Ray's gcs_server) can be killed as a group.
-            self.proc = subprocess.Popen(
-                self.command,
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **self.env} if self.env else None,
-            )
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        """Block until the server's own `<name> ready` line; return the seconds it took.
-
-        Anchored at the line start: Ray Serve logs "Application ... is ready." before the
-        gateway (or the baseline) accepts requests.
-        """
-        assert self.proc is not None
-        started = time.monotonic()
-        ready = re.compile(r"^(turnout|floor|ray_naive) ready\b")
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise StartError(f"exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            text = self.log_path.read_text(errors="replace")
-            if any(ready.search(line) for line in text.splitlines()):
-                return time.monotonic() - started
-            time.sleep(0.2)
-        raise StartError(f"no 'ready' line after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                console.print(f"[yellow]no exit {STOP_TIMEOUT_S:.0f} s after SIGTERM: SIGKILL")
-        # Sweep the whole group: after a SIGKILL (or a sloppy exit) children may be left over.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-# ------------------------------------------------------------------------- requests and checks
-
-
-def http_body(x: np.ndarray) -> bytes:
-    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel()}
-    return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
 def grpc_body(x: np.ndarray) -> bytes:
     """A gRPC message frame: 0 (uncompressed), 4-byte big-endian length, ModelInferRequest."""
-    # tritonclient's generated module is wire-identical to OIP's ModelInferRequest.
-    from tritonclient.grpc import service_pb2
-
-    request = service_pb2.ModelInferRequest(model_name=MODEL_NAME)
-    tensor = request.inputs.add()
-    tensor.name = "input"
-    tensor.datatype = "FP32"
-    tensor.shape.extend(x.shape)
-    request.raw_input_contents.append(x.astype("<f4").tobytes())
-    message: bytes = request.SerializeToString()
+    message: bytes = infer_request(x).SerializeToString()
     return struct.pack(">BI", 0, len(message)) + message
 
 
-def check_output(got: np.ndarray, expected: np.ndarray) -> None:
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-5):
-        raise StartError(f"wrong output: got {got.ravel()[:4]}..., expected {expected.ravel()[:4]}")
-
-
-def retry(action: Callable[[], None], what: str, timeout: float = 30.0) -> None:
-    """Run `action` until it succeeds: a `ready` line may come before routes are live."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            action()
-            return
-        except StartError:
-            raise
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise StartError(f"{what} failed: {exc!r}") from exc
-            time.sleep(0.5)
-
-
-def check_http(port: int, x: np.ndarray, expected: np.ndarray) -> None:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{INFER_PATH}",
-        data=http_body(x),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        answer = orjson.loads(response.read())
-    out = next(o for o in answer["outputs"] if o["name"] == "output")
-    got = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-    check_output(got, expected)
-
-
-def check_grpc(port: int, x: np.ndarray, expected: np.ndarray) -> None:
-    # gRPC errors ride on HTTP 200 with a grpc-status trailer that h2load never reads, so this
-    # real client call is the only proof that the load run's "200"s were answers.
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    try:
-        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        result = client.infer(MODEL_NAME, [tensor])
-        got = result.as_numpy("output")
-        if got is None:
-            raise StartError("gRPC response has no output named 'output'")
-        check_output(got, expected)
-    finally:
-        client.close()
-
-
-def read_counts(port: int, path: str) -> tuple[int, int] | None:
-    """(inference_count, execution_count) from a stats endpoint; None when unavailable."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            stats = orjson.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    if "model_stats" in stats:  # Triton's statistics extension
-        stats = next((m for m in stats["model_stats"] if m.get("name") == MODEL_NAME), None)
-        if stats is None:
-            return None
-    try:
-        return int(stats["inference_count"]), int(stats["execution_count"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-# ------------------------------------------------------------------------------ load generators
-
-
-def goodput(rate: float, ok: int, total: int) -> float:
-    # Load tools count failed requests in their rate; a server that sheds load answers errors
-    # fast, so only successful answers count.
-    return rate * ok / total if total else 0.0
-
-
-def run_hey(url: str, body: Path, duration: float, concurrency: int) -> LoadResult:
-    command = ["hey", "-z", f"{duration:g}s", "-c", str(concurrency), "-m", "POST"]
-    command += ["-T", "application/json", "-D", str(body), url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
-    if done.returncode != 0:
-        raise RuntimeError(f"hey exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    return parse_hey(done.stdout)
-
-
-def parse_hey(text: str) -> LoadResult:
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if rps is None:
-        raise RuntimeError(f"no Requests/sec in hey output:\n{text[-500:]}")
-    # hey prints latencies in seconds to 4 decimals (0.1 ms resolution), and omits the
-    # latency block when no request succeeded.
-    p50 = re.search(r"^\s*50%+ in ([\d.]+) secs", text, re.MULTILINE)
-    p99 = re.search(r"^\s*99%+ in ([\d.]+) secs", text, re.MULTILINE)
-    statuses = {
-        int(code): int(count)
-        for code, count in re.findall(r"^\s*\[(\d+)\]\s+(\d+) responses", text, re.MULTILINE)
-    }
-    # The error distribution lists transport failures (refused, timeout) with no status code.
-    errors_block = text.split("Error distribution:", 1)[1] if "Error distribution:" in text else ""
-    transport = re.findall(r"^\s*\[(\d+)\]\s+(.*)$", errors_block, re.MULTILINE)
-    non_200 = sum(n for code, n in statuses.items() if code != 200)
-    requests = sum(statuses.values()) + sum(int(n) for n, _ in transport)
-    result = LoadResult(
-        rps=goodput(float(rps.group(1)), statuses.get(200, 0), requests),
-        p50_ms=float(p50.group(1)) * 1e3 if p50 else None,
-        p99_ms=float(p99.group(1)) * 1e3 if p99 else None,
-        requests=requests,
-        errors=non_200 + sum(int(n) for n, _ in transport),
-    )
-    result.notes += [f"{n} x {msg.strip()[:200]}" for n, msg in transport]
-    result.notes += [f"{n} x HTTP {code}" for code, n in statuses.items() if code != 200]
-    return result
+# ------------------------------------------------------------------------------------- h2load
 
 
 def run_h2load(url: str, body: Path, duration: float, concurrency: int, log: Path) -> LoadResult:
@@ -399,18 +163,12 @@ def parse_h2load(text: str, log: Path) -> LoadResult:
 
 
 def bench_system(
-    system: System,
-    repo: Path,
-    work: Path,
-    duration: float,
-    concurrencies: list[int],
-    x: np.ndarray,
-    expected: np.ndarray,
+    system: System, workload: Workload, work: Path, duration: float, concurrencies: list[int]
 ) -> list[Row]:
     http_port, grpc_port = free_port(), free_port()
     rows: list[Row] = []
     try:
-        command = system.command(repo, http_port, grpc_port)
+        command = system.command(workload.repo, http_port, grpc_port)
     except StartError as exc:
         return [Row(system.key, system.name, "-", 0, error=str(exc))]
     server = Server(command, work / f"server-{system.key}.log")
@@ -420,6 +178,7 @@ def bench_system(
         try:
             took = server.wait_ready()
             console.print(f"ready after {took:.1f} s")
+            x, expected = workload.x, workload.expected
             retry(lambda: check_http(http_port, x, expected), "HTTP correctness check")
             if system.grpc:
                 retry(lambda: check_grpc(grpc_port, x, expected), "gRPC correctness check")
@@ -472,10 +231,6 @@ def bench_system(
 # ------------------------------------------------------------------------------ report, targets
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def find(rows: list[Row], system: str, protocol: str, concurrency: int) -> Row | None:
     for row in rows:
         if (row.system, row.protocol, row.concurrency) == (system, protocol, concurrency):
@@ -494,8 +249,7 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    table = Table(title="Serving benchmark (MLP 256-1024-1024-10, one row per request)")
-    for header in (
+    columns = (
         "system",
         "protocol",
         "conc",
@@ -507,8 +261,9 @@ def print_table(rows: list[Row]) -> None:
         "x (a)",
         "x (b)",
         "note",
-    ):
-        table.add_column(header, justify="left" if header in ("system", "note") else "right")
+    )
+    title = "Serving benchmark (MLP 256-1024-1024-10, one row per request)"
+    table = new_table(title, columns, left=("system", "note"))
     for row in rows:
         table.add_row(
             f"({row.system}) {row.name}",
@@ -596,60 +351,19 @@ def evaluate_targets(
 
 
 def print_targets(verdicts: list[dict[str, Any]]) -> None:
-    colour = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
     for v in verdicts:
-        style = colour[v["verdict"]]
-        console.print(f"[{style}]{v['verdict']}[/{style}] {v['target']}: {v['detail']}")
-
-
-def machine_info() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "",
-        )
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        meminfo = Path("/proc/meminfo").read_text().splitlines()[0]
-        mem_gib = round(int(meminfo.split()[1]) / 2**20, 1)
-    h2load = subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout
-    return {
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "memory_gib": mem_gib,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "ray": version("ray"),
-        "onnxruntime": version("onnxruntime"),
-        "numpy": version("numpy"),
-        "turnout": version("turnout"),
-        "h2load": h2load.strip(),
-    }
+        print_verdict(v["verdict"], f"{v['target']}: {v['detail']}")
 
 
 # ----------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--duration", type=float, default=10, help="seconds per load run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     args = parser.parse_args(argv)
 
@@ -658,33 +372,23 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]{tool} not found: run `make bench-tools`")
             return 2
 
-    # Servers run in sessions of their own, out of reach of the terminal's signals; turning
-    # SIGTERM into SystemExit lets `running` stop the current one when the runner is killed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="turnout-bench-") as tmp:
         work = Path(tmp)
-        repo = build_repository(work / "models")
-        model_path = repo / MODEL_NAME / "1" / "model.onnx"
-        x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        expected = ort.InferenceSession(str(model_path), options).run(None, {"input": x})[0]
-        (work / "body.json").write_bytes(http_body(x))
-        (work / "body.grpc").write_bytes(grpc_body(x))
-        turnout_config = yaml.safe_load((repo / MODEL_NAME / "config.yaml").read_text())
-
+        workload = prepare_workload(work)  # writes work/body.json, which bench_system reads
+        (work / "body.grpc").write_bytes(grpc_body(workload.x))
+        config = workload.repo / MODEL_NAME / "config.yaml"
+        turnout_config = yaml.safe_load(config.read_text())
         for key in args.systems:
-            rows += bench_system(
-                SYSTEMS[key], repo, work, args.duration, args.concurrency, x, expected
-            )
+            rows += bench_system(SYSTEMS[key], workload, work, args.duration, args.concurrency)
 
     add_ratios(rows)
     print_table(rows)
     verdicts = evaluate_targets(rows, args.systems, args.concurrency)
     print_targets(verdicts)
-    path = write_results(
+    save_results(
         "serving",
         args.out,
         {
@@ -702,9 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": verdicts,
         },
     )
-    console.print(f"results: {path}")
-    failed = any(v["verdict"] == "FAIL" for v in verdicts)
-    return 1 if args.strict and failed else 0
+    return exit_status(verdicts, args.strict)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,9 @@ rounds). Usage:
 
 from __future__ import annotations
 
-import argparse
-import signal
-import statistics
 import sys
 import tempfile
 import threading
-import urllib.request
-from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,23 +27,25 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from bench._results import write_results
-from bench.monitor_cost import (
+from bench.harness import (
+    RESULTS_DIR,
+    Comparison,
     Run,
-    measure_rounds,
-    paired_ratios,
-    prepare_workload,
-    start_gateway,
-    summarize,
-    wait_and_warm,
-)
-from bench.serving import (
-    REPO_ROOT,
     Server,
     console,
+    exit_on_sigterm,
     fmt,
     free_port,
     machine_info,
+    measure_rounds,
+    prepare_workload,
+    print_verdict,
+    rounds_parser,
+    rounds_settings,
+    save_results,
+    sidecar_metrics,
+    start_gateway,
+    wait_and_warm,
 )
 
 TARGET_RATIO = 0.95
@@ -102,11 +99,8 @@ class Receiver:
 
 def traces_kept(metrics_port: int) -> dict[str, float]:
     """``turnout_monitor_traces_kept_total`` by reason, from a sidecar's /metrics."""
-    try:
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
+    text = sidecar_metrics(metrics_port)
+    if text is None:
         return {}
     kept = {}
     for line in text.splitlines():
@@ -119,15 +113,10 @@ def traces_kept(metrics_port: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--duration", type=float, default=10, help="seconds per load run")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=6, help="off/on pairs, alternating")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser = rounds_parser(__doc__, rounds=6)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
 
     receiver = Receiver()
     sidecar_ports = {"off": free_port(), "on": free_port()}
@@ -162,23 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             receiver.stop()
 
-    off, on = summarize(runs, "off"), summarize(runs, "on")
-    ratio = on.rps_mean / off.rps_mean if on.rps_mean and off.rps_mean else None
-    pairs = paired_ratios(runs, args.rounds)
-    paired_median = statistics.median(pairs) if pairs else None
+    c = Comparison.of(runs, args.rounds)
     # The verdict is the median of the paired rounds (each pair ran back to back): single
     # rounds on a shared 2-core machine swing by more than the cost being measured.
-    verdict = "PASS" if paired_median is not None and paired_median >= TARGET_RATIO else "FAIL"
+    median = c.paired_median
+    verdict = "PASS" if median is not None and median >= TARGET_RATIO else "FAIL"
+    console.print(c.means_line("tracing", args.concurrency))
     console.print(
-        f"HTTP c{args.concurrency}: tracing off {fmt(off.rps_mean, 0)} req/s "
-        f"(p99 {fmt(off.p99_ms_mean)} ms), on {fmt(on.rps_mean, 0)} req/s "
-        f"(p99 {fmt(on.p99_ms_mean)} ms)"
-    )
-    console.print(
-        f"per-round on/off: {', '.join(f'{p:.3f}' for p in pairs)} "
-        f"(median {fmt(paired_median, 3)}); CPU per request: gateway "
-        f"{fmt(off.gateway_cpu_us_mean, 0)} us off, {fmt(on.gateway_cpu_us_mean, 0)} us on; "
-        f"sidecar {fmt(off.sidecar_cpu_us_mean, 0)} us off, {fmt(on.sidecar_cpu_us_mean, 0)} us on"
+        f"{c.rounds_line()}; sidecar {fmt(c.off.sidecar_cpu_us_mean, 0)} us off, "
+        f"{fmt(c.on.sidecar_cpu_us_mean, 0)} us on"
     )
     records = kept.pop("records", None)
     console.print(
@@ -186,30 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt(records, 0)} records; the receiver decoded {receiver.spans} spans in "
         f"{receiver.exports} exports"
     )
-    colour = "green" if verdict == "PASS" else "red"
-    console.print(
-        f"[{colour}]{verdict}[/{colour}] tracing on keeps >= {TARGET_RATIO:.0%} of req/s: "
-        f"median of paired rounds {fmt(paired_median, 3)} (ratio of means {fmt(ratio, 3)})"
+    print_verdict(
+        verdict,
+        f"tracing on keeps >= {TARGET_RATIO:.0%} of req/s: median of paired rounds "
+        f"{fmt(median, 3)} (ratio of means {fmt(c.ratio, 3)})",
     )
-    path = write_results(
+    save_results(
         "tracing-cost",
         args.out,
         {
             "machine": machine_info(),
             "settings": {
-                "duration_s": args.duration,
-                "concurrency": args.concurrency,
-                "rounds": args.rounds,
-                "model": "MLP 256-1024-1024-10, FP32, one row per request",
+                **rounds_settings(args),
                 "http_load": "hey -z D -c C, alternating off/on",
                 "tracing": f"ratio {SAMPLE_RATIO}, errors, slow >= 500 ms and > p99 kept; "
                 "OTLP/HTTP to a decoding receiver in the benchmark process",
             },
-            "runs": [asdict(r) for r in runs],
-            "summary": {"off": asdict(off), "on": asdict(on)},
-            "ratio": ratio,
-            "paired_ratios": pairs,
-            "paired_ratio_median": paired_median,
+            **c.payload(),
             "traces_kept": kept,
             "trace_records": records,
             "spans_received": receiver.spans,
@@ -219,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
     )
-    console.print(f"results: {path}")
     return 0
 
 

@@ -1,13 +1,15 @@
-"""The few lines of OIP JSON both baselines need: one FP32 input in, one FP32 output out."""
+"""What both baselines share: their command line, and the few lines of OIP JSON they need
+(one FP32 input in, one FP32 output out)."""
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import orjson
 
-MODEL_NAME = "mlp"
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
+from bench.models import INPUT_NAME, MODEL_NAME, OUTPUT_NAME
+
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 
 
@@ -40,3 +42,12 @@ def render_response(output: np.ndarray) -> bytes:
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
+
+
+def parse_args(doc: str | None) -> argparse.Namespace:
+    """``--model PATH [--port 8000] [--host 127.0.0.1]``, the baselines' command line."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--model", required=True, help="path to model.onnx")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
+    return parser.parse_args()

@@ -5,7 +5,6 @@ This is what a developer writes by hand in a few minutes; any gateway should be 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import onnxruntime as ort
@@ -16,7 +15,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bench.baselines._oip import INFER_PATH, INPUT_NAME, error_body, parse_request, render_response
+from bench.baselines._oip import (
+    INFER_PATH,
+    INPUT_NAME,
+    error_body,
+    parse_args,
+    parse_request,
+    render_response,
+)
 
 
 def make_app(model: str) -> Starlette:
@@ -59,11 +65,7 @@ async def serve(model: str, host: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="path to model.onnx")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     uvloop.run(serve(args.model, args.host, args.port))
 
 

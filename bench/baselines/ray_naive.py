@@ -6,7 +6,6 @@ ONNX Runtime call. Same route and JSON as the floor, plus GET /stats with batch 
 
 from __future__ import annotations
 
-import argparse
 import signal
 import threading
 import time
@@ -23,7 +22,14 @@ from ray.serve.schema import LoggingConfig
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bench.baselines._oip import INFER_PATH, INPUT_NAME, error_body, parse_request, render_response
+from bench.baselines._oip import (
+    INFER_PATH,
+    INPUT_NAME,
+    error_body,
+    parse_args,
+    parse_request,
+    render_response,
+)
 
 # Ray Serve logs every request at INFO otherwise, which costs CPU this 2-core benchmark lacks.
 LOGGING = LoggingConfig(enable_access_log=False, log_level="WARNING")
@@ -83,11 +89,7 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="path to model.onnx")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     # address="local" always starts a private cluster, never attaching to one already running.
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
