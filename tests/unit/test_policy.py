@@ -296,7 +296,7 @@ def test_without_a_stored_policy_the_highest_loaded_version_serves_at_revision_0
 def test_shadow_draws_follow_the_shadow_percent() -> None:
     def mirrored(policy: TrafficPolicy) -> list[int | None]:
         router = router_for(policy, seed=11)
-        return [router.shadow_draw(MODEL, [1, 2]) for _ in range(20_000)]
+        return [router.select(MODEL, request(), [1, 2]).shadow for _ in range(20_000)]
 
     assert set(mirrored(TrafficPolicy(model=MODEL, weights={2: 100}))) == {None}
     full = TrafficPolicy(model=MODEL, weights={2: 100}, shadow=ShadowPolicy(version=1, percent=100))

@@ -218,7 +218,7 @@ def test_parse_version_superscript_digit() -> None:
 async def test_unset_inflight_batches_take_the_backends_default(tmp_path: Path) -> None:
     """Local keeps two batches in flight per replica, Ray one; a config value wins."""
     from gateway.backends.local import LocalBackend
-    from gateway.dataplane import DataPlane
+    from gateway.models import ModelTable
 
     model_zoo.write_repository(
         tmp_path,
@@ -232,11 +232,11 @@ async def test_unset_inflight_batches_take_the_backends_default(tmp_path: Path) 
         default_inflight_batches = 1
 
     for backend, unset_gets in ((LocalBackend(), 2), (OneInFlight(), 1)):
-        plane = DataPlane(Repository(tmp_path, ServerSettings()), backend)
-        await plane.start()
+        models = ModelTable(Repository(tmp_path, ServerSettings()), backend)
+        await models.start()
         try:
-            configs = {m.spec.name: m.spec.config for m in plane.loaded_models()}
+            configs = {m.spec.name: m.spec.config for m in models.loaded()}
             assert configs["unset"].max_inflight_batches == unset_gets
             assert configs["set"].max_inflight_batches == 3
         finally:
-            await plane.stop()
+            await models.stop()

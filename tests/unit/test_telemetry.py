@@ -14,12 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.batching import Batcher, BatchTiming, Tensors
+from gateway.batching import Batcher
 from gateway.settings import ModelConfig, ServerSettings
 from gateway.supervisor import Supervisor
-from gateway.telemetry import RecordEmitter, TokenBucket, socket_path
+from gateway.telemetry import RecordEmitter, TokenBucket
+from turnout_contract.address import socket_path
+from turnout_contract.records import (
+    SERVER,
+    BatchTiming,
+    RecordBatch,
+    RequestRecord,
+    Tensors,
+    decode_frame,
+)
 from turnout_contract.trace import TraceContext
-from turnout_contract.records import RecordBatch, decode_frame
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -74,7 +82,7 @@ def record(emitter: RecordEmitter, **kw: Any) -> None:
         "request_id": "",
     }
     values.update(kw)
-    emitter.record(**values)
+    emitter.observe(RequestRecord(**values, kind=SERVER))
 
 
 def test_frames_carry_the_columns_and_sampled_tensors(
@@ -263,7 +271,7 @@ def test_zero_budget_sends_no_tensors(sock_dir: Path, receiver: socket.socket) -
 
 def test_token_bucket_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("gateway.telemetry.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("gateway.telemetry.bucket.time.monotonic", lambda: now[0])
     bucket = TokenBucket(100)
     assert bucket.take(100)
     assert not bucket.take(1)
