@@ -52,9 +52,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not e2e"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway monitor turnout_contract tests bench
-	$(VENV)/bin/ruff format --check gateway monitor turnout_contract tests bench
-	$(VENV)/bin/mypy gateway monitor turnout_contract
+	$(VENV)/bin/ruff check gateway monitor turnout turnout_contract tests bench
+	$(VENV)/bin/ruff format --check gateway monitor turnout turnout_contract tests bench
+	$(VENV)/bin/mypy gateway monitor turnout turnout_contract
 
 # Load generators come from Debian: hey (HTTP) and h2load (gRPC, nghttp2-client).
 bench-tools:

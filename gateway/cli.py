@@ -1,4 +1,4 @@
-"""``turnout``: the command line."""
+"""The gateway's commands of ``turnout``: ``serve``, ``demo`` and the admin commands."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway import __version__
 from gateway.settings import SettingsError, load_settings
 
-__all__ = ["main"]
+__all__ = ["add_gateway_commands"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -52,11 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"turnout {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_gateway_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="serve a model repository over HTTP and gRPC")
     serve.add_argument("--model-repository", type=Path, help="DIR/<model>/<version>/model.onnx")
     serve.add_argument("--config", type=Path, help="YAML settings file")
@@ -86,18 +81,3 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.admin.cli import add_admin_commands
 
     add_admin_commands(commands)
-
-    from monitor.cli import add_monitor_commands
-
-    add_monitor_commands(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())

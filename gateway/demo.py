@@ -172,7 +172,7 @@ def run_demo(
     print(f"building demo models in {root}/ ...", flush=True)
     build_demo_models(root)
     command = [
-        sys.executable, "-m", "gateway.cli", "serve",
+        sys.executable, "-m", "turnout.cli", "serve",
         "--model-repository", str(root), "--backend", backend,
         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
     ]  # fmt: skip

@@ -67,7 +67,7 @@ def build_backend(settings: ServerSettings) -> ReplicaBackend:
         from gateway.backends.local import LocalBackend
 
         return LocalBackend()
-    from gateway.backends.ray import RayBackend
+    from gateway.backends.ray_serve import RayBackend
 
     return RayBackend(address=settings.ray_address, namespace=settings.ray_namespace)
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def monitor_command(address: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", "monitor", "--listen", address]
+    return [sys.executable, "-m", "turnout.cli", "monitor", "--listen", address]
 
 
 class Supervisor:

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from turnout_contract.records import decode_frame
 from monitor.state import MonitorState
+from turnout_contract.records import decode_frame
 
 if TYPE_CHECKING:
     from monitor.tracing import Tracer

@@ -35,9 +35,9 @@ from monitor.profiles import (
     load_profile,
     save_profile,
 )
-from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.sketch import LatencySketch
+from turnout_contract.records import RecordBatch
 
 __all__ = ["HISTOGRAM_BUCKETS", "QUANTILES", "MonitorState", "VersionState"]
 

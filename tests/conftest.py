@@ -1,47 +1,16 @@
-"""Shared fixtures: a model repository of small real ONNX models and a real gateway.
-
-The gateway runs on its own event loop in a background thread with real HTTP and gRPC
-servers on loopback ports, so tests can drive it with real (blocking) clients.
-"""
+"""Shared fixtures: a model repository of small real ONNX models and a real gateway
+(``gateways.GatewayThread``), and the markers applied by folder."""
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
+from gateways import GatewayThread, local_settings, running
 from model_zoo import standard_repository
 
-from gateway.backends.base import ReplicaBackend
-from gateway.grpc.messages import message
-from gateway.server import Gateway
-from gateway.settings import ServerSettings
-
 _FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
-
-
-def model_infer_stub(channel: grpc.Channel) -> Any:
-    """ModelInfer on a raw channel (``with_call`` gives the trailing metadata)."""
-    return channel.unary_unary(
-        "/inference.GRPCInferenceService/ModelInfer",
-        request_serializer=message("ModelInferRequest").SerializeToString,
-        response_deserializer=message("ModelInferResponse").FromString,
-    )
-
-
-def add_sub_request(model: str, a: list[float], b: list[float]) -> Any:
-    """A ModelInferRequest of one FP32 row for add_sub-shaped models (inputs a and b)."""
-    request = message("ModelInferRequest")(model_name=model)
-    for name, data in (("a", a), ("b", b)):
-        request.inputs.add(name=name, datatype="FP32", shape=[1, len(data)],
-                           contents={"fp32_contents": data})  # fmt: skip
-    return request
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,54 +21,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, _FOLDER_MARKERS[parts[0]]))
 
 
-class GatewayThread:
-    """A real gateway on a private uvloop loop in a daemon thread."""
-
-    def __init__(self, settings: ServerSettings, backend: ReplicaBackend | None = None) -> None:
-        import uvloop
-
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.gateway = Gateway(settings, backend)
-        self.call(self.gateway.start(), timeout=180)
-
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.gateway.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.gateway.grpc_port}"
-
-    def stop(self) -> None:
-        self.call(self.gateway.stop(), timeout=120)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def local_settings(repository: Path, **overrides: Any) -> ServerSettings:
-    values: dict[str, Any] = {
-        "model_repository": repository,
-        # A private state dir per gateway: policies persist there and must not leak across tests.
-        "state_dir": Path(tempfile.mkdtemp(prefix="turnout-state-")),
-        "backend": "local",
-        "http_port": 0,
-        "grpc_port": 0,
-        "max_request_bytes": 256 * 1024,
-        "drain_timeout_s": 5.0,
-        # No request records and no sidecar child unless a test asks for them.
-        "monitor": False,
-    }
-    values.update(overrides)
-    return ServerSettings(**values)
-
-
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return standard_repository(tmp_path_factory.mktemp("models"))
@@ -107,6 +28,5 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_gateway(repository: Path) -> Iterator[GatewayThread]:
-    server = GatewayThread(local_settings(repository))
-    yield server
-    server.stop()
+    with running(local_settings(repository)) as server:
+        yield server

@@ -82,7 +82,7 @@ def run_sidecar(state_dir: Path, config_yaml: str) -> Iterator[tuple[str, Path]]
     socket_file = state_dir / "records.sock"
     env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "monitor", "--listen", f"unix://{socket_file}",
+        [sys.executable, "-m", "turnout.cli", "monitor", "--listen", f"unix://{socket_file}",
          "--metrics-port", "0", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip

@@ -22,8 +22,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
+from turnout_contract.records import RecordBatch
 
 __all__ = ["KEEP_REASONS", "TailSampler"]
 

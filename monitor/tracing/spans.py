@@ -42,7 +42,6 @@ _UNSET = Status(StatusCode.UNSET)
 _SCOPE = InstrumentationScope("turnout.monitor", "0.1.0")
 
 
-
 class SpanBuilder:
     """Spans for the records of one batch at a time; ``links`` (batch id -> links to the
     requests it served) carries what a batch's ``batch_spans`` needs from the request and

@@ -20,7 +20,6 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Link
 
-from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.state import QUANTILES, MonitorState
 from monitor.tracing.otlp import (
@@ -32,6 +31,7 @@ from monitor.tracing.otlp import (
 )
 from monitor.tracing.sampler import KEEP_REASONS, TailSampler
 from monitor.tracing.spans import MAX_SPANS_PER_REQUEST, SpanBuilder
+from turnout_contract.records import RecordBatch
 
 __all__ = ["Tracer", "build_tracer"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings
 from monitor_harness import PROMETHEUS, WAIT_S, Webhook, query, run_prometheus, run_sidecar
 
 from gateway.demo import FEATURES, MODEL, build_demo_models, demo_rows
@@ -59,7 +59,7 @@ def models(state_dir: Path) -> Path:
     data = state_dir / "reference.npy"
     np.save(data, demo_rows())
     built = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "monitor", "profile", MODEL, str(VERSION),
+        [sys.executable, "-m", "turnout.cli", "monitor", "profile", MODEL, str(VERSION),
          "--data", str(data), "--input", "features",
          "--profiles-dir", str(state_dir / "profiles")],
         capture_output=True, text=True, timeout=120,

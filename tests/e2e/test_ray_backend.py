@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings
 from model_zoo import add_sub, mlp, strings, write_repository
 
 
@@ -71,7 +71,7 @@ def test_concurrent_requests_match_onnxruntime(
     for x, got in zip(payloads, results, strict=True):
         (expected,) = session.run(["output"], {"input": x})
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    stats = ray_gateway.gateway.dataplane.get_model("mlp").batcher.stats
+    stats = ray_gateway.gateway.models.get("mlp").batcher.stats
     assert stats.inference_count >= len(payloads)
     assert stats.execution_count < stats.inference_count, "no two requests shared a Ray call"
 

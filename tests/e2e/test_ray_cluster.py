@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings
 from model_zoo import mlp, write_repository
 
-from gateway.backends.ray import RayBackend
+from gateway.backends.ray_serve import RayBackend
 
 pytestmark = pytest.mark.slow
 

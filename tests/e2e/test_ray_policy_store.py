@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings
 from model_zoo import add_sub, write_repository
 
 from gateway.backends.local import LocalBackend

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings
 
 from bench.rollout import admin_token, build_repository, run_rollout
 

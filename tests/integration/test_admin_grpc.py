@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings, running
 from model_zoo import add_sub, write_repository
 
 from gateway.admin.grpc import SERVICE, message
@@ -53,9 +53,8 @@ def add_sub_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def gateway(add_sub_repository: Path) -> Iterator[GatewayThread]:
-    server = GatewayThread(local_settings(add_sub_repository, admin_tokens=TOKENS))
-    yield server
-    server.stop()
+    with running(local_settings(add_sub_repository, admin_tokens=TOKENS)) as server:
+        yield server
 
 
 class Admin:

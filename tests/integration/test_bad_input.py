@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import orjson
 import pytest
-from conftest import GatewayThread
+from gateways import GatewayThread
 
 from gateway.codecs import DATATYPES, decode_raw, encode_raw
 from gateway.grpc.messages import message

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import GatewayThread
+from gateways import GatewayThread
 
 
 def stats(server: GatewayThread, model: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings, running
 
 from gateway.feedback import _CLASSES, PACKAGE, SERVICE
 from monitor.server import MonitorServer
@@ -47,12 +47,12 @@ def sidecar() -> Iterator[MonitorServer]:
 @pytest.fixture(scope="module")
 def gateway(repository: Path, sidecar: MonitorServer) -> Iterator[GatewayThread]:
     address = f"unix://{sidecar.settings.socket_file()}"
-    server = GatewayThread(
-        local_settings(repository, monitor=True, monitor_address=address, monitor_http=sidecar.url)
+    settings = local_settings(
+        repository, monitor=True, monitor_address=address, monitor_http=sidecar.url
     )
-    server.call(server.gateway.admin.apply(MODEL, "set", {"weights": {"1": 50, "2": 50}}, "t"))
-    yield server
-    server.stop()
+    with running(settings) as server:
+        server.call(server.gateway.admin.apply(MODEL, "set", {"weights": {"1": 50, "2": 50}}, "t"))
+        yield server
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:

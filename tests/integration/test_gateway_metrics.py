@@ -4,7 +4,6 @@ HTTP and gRPC requests, on the HTTP port and on a separate port, and clean for p
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import urllib.error
@@ -15,10 +14,11 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import GatewayThread, add_sub_request, local_settings, model_infer_stub
+from gateways import PROMTOOL, GatewayThread, add_sub_request, local_settings, model_infer_stub
 from prometheus_client.parser import text_string_to_metric_families
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+from gateway.metadata import statistics
+
 MODEL = "add_sub"
 A = [1.0, 2.0, 3.0, 4.0]
 
@@ -107,7 +107,7 @@ def test_requests_are_counted_by_version_arm_protocol_and_status(gateway: Gatewa
     assert value(found, "turnout_requests_in_flight", model=MODEL) == 0
     assert value(found, "turnout_model_version_loaded", model=MODEL, version="1") == 1
     assert value(found, "turnout_policy_revision", model=MODEL) == 1
-    stats = gateway.gateway.dataplane.statistics(MODEL, "2")[0]
+    stats = statistics(gateway.gateway.models, MODEL, "2")[0]
     batches = value(found, "turnout_batch_size_count", model=MODEL, version="2")
     assert batches == stats["execution_count"] > 0
     assert (

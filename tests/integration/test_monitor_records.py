@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import GatewayThread, local_settings
+from gateways import EVENTUALLY_S, GatewayThread, local_settings, running
 from tritonclient.utils import InferenceServerException
 
 from turnout_contract.records import RecordBatch, decode_frame
@@ -25,7 +25,6 @@ from turnout_contract.records import RecordBatch, decode_frame
 MODEL = "add_sub"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
-EVENTUALLY_S = 10.0
 
 
 class Sink:
@@ -83,11 +82,11 @@ def sink() -> Iterator[Sink]:
 
 @pytest.fixture(scope="module")
 def gateway(repository: Path, sink: Sink) -> Iterator[GatewayThread]:
-    server = GatewayThread(local_settings(repository, monitor=True, monitor_address=sink.address))
-    # Half of add_sub's traffic to each version: records must name the arm that served.
-    server.call(server.gateway.admin.apply(MODEL, "set", {"weights": {"1": 50, "2": 50}}, "t"))
-    yield server
-    server.stop()
+    settings = local_settings(repository, monitor=True, monitor_address=sink.address)
+    with running(settings) as server:
+        # Half of add_sub's traffic to each version: records must name the arm that served.
+        server.call(server.gateway.admin.apply(MODEL, "set", {"weights": {"1": 50, "2": 50}}, "t"))
+        yield server
 
 
 def add_sub_inputs(module: Any, a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> list[Any]:

@@ -33,7 +33,7 @@ def state_dir() -> Iterator[Path]:
 def _turnout(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {"TURNOUT_MONITOR_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "monitor", *args],
+        [sys.executable, "-m", "turnout.cli", "monitor", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -104,7 +104,7 @@ def test_a_real_gateway_feeds_the_sidecar(repository: Path, state_dir: Path) -> 
     """Gateway (local backend) -> Unix datagrams -> sidecar: per-arm latency, the first
     requests as reference, then drift when the inputs shift."""
     import tritonclient.http as httpclient
-    from conftest import GatewayThread, local_settings
+    from gateways import GatewayThread, local_settings
 
     from monitor.server import MonitorServer
     from monitor.settings import MonitorSettings

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings
 
 from gateway.settings import ServerSettings
 

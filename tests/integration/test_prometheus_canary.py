@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import GatewayThread, add_sub_request, local_settings, model_infer_stub
+from gateways import GatewayThread, add_sub_request, local_settings, model_infer_stub
 from monitor_harness import PROMETHEUS, query, run_prometheus, run_sidecar
 
 MODEL = "add_sub"

@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 def _start(repository: Path, state_dir: Path) -> tuple[subprocess.Popen[str], str]:
     config = state_dir / "turnout.yaml"
     config.write_text(f"state_dir: {state_dir}\n")
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "local"]
+    command = [sys.executable, "-m", "turnout.cli", "serve", "--backend", "local"]
     command += ["--model-repository", str(repository), "--config", str(config)]
     command += ["--http-port", "0", "--grpc-port", "0"]
     process = subprocess.Popen(
@@ -80,7 +80,7 @@ def test_bad_model_config_fails_start_with_a_clear_message(tmp_path: Path) -> No
 
     add_sub(model_dir / "1" / "model.onnx")
     (model_dir / "config.yaml").write_text("max_batch_size: -3\n")
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "local"]
+    command = [sys.executable, "-m", "turnout.cli", "serve", "--backend", "local"]
     command += ["--model-repository", str(tmp_path / "models"), "--http-port", "0"]
     result = subprocess.run(
         [*command, "--grpc-port", "0"],

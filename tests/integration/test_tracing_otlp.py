@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -24,18 +23,17 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import GatewayThread, add_sub_request, local_settings, model_infer_stub
+from gateways import PROMTOOL, GatewayThread, add_sub_request, local_settings, model_infer_stub
 from model_zoo import add_sub, write_repository
 from monitor_harness import free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from oteltest.sink import GrpcSink, HttpSink
 from oteltest.sink.handler import RequestHandler
 
-from turnout_contract.trace import parse_traceparent
 from monitor.server import MonitorServer
 from monitor.settings import MonitorSettings
+from turnout_contract.trace import parse_traceparent
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 EVENTUALLY_S = 20.0
 SLOW_MS = 150.0
 A = [1.0, 2.0, 3.0, 4.0]

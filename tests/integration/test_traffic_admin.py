@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import grpc
 import orjson
 import pytest
-from conftest import GatewayThread, local_settings
+from gateways import EVENTUALLY_S, GatewayThread, local_settings, running
 
 from gateway.codecs import decode_raw
 from gateway.grpc.messages import message
@@ -37,7 +37,6 @@ TOKENS = [
 MODEL = "add_sub"
 TRAFFIC = f"models/{MODEL}/traffic"  # under /admin/v1
 CALL_TIMEOUT_S = 10.0
-EVENTUALLY_S = 10.0  # a bound on polling for background work, not a timing assertion
 
 A = [[1.0, 2.0, 3.0, 4.0]]
 B = [[10.0, 20.0, 30.0, 40.0]]
@@ -227,9 +226,8 @@ def eventually(check: Callable[[], Any], what: str) -> Any:
 
 @pytest.fixture
 def gateway(repository: Path) -> Iterator[GatewayThread]:
-    server = GatewayThread(local_settings(repository, admin_tokens=TOKENS))
-    yield server
-    server.stop()
+    with running(local_settings(repository, admin_tokens=TOKENS)) as server:
+        yield server
 
 
 @pytest.fixture
@@ -620,7 +618,7 @@ def test_history_records_every_change_and_the_list_shows_every_model(
     assert (status["weights"], status["standby"], status["shadow"]) == ({"1": 100}, 2, None)
 
     models = admin.ok("GET", "models")["models"]
-    served = {m.spec.name for m in gateway.gateway.dataplane.loaded_models()}
+    served = {m.spec.name for m in gateway.gateway.models.loaded()}
     assert [m["model"] for m in models] == sorted(served)
     by_name = {m["model"]: m for m in models}
     assert by_name[MODEL] == admin.status()
@@ -634,9 +632,8 @@ def test_history_records_every_change_and_the_list_shows_every_model(
 @pytest.fixture(scope="module")
 def untouched(repository: Path) -> Iterator[GatewayThread]:
     """A gateway no test may change: every request sent to it is refused."""
-    server = GatewayThread(local_settings(repository, admin_tokens=TOKENS))
-    yield server
-    server.stop()
+    with running(local_settings(repository, admin_tokens=TOKENS)) as server:
+        yield server
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings, running
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "add_sub"
@@ -42,7 +42,7 @@ def run_cli(
     state_dir: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args, "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "turnout.cli", *args, "--state-dir", str(state_dir)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -136,9 +136,8 @@ def served(gateway: GatewayThread) -> tuple[int, int]:
 
 @pytest.fixture
 def gateway(repository: Path) -> Iterator[GatewayThread]:
-    server = GatewayThread(local_settings(repository))
-    yield server
-    server.stop()
+    with running(local_settings(repository)) as server:
+        yield server
 
 
 @pytest.fixture
@@ -148,7 +147,7 @@ def cli(gateway: GatewayThread) -> Cli:
 
 def test_status_as_a_table_and_as_json(gateway: GatewayThread, cli: Cli) -> None:
     rows = table(cli.ok("traffic", "status"))
-    served_models = sorted({m.spec.name for m in gateway.gateway.dataplane.loaded_models()})
+    served_models = sorted({m.spec.name for m in gateway.gateway.models.loaded()})
     assert [row["model"] for row in rows] == served_models
     assert {
         "model": MODEL,
@@ -274,9 +273,8 @@ def test_models_unload_is_refused_while_in_use_and_load_brings_a_version_back(
 
 @pytest.fixture(scope="module")
 def untouched(repository: Path) -> Iterator[GatewayThread]:
-    server = GatewayThread(local_settings(repository))
-    yield server
-    server.stop()
+    with running(local_settings(repository)) as server:
+        yield server
 
 
 def refused(case_id: str, command: str, *words: str) -> Any:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import GatewayThread
+from gateways import GatewayThread
 
 PROTOCOLS = ["grpc", "http-binary", "http-json"]
 

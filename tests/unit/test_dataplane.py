@@ -66,7 +66,13 @@ async def test_every_request_ends_as_one_record_for_every_observer(table: ModelT
         await plane.infer(context("nope"), decoded(request("nope")))
     assert seen == also and len(seen) == 3
     ok, invalid, unknown = seen
-    assert (ok.model, ok.version, ok.arm, ok.status, ok.kind) == ("add_sub", 1, "primary", 200, SERVER)
+    assert (ok.model, ok.version, ok.arm, ok.status, ok.kind) == (
+        "add_sub",
+        1,
+        "primary",
+        200,
+        SERVER,
+    )
     assert ok.rows == 1 and ok.inputs is not None and ok.outputs is not None
     assert ok.timing is not None and ok.timing.batch_size == 1
     assert ok.protocol == "http" and ok.path == "/v2/models/add_sub/infer"

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gateways import PROMTOOL
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -22,7 +23,6 @@ CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "turnout.json"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 needs_promtool = pytest.mark.skipif(
     not os.access(PROMTOOL, os.X_OK),
     reason="promtool is not installed (apt-get install prometheus)",

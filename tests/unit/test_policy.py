@@ -305,3 +305,30 @@ def test_shadow_draws_follow_the_shadow_percent() -> None:
     draws = mirrored(tenth)
     assert set(draws) == {1, None}
     assert abs(draws.count(1) / len(draws) - 0.10) < 0.01
+
+
+def test_derived_fields_are_computed_once_per_policy_object() -> None:
+    policy = canary(25, revision=7)
+    assert policy.edges == [75.0, 100.0]
+    assert policy.active_versions is policy.active_versions
+    assert policy.edges is policy.edges
+    assert route(policy, 74.9).version == 1 and route(policy, 75.0).version == 2
+
+
+def test_without_a_stored_policy_one_default_is_kept_per_highest_version() -> None:
+    router = router_for(None)
+    first = router.policy_for(MODEL, [1, 2])
+    assert router.policy_for(MODEL, [1, 2]) is first
+    router.select(MODEL, request(), [1, 2])
+    assert router.policy_for(MODEL, [1, 2]) is first
+    assert router.policy_for(MODEL, [1, 2, 3]).weights == {3: 100}
+
+
+def test_one_select_decides_the_version_and_the_shadow() -> None:
+    shadowed = TrafficPolicy(
+        model=MODEL, weights={2: 100}, shadow=ShadowPolicy(version=1, percent=100)
+    )
+    decision = router_for(shadowed).select(MODEL, request(), [1, 2])
+    assert (decision.version, decision.shadow) == (2, 1)
+    explicit = router_for(shadowed).select(MODEL, request(version="2"), [1, 2])
+    assert (explicit.arm, explicit.shadow) == ("explicit", 1)

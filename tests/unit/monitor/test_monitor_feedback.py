@@ -12,9 +12,9 @@ from monitor_frames import record_batch
 from prometheus_client.exposition import generate_latest
 
 from monitor.exporters.prometheus import build_registry
-from turnout_contract.records import RecordBatch
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
+from turnout_contract.records import RecordBatch
 
 
 def _classified(labels: list[int], scores: bool = False) -> RecordBatch:

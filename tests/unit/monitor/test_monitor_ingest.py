@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from monitor_frames import record_batch
 
-from gateway.cli import main
 from monitor.ingest import Ingest
 from monitor.profiles import build_profile, save_profile
-from turnout_contract.records import encode_frame
 from monitor.server import MonitorServer
 from monitor.settings import MonitorSettings
 from monitor.state import MonitorState
+from turnout.cli import main
+from turnout_contract.records import encode_frame
 
 
 @pytest.fixture

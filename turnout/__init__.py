@@ -1,0 +1,1 @@
+"""The ``turnout`` command, above the gateway and the monitor sidecar."""
