@@ -47,6 +47,9 @@ class Supervisor:
         self.poll_interval_s = poll_interval_s
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        """Children started."""
+        self.failed_starts = 0
+        """Attempts whose command could not be started at all (missing, not executable)."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -64,6 +67,7 @@ class Supervisor:
                 self.starts += 1
             except (OSError, ValueError) as exc:
                 log.warning("cannot start the %s: %s", self.name, exc)
+                self.failed_starts += 1
                 code: int | None = None
             else:
                 while (code := self.process.poll()) is None:

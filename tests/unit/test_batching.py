@@ -24,6 +24,7 @@ from gateway.errors import (
     ServerShuttingDown,
 )
 from gateway.settings import ModelConfig
+from turnout_contract.records import BatchTiming
 
 LONG_DELAY_US = 30_000_000  # a batch that waits this long fails the test by timeout
 
@@ -484,3 +485,31 @@ async def test_stats_count_failures_apart(make: Factory) -> None:
     # As in Triton's statistics extension, counts of executions are of successful ones.
     assert (stats.inference_count, stats.execution_count) == (2, 1)
     assert stats.batch_sizes == {2: 1}
+
+
+def test_batcher_fills_per_request_timing() -> None:
+    async def scenario() -> list[BatchTiming]:
+        async def run_batch(inputs: Tensors) -> Tensors:
+            await asyncio.sleep(0.02)
+            return {"y": inputs["x"] * 2}
+
+        config = ModelConfig(max_batch_size=8, max_queue_delay_us=20_000)
+        batcher = Batcher("m", run_batch, config, batchable=True, replicas=1)
+        batcher.start()
+        timings = [BatchTiming() for _ in range(3)]
+        x = np.ones((1, 2), np.float32)
+        results = await asyncio.gather(
+            batcher.submit({"x": x}, 1, None, timings[0]),
+            batcher.submit({"x": np.ones((2, 2), np.float32)}, 2, None, timings[1]),
+            batcher.submit({"x": x}, 1, None, timings[2]),
+            batcher.submit({"x": x}, 1),  # no timing: the old call still works
+        )
+        assert [r["y"].shape[0] for r in results] == [1, 2, 1, 1]
+        await batcher.close(1)
+        return timings
+
+    timings = asyncio.run(scenario())
+    for timing in timings:
+        assert timing.batch_size == 5
+        assert timing.batch_s >= 0.015
+        assert 0 < timing.queue_s < 1

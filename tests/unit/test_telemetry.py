@@ -1,9 +1,8 @@
-"""The gateway's request records: frames over a real Unix datagram socket, drops counted,
-the sampling budget, traceparent, and the batcher's per-request timing."""
+"""The record emitter (gateway/telemetry/): frames over a real Unix datagram socket, drops
+counted, the sampling budget, traceparent, and frames cut to fit a datagram."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import tempfile
 import time
@@ -14,17 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.batching import Batcher
-from gateway.settings import ModelConfig, ServerSettings
-from gateway.supervisor import Supervisor
 from gateway.telemetry import RecordEmitter, TokenBucket
-from turnout_contract.address import socket_path
 from turnout_contract.records import (
     SERVER,
     BatchTiming,
     RecordBatch,
     RequestRecord,
-    Tensors,
     decode_frame,
 )
 from turnout_contract.trace import TraceContext
@@ -281,74 +275,6 @@ def test_token_bucket_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> No
     now[0] += 10  # saved up: one second's worth at most
     assert bucket.take(100)
     assert not bucket.take(1)
-
-
-def test_addresses() -> None:
-    assert socket_path("unix:///run/turnout/monitor.sock") == Path("/run/turnout/monitor.sock")
-    with pytest.raises(ValueError, match="unix:///path"):
-        socket_path("tcp://127.0.0.1:9000")
-    settings = ServerSettings(monitor_address="unix:///tmp/x.sock")
-    assert settings.monitor and settings.monitor_sample_rows_per_s == 10000
-    with pytest.raises(ValueError, match="monitor_address"):
-        ServerSettings(monitor_address="127.0.0.1:9000")
-
-
-def test_batcher_fills_per_request_timing() -> None:
-    async def scenario() -> list[BatchTiming]:
-        async def run_batch(inputs: Tensors) -> Tensors:
-            await asyncio.sleep(0.02)
-            return {"y": inputs["x"] * 2}
-
-        config = ModelConfig(max_batch_size=8, max_queue_delay_us=20_000)
-        batcher = Batcher("m", run_batch, config, batchable=True, replicas=1)
-        batcher.start()
-        timings = [BatchTiming() for _ in range(3)]
-        x = np.ones((1, 2), np.float32)
-        results = await asyncio.gather(
-            batcher.submit({"x": x}, 1, None, timings[0]),
-            batcher.submit({"x": np.ones((2, 2), np.float32)}, 2, None, timings[1]),
-            batcher.submit({"x": x}, 1, None, timings[2]),
-            batcher.submit({"x": x}, 1),  # no timing: the old call still works
-        )
-        assert [r["y"].shape[0] for r in results] == [1, 2, 1, 1]
-        await batcher.close(1)
-        return timings
-
-    timings = asyncio.run(scenario())
-    for timing in timings:
-        assert timing.batch_size == 5
-        assert timing.batch_s >= 0.015
-        assert 0 < timing.queue_s < 1
-
-
-def test_supervisor_restarts_a_child_that_exits_and_stops_it() -> None:
-    async def scenario() -> tuple[int, int | None]:
-        quick = Supervisor(["/bin/sh", "-c", "exit 3"], min_backoff_s=0.05, poll_interval_s=0.01)
-        quick.start()
-        await asyncio.sleep(0.6)
-        await quick.stop()
-        slow = Supervisor(["/bin/sleep", "30"], poll_interval_s=0.01)
-        slow.start()
-        await asyncio.sleep(0.2)
-        process = slow.process
-        assert process is not None and process.poll() is None
-        await slow.stop()
-        return quick.starts, process.poll()
-
-    starts, code = asyncio.run(scenario())
-    assert starts >= 3  # restarted with backoff, the loop kept running
-    assert code is not None  # terminated on stop
-
-
-def test_a_missing_command_never_fails_the_supervisor() -> None:
-    async def scenario() -> int:
-        supervisor = Supervisor(["/nonexistent/turnout-monitor"], min_backoff_s=0.05)
-        supervisor.start()
-        await asyncio.sleep(0.2)
-        await supervisor.stop()
-        return supervisor.starts
-
-    assert asyncio.run(scenario()) == 0
 
 
 def test_frames_larger_than_estimated_are_split_and_oversize_tensors_left_out(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -25,12 +24,15 @@ class Webhook:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
-        received = self.bodies
+        self.arrived = threading.Condition()
+        received, arrived = self.bodies, self.arrived
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
-                received.append(json.loads(self.rfile.read(length)))
+                with arrived:
+                    received.append(json.loads(self.rfile.read(length)))
+                    arrived.notify_all()
                 self.send_response(204)
                 self.end_headers()
 
@@ -43,9 +45,8 @@ class Webhook:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
     def wait_for(self, count: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.bodies) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.bodies) >= count, timeout), self.bodies
 
     def close(self) -> None:
         self.server.shutdown()
@@ -99,8 +100,10 @@ def test_fires_after_for_s_and_posts_exactly_once(tmp_path: Path, webhook: Webho
         for now in (241, 250, 299):  # still firing: no more POSTs
             assert alerts.evaluate(now) == []
         webhook.wait_for(1)
-        time.sleep(0.2)
+        # Every notification queued so far has been posted: the one, and no other.
+        alerts.stop()
         assert len(webhook.bodies) == 1
+        alerts.start()
         body = webhook.bodies[0]
         assert body["alert"] == "psi" and body["status"] == "firing"
         assert (body["model"], body["version"], body["feature"]) == ("m", 1, "x")
