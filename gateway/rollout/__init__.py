@@ -1,0 +1,1 @@
+"""Automated rollouts and A/B experiments: evidence, gates, the controller."""
