@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 # each set self-contained, and protoc's output is byte-for-byte stable for one grpcio-tools.
 DESCRIPTORS := gateway/grpc/inference.desc=protos/inference.proto \
 	gateway/admin/traffic.desc=protos/turnout/admin/v1/traffic.proto \
+	gateway/admin/rollout.desc=protos/turnout/admin/v1/rollout.proto \
 	gateway/feedback.desc=protos/turnout/monitor/v1/feedback.proto
 PROTOC := $(PY) -m grpc_tools.protoc -Iprotos --include_imports
 

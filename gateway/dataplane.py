@@ -11,17 +11,25 @@ Which versions are loaded is the model table's business (:mod:`gateway.models`).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from gateway.auth import TokenAuth
 from gateway.context import Decode, RequestContext
-from gateway.errors import InvalidInput, ModelNotFound, ServerShuttingDown, TurnoutError
+from gateway.errors import (
+    InjectedFault,
+    InjectedUnavailable,
+    InvalidInput,
+    ModelNotFound,
+    ServerShuttingDown,
+    TurnoutError,
+)
 from gateway.models import LoadedModel, ModelTable
 from gateway.repository import parse_version
 from gateway.routing import ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
-from gateway.routing.policy import Decision
+from gateway.routing.policy import Decision, Fault
 from gateway.routing.shadow import ShadowMirror
 from gateway.types import InferOutput, InferRequest, InferResponse
 from turnout_contract.records import SERVER, BatchTiming, RequestRecord, Tensors
@@ -114,6 +122,8 @@ class DataPlane:
             batchable = model.spec.batchable
             tensors, rows = _validate_inputs(model, request)
             wanted = _requested_outputs(model, request)
+            if decision.fault is not None:
+                await _inject(decision.fault, name, version)
             primary = model.batcher.submit(tensors, rows, request.timeout_s, timing)
             shadow = decision.shadow
             if shadow is not None and shadow != version:
@@ -183,6 +193,15 @@ class DataPlane:
             request.model_version = headers.get(VERSION_HEADER, "")
         request.routing_key = routing_key(headers.get(ROUTING_KEY_HEADER), request.parameters)
         return request
+
+
+async def _inject(fault: Fault, name: str, version: int) -> None:
+    """The faults the policy injects into this version: a delay, then maybe an error."""
+    if fault.delay_ms and random.random() * 100 < fault.delay_percent:
+        await asyncio.sleep(fault.delay_ms / 1e3)
+    if fault.abort_percent and random.random() * 100 < fault.abort_percent:
+        error = InjectedUnavailable if fault.abort_status == 503 else InjectedFault
+        raise error(f"fault injected into model '{name}' version {version} (traffic fault)")
 
 
 def _response(

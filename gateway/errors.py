@@ -14,6 +14,8 @@ the data plane never thinks about transports::
     ├── PayloadTooLarge         413  RESOURCE_EXHAUSTED body over the configured limit
     ├── QueueFull               429  RESOURCE_EXHAUSTED batcher queue at max_queue_size
     ├── BackendError            500  INTERNAL           the replica failed to run the model
+    ├── InjectedFault           500  INTERNAL           a fault injected by the traffic policy
+    │   └── InjectedUnavailable 503  UNAVAILABLE        (the same, answered as unavailable)
     ├── ModelNotReady           503  UNAVAILABLE        known but not loaded (yet)
     ├── ServerShuttingDown      503  UNAVAILABLE        draining
     ├── PolicyStoreUnavailable  503  UNAVAILABLE        the Ray policy store cannot be reached
@@ -39,6 +41,8 @@ __all__ = [
     "BackendError",
     "Conflict",
     "DeadlineExceeded",
+    "InjectedFault",
+    "InjectedUnavailable",
     "InvalidInput",
     "ModelNotFound",
     "ModelNotReady",
@@ -118,6 +122,16 @@ class QueueFull(TurnoutError):
 
 class BackendError(TurnoutError):
     status = statuses.INTERNAL
+
+
+class InjectedFault(TurnoutError):
+    """A request answered with an error on purpose (``turnout traffic fault``)."""
+
+    status = statuses.INTERNAL
+
+
+class InjectedUnavailable(InjectedFault):
+    status = statuses.UNAVAILABLE
 
 
 class ModelNotReady(TurnoutError):

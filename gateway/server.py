@@ -28,6 +28,8 @@ from prometheus_client import start_http_server
 
 from gateway.admin.grpc import TrafficServicer
 from gateway.admin.http import AdminHttp
+from gateway.admin.rollout import RolloutAdmin
+from gateway.admin.rollout_grpc import RolloutServicer
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import Token, TokenAuth, load_or_create_tokens
 from gateway.backends.base import ReplicaBackend
@@ -40,6 +42,10 @@ from gateway.http.app import HttpApp
 from gateway.metrics import GatewayCollector, RequestMetrics, gateway_registry
 from gateway.models import ModelTable
 from gateway.repository import Repository
+from gateway.rollout.controller import RolloutController
+from gateway.rollout.evidence import Evidence
+from gateway.rollout.labels import SidecarAccuracy
+from gateway.rollout.metrics import RolloutCollector
 from gateway.routing.router import PolicyRouter
 from gateway.routing.shadow import ShadowMirror, ShadowStats
 from gateway.routing.store import BasePolicyStore, PolicyStore
@@ -160,11 +166,13 @@ class Gateway:
             drain_timeout_s=settings.drain_timeout_s,
         )
         self.request_metrics = RequestMetrics()
+        self.evidence = Evidence()
         recorders: list[Observer] = [] if self.emitter is None else [self.emitter.observe]
+        # The evidence observes before the emitter, which drops unsampled tensors.
         self.dataplane = DataPlane(
             self.models,
             selector=self.router,
-            observers=[self.request_metrics.observe, *recorders],
+            observers=[self.request_metrics.observe, self.evidence.observe, *recorders],
             mirror=ShadowMirror(recorders),
             auth=self.auth if settings.require_infer_token else None,
         )
@@ -184,6 +192,15 @@ class Gateway:
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self.admin = TrafficAdmin(self.models, self.store, self.router, self.dataplane.mirror)
+        self.controller = RolloutController(
+            self.store,
+            self.evidence,
+            accuracy=SidecarAccuracy(settings.monitor_http) if settings.monitor else None,
+        )
+        self.evidence.on_failure = self.controller.wake
+        self.rollouts = RolloutAdmin(self.models, self.store, self.router, self.controller)
+        self.metrics.register(RolloutCollector(self.store, self.controller))
+        self._controller_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.http_port = settings.http_port
         self.grpc_port = settings.grpc_port
@@ -205,19 +222,22 @@ class Gateway:
         self._grpc.add_generic_rpc_handlers(
             [
                 TrafficServicer(self.admin, self.auth).handler(),
+                RolloutServicer(self.rollouts, self.admin, self.auth).handler(),
                 FeedbackServicer(self.feedback).handler(),
             ]
         )
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 
-        self._watch_task = asyncio.get_running_loop().create_task(self.store.watch())
+        loop = asyncio.get_running_loop()
+        self._watch_task = loop.create_task(self.store.watch())
+        self._controller_task = loop.create_task(self.controller.run())
         self._http_socket = _bind(s.host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
         app = HttpApp(
             self.dataplane,
             s.max_request_bytes,
-            admin=AdminHttp(self.admin, self.auth),
+            admin=AdminHttp(self.admin, self.auth, self.rollouts),
             feedback=self.feedback,
             metrics=self.metrics,
         )
@@ -262,8 +282,9 @@ class Gateway:
             self._http.should_exit = True
             stops.append(self._http_task)
         await asyncio.gather(*stops, return_exceptions=True)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._controller_task):
+            if task is not None:
+                task.cancel()
         await self.models.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -18,17 +18,15 @@ the last slow run), so a condition changes at most once a window.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
-import queue
 import threading
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from monitor.settings import LATENCY_STATISTICS, AlertRule, MonitorSettings
 from monitor.state import QUANTILES, MonitorState
+from turnout_contract.webhooks import WebhookSender
 
 __all__ = ["ActiveAlert", "AlertManager"]
 
@@ -93,22 +91,21 @@ class AlertManager:
         self._active: dict[tuple[str, str, int, str], ActiveAlert] = {}
         self._last_sent: dict[tuple[str, str, int, str], float] = {}
         self._lock = threading.Lock()
-        self.notifications: dict[str, int] = {"sent": 0, "failed": 0, "debounced": 0}
-        self._outbox: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=1024)
-        self._sender: threading.Thread | None = None
+        self.debounced = 0
+        self._sender = WebhookSender(settings.webhooks, name="turnout-monitor-webhooks")
+
+    @property
+    def notifications(self) -> dict[str, int]:
+        """Webhook POSTs by outcome: sent, failed, debounced (held back by ``debounce_s``)."""
+        return {**self._sender.counts, "debounced": self.debounced}
 
     def start(self) -> None:
-        if self.settings.webhooks and self._sender is None:
-            self._sender = threading.Thread(
-                target=self._send_loop, name="turnout-monitor-webhooks", daemon=True
-            )
+        if self.settings.webhooks:
             self._sender.start()
 
     def stop(self) -> None:
-        if self._sender is not None:
-            self._outbox.put(None)
-            self._sender.join(10)
-            self._sender = None
+        """Post what is queued, then stop sending."""
+        self._sender.stop()
 
     def active(self) -> list[ActiveAlert]:
         with self._lock:
@@ -190,38 +187,13 @@ class AlertManager:
                 )
                 last = self._last_sent.get(alert.key)
                 if last is not None and now - last < self.settings.debounce_s:
-                    self.notifications["debounced"] += 1
+                    self.debounced += 1
                     continue
                 self._last_sent[alert.key] = now
                 to_send.append(alert.document())
         for document in to_send:
-            for url in self.settings.webhooks:
-                try:
-                    self._outbox.put_nowait({"url": url, "body": document})
-                except queue.Full:
-                    self.notifications["failed"] += 1
+            self._sender.post(document)
         return fired
-
-    def _send_loop(self) -> None:
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            request = urllib.request.Request(
-                item["url"],
-                data=json.dumps(item["body"]).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    response.read()
-                outcome = "sent"
-            except (OSError, ValueError) as exc:
-                log.warning("webhook %s failed: %s", item["url"], exc)
-                outcome = "failed"
-            with self._lock:
-                self.notifications[outcome] += 1
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -145,3 +145,54 @@ def standard_repository(root: Path) -> Path:
             ),
         },
     )
+
+
+def add_sub_shifted(path: Path, width: int = 4) -> None:
+    """Like add_sub, but sum = a + b + 1: a version that answers differently."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", width])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", width])
+    total = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", width])
+    diff = helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["batch", width])
+    one = numpy_helper.from_array(np.ones((1,), np.float32), "one")
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["plain"]),
+        helper.make_node("Add", ["plain", "one"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+    ]
+    graph = helper.make_graph(nodes, "add_sub_shifted", [a, b], [total, diff], [one])
+    _save(graph, path)
+
+
+def add_sub_flaky(path: Path, width: int = 4, table: int = 10) -> None:
+    """Like add_sub, but ONNX Runtime fails on inputs whose a[:, 0] is 10 or more: a
+    real broken model (a Gather whose index comes from the input runs out of bounds)."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", width])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", width])
+    total = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", width])
+    diff = helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["batch", width])
+    initializers = [
+        numpy_helper.from_array(np.zeros((table,), np.float32), "table"),
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.array([1], np.int64), "end"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["a", "start", "end", "axis"], ["first"]),
+        helper.make_node("Floor", ["first"], ["floored"]),
+        helper.make_node("Cast", ["floored"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["looked_up"], axis=0),
+        helper.make_node("Add", ["a", "b"], ["plain"]),
+        helper.make_node("Add", ["plain", "looked_up"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+    ]
+    graph = helper.make_graph(nodes, "add_sub_flaky", [a, b], [total, diff], initializers)
+    _save(graph, path)
+
+
+def by_version(builders: dict[int, Any]) -> Any:
+    """A repository builder that picks the model by the version directory it writes."""
+
+    def build(path: Path) -> None:
+        builders[int(path.parent.name)](path)
+
+    return build

@@ -19,7 +19,7 @@ from typing import Any
 
 from turnout_contract.address import gateway_state_dir
 
-__all__ = ["add_admin_commands"]
+__all__ = ["CliError", "add_admin_commands", "add_common_flags", "call_admin"]
 
 
 class CliError(Exception):
@@ -50,7 +50,7 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
     return str(url).rstrip("/"), str(token)
 
 
-def _call(
+def call_admin(
     args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
 ) -> Any:
     url, token = _endpoint(args)
@@ -134,7 +134,7 @@ def _change(args: argparse.Namespace, operation: str, **fields: Any) -> Any:
     body: dict[str, Any] = {"op": operation, **fields}
     if args.if_revision is not None:
         body["if_revision"] = args.if_revision
-    return _call(args, "POST", f"models/{args.model}/traffic", body)
+    return call_admin(args, "POST", f"models/{args.model}/traffic", body)
 
 
 def _parse_weights(pairs: list[str]) -> dict[str, int]:
@@ -151,10 +151,10 @@ def _traffic(args: argparse.Namespace) -> Any:
     action = args.traffic_command
     if action == "status":
         if args.model:
-            return [_call(args, "GET", f"models/{args.model}/traffic")]
-        return _call(args, "GET", "models")["models"]
+            return [call_admin(args, "GET", f"models/{args.model}/traffic")]
+        return call_admin(args, "GET", "models")["models"]
     if action == "history":
-        return _call(args, "GET", f"models/{args.model}/traffic/history")["history"]
+        return call_admin(args, "GET", f"models/{args.model}/traffic/history")["history"]
     if action == "set":
         fields: dict[str, Any] = {"weights": _parse_weights(args.weights)}
         if args.standby is not None:
@@ -168,6 +168,17 @@ def _traffic(args: argparse.Namespace) -> Any:
         return [_change(args, "promote", version=args.version)]
     if action == "rollback":
         return [_change(args, "rollback")]
+    if action == "fault":
+        path = f"models/{args.model}/versions/{args.version}/fault"
+        if args.clear:
+            return [call_admin(args, "DELETE", path)]
+        fault = {
+            "abort_percent": args.abort_percent,
+            "abort_status": args.abort_status,
+            "delay_ms": args.delay_ms,
+            "delay_percent": args.delay_percent,
+        }
+        return [call_admin(args, "PUT", path, fault)]
     if action == "shadow":
         if args.clear:
             return [_change(args, "clear_shadow")]
@@ -179,7 +190,7 @@ def _traffic(args: argparse.Namespace) -> Any:
 
 def _models(args: argparse.Namespace) -> Any:
     path = f"models/{args.model}/versions/{args.version}/{args.models_command}"
-    return _call(args, "POST", path, {})
+    return call_admin(args, "POST", path, {})
 
 
 def _run(handler: Any, args: argparse.Namespace) -> int:
@@ -208,7 +219,7 @@ def _run(handler: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--url", help="gateway HTTP address (default: found in the state dir)")
     parser.add_argument("--token", help="admin bearer token (default: the state dir's)")
@@ -222,7 +233,7 @@ def add_admin_commands(commands: Any) -> None:
     def action(name: str, help_text: str, model_required: bool = True) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
         parser.add_argument("model", nargs=None if model_required else "?")
-        _common(parser)
+        add_common_flags(parser)
         if name not in ("status", "history"):
             parser.add_argument("--if-revision", type=int, help="apply only at this revision")
         parser.set_defaults(func=lambda args: _run(_traffic, args))
@@ -244,6 +255,13 @@ def add_admin_commands(commands: Any) -> None:
     shadow.add_argument("version", type=int, nargs="?")
     shadow.add_argument("--percent", type=float, default=10.0)
     shadow.add_argument("--clear", action="store_true", help="stop mirroring")
+    fault = action("fault", "inject errors or delays into a version's requests")
+    fault.add_argument("version", type=int)
+    fault.add_argument("--abort-percent", type=float, default=0.0, help="share answered an error")
+    fault.add_argument("--abort-status", type=int, choices=[500, 503], default=500)
+    fault.add_argument("--delay-ms", type=float, default=0.0, help="delay added before queueing")
+    fault.add_argument("--delay-percent", type=float, default=100.0, help="share delayed")
+    fault.add_argument("--clear", action="store_true", help="stop injecting faults")
 
     models = commands.add_parser("models", help="load or unload model versions at runtime")
     model_actions = models.add_subparsers(dest="models_command", required=True)
@@ -254,5 +272,5 @@ def add_admin_commands(commands: Any) -> None:
         parser = model_actions.add_parser(name, help=help_text)
         parser.add_argument("model")
         parser.add_argument("version", type=int)
-        _common(parser)
+        add_common_flags(parser)
         parser.set_defaults(func=lambda args: _run(_models, args))

@@ -18,9 +18,9 @@ from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
 from gateway.errors import InvalidInput
 from gateway.grpc.messages import load_messages
-from gateway.grpc.servicer import Context, Handler, guarded
+from gateway.grpc.servicer import Context, Handler, guarded, invocation_headers
 
-__all__ = ["SERVICE", "TrafficServicer", "message"]
+__all__ = ["SERVICE", "TrafficServicer", "authenticated", "message"]
 
 PACKAGE = "turnout.admin.v1"
 SERVICE = f"{PACKAGE}.TrafficService"
@@ -103,6 +103,17 @@ def history_entry_to_proto(entry: dict[str, Any]) -> Any:
 # -- the service --------------------------------------------------------------------------
 
 
+def authenticated(auth: TokenAuth, operation: Operation) -> Handler:
+    """``operation(request, actor)`` behind the admin token of the call's metadata."""
+
+    async def call(request: Any, context: Context) -> Any:
+        header = invocation_headers(context).get("authorization")
+        return await operation(request, auth.authenticate(header, "admin"))
+
+    call.__name__ = operation.__name__
+    return call
+
+
 class TrafficServicer:
     """The admin RPCs; each authenticates, converts, calls TrafficAdmin, converts back."""
 
@@ -168,16 +179,6 @@ class TrafficServicer:
         result = await self.admin.unload(_model(request), _version(request))
         return message("UnloadModelResponse")(**result)
 
-    def _authenticated(self, operation: Operation) -> Handler:
-        async def call(request: Any, context: Context) -> Any:
-            metadata = dict(context.invocation_metadata() or ())
-            header = metadata.get("authorization")
-            actor = self.auth.authenticate(str(header) if header else None, "admin")
-            return await operation(request, actor)
-
-        call.__name__ = operation.__name__
-        return call
-
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         # RPC -> (method, request message, response message)
         rpcs: dict[str, tuple[Operation, str, str]] = {
@@ -197,7 +198,7 @@ class TrafficServicer:
             SERVICE,
             {
                 name: grpc.unary_unary_rpc_method_handler(
-                    guarded(self._authenticated(method)),
+                    guarded(authenticated(self.auth, method)),
                     request_deserializer=message(request).FromString,
                     response_serializer=message(response).SerializeToString,
                 )

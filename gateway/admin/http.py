@@ -6,6 +6,11 @@ GET  /admin/v1/models/{m}/traffic/history              audit entries, oldest fir
 POST /admin/v1/models/{m}/traffic                      {"op": "set"|"switch"|..., ...}
 PUT  /admin/v1/models/{m}/traffic                      {"weights": {...}, ...} (op "set")
 POST /admin/v1/models/{m}/versions/{v}/load|unload     load or unload a version
+PUT  /admin/v1/models/{m}/versions/{v}/fault           inject faults (abort_percent, ...)
+DELETE /admin/v1/models/{m}/versions/{v}/fault         stop injecting them
+GET  /admin/v1/models/{m}/rollout                      the rollout: phase, step, every gate
+POST /admin/v1/models/{m}/rollout                      start one: {"canary": 2, "steps": ...}
+POST /admin/v1/models/{m}/rollout/{action}             pause, resume, abort, promote
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
 from gateway.errors import InvalidInput, ModelNotFound
@@ -23,9 +29,12 @@ __all__ = ["AdminHttp"]
 
 
 class AdminHttp:
-    def __init__(self, admin: TrafficAdmin, auth: TokenAuth) -> None:
+    def __init__(
+        self, admin: TrafficAdmin, auth: TokenAuth, rollouts: RolloutAdmin | None = None
+    ) -> None:
         self.admin = admin
         self.auth = auth
+        self.rollouts = rollouts
 
     async def handle(
         self, method: str, parts: list[str], headers: dict[str, str], body: bytes
@@ -51,12 +60,26 @@ class AdminHttp:
                         "'op' is required: set, switch, promote, rollback, shadow, clear_shadow"
                     )
                 return 200, await admin.apply(model, operation, document, actor)
-        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and method == "POST":
+        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions":
             model, version = parts[1], parse_version(parts[1], parts[3])
-            if parts[4] == "load":
+            if parts[4] == "load" and method == "POST":
                 return 200, await admin.load(model, version)
-            if parts[4] == "unload":
+            if parts[4] == "unload" and method == "POST":
                 return 200, await admin.unload(model, version)
+            if parts[4] == "fault" and method in ("PUT", "DELETE"):
+                fault = _json_object(body) if method == "PUT" else {"clear": True}
+                fault = {**fault, "version": version}
+                return 200, await admin.apply(model, "fault", fault, actor)
+        rollouts = self.rollouts
+        if rollouts is not None and len(parts) in (3, 4) and parts[0] == "models":
+            model = parts[1]
+            if parts[2] == "rollout" and len(parts) == 3:
+                if method == "GET":
+                    return 200, rollouts.status(model)
+                if method == "POST":
+                    return 200, await rollouts.start(model, _json_object(body), actor)
+            if parts[2] == "rollout" and len(parts) == 4 and method == "POST":
+                return 200, await rollouts.act(model, parts[3], actor)
         raise ModelNotFound(f"no admin route for {method} /admin/v1/{'/'.join(parts)}")
 
 

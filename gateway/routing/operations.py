@@ -17,7 +17,11 @@ from gateway.routing.policy import TrafficPolicy
 
 __all__ = ["OPERATIONS", "apply_operation", "build_policy", "parse_int"]
 
-OPERATIONS = ("set", "switch", "promote", "rollback", "shadow", "clear_shadow")
+OPERATIONS = ("set", "switch", "promote", "rollback", "shadow", "clear_shadow", "fault")
+MANUAL_MOVES = ("set", "switch", "promote", "rollback")
+"""Operations that move traffic by hand: they end an automated rollout (it would fight them)."""
+ACTIVE_PHASES = ("progressing", "paused")
+FAULT_FIELDS = ("abort_percent", "abort_status", "delay_ms", "delay_percent")
 
 
 def parse_int(field: str, value: Any) -> int:
@@ -86,10 +90,28 @@ def apply_operation(
         }
     elif operation == "clear_shadow":
         fields["shadow"] = None
+    elif operation == "fault":
+        version = parse_int("version", body.get("version"))
+        faults = dict(fields.get("faults") or {})
+        if body.get("clear"):
+            faults.pop(version, None)
+        else:
+            unknown = sorted(set(body) - {"op", "version", "clear", "if_revision", *FAULT_FIELDS})
+            if unknown:
+                raise InvalidInput(f"unknown fault field(s) {', '.join(unknown)}")
+            faults[version] = {k: body[k] for k in FAULT_FIELDS if k in body}
+        fields["faults"] = faults
     else:
         raise InvalidInput(
             f"unknown operation '{operation}' (expected one of {', '.join(OPERATIONS)})"
         )
+    rollout = fields.get("rollout")
+    if operation in MANUAL_MOVES and rollout and rollout.get("phase") in ACTIVE_PHASES:
+        fields["rollout"] = {
+            **rollout,
+            "phase": "aborted",
+            "reason": f"ended by a manual '{operation}' of the traffic policy",
+        }
     return fields
 
 

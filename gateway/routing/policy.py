@@ -1,8 +1,11 @@
 """Traffic policies: pure, seeded routing decisions for one model.
 
 A policy is weights over versions (summing to 100) plus an optional blue-green standby,
-an optional shadow, and whether requests may name a version. Decisions are a pure function
-of (policy, routing key or random draw), so tests can check them statistically.
+an optional shadow, whether requests may name a version, injected faults per version
+(``turnout traffic fault``), and the state of an automated rollout when one runs
+(``gateway/rollout/``), which is stored here so it shares the policy's revision. Decisions
+are a pure function of (policy, routing key or random draw), so tests can check them
+statistically.
 
 Sticky assignment hashes (model, key) to a point in [0, 100). Versions own consecutive
 ranges in ascending version order, so the newest version owns the top of the range: raising
@@ -15,11 +18,11 @@ import bisect
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["Decision", "ShadowPolicy", "TrafficPolicy", "key_point", "route"]
+__all__ = ["Decision", "Fault", "ShadowPolicy", "TrafficPolicy", "key_point", "route"]
 
 
 class ShadowPolicy(BaseModel):
@@ -29,6 +32,22 @@ class ShadowPolicy(BaseModel):
 
     version: int = Field(ge=1)
     percent: float = Field(gt=0, le=100)
+
+
+class Fault(BaseModel):
+    """Faults injected into one version's requests (testing rollouts and clients): a share
+    answered with an error, a share delayed before batching."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    abort_percent: float = Field(default=0.0, ge=0, le=100)
+    """Share of requests answered ``abort_status`` without running the model."""
+    abort_status: Literal[500, 503] = 500
+    """500 (INTERNAL) or 503 (UNAVAILABLE)."""
+    delay_ms: float = Field(default=0.0, ge=0, le=60_000)
+    """Added before the request is queued."""
+    delay_percent: float = Field(default=100.0, ge=0, le=100)
+    """Share of requests delayed by ``delay_ms``."""
 
 
 class TrafficPolicy(BaseModel):
@@ -44,6 +63,11 @@ class TrafficPolicy(BaseModel):
     """Blue-green: the warm version that ``switch`` makes active."""
     allow_explicit_version: bool = True
     shadow: ShadowPolicy | None = None
+    faults: dict[int, Fault] = Field(default_factory=dict)
+    """Version -> faults injected into its requests."""
+    rollout: dict[str, Any] | None = None
+    """The automated rollout's state (``gateway.rollout.state.RolloutState`` as JSON), or
+    None when no rollout was started since the last manual change."""
 
     @field_validator("weights")
     @classmethod
@@ -116,6 +140,8 @@ class TrafficPolicy(BaseModel):
             "standby": self.standby,
             "allow_explicit_version": self.allow_explicit_version,
             "shadow": self.shadow.model_dump() if self.shadow else None,
+            "faults": {str(v): f.model_dump() for v, f in self.faults.items()},
+            "rollout": self.rollout,
         }
 
 
@@ -126,6 +152,8 @@ class Decision:
     revision: int
     shadow: int | None = None
     """The version this request is mirrored to, or None."""
+    fault: Fault | None = None
+    """Faults injected into this request's version, or None."""
 
 
 def key_point(model: str, key: str) -> float:
@@ -139,4 +167,5 @@ def route(policy: TrafficPolicy, point: float, shadow: int | None = None) -> Dec
     versions = policy.active_versions
     chosen = versions[min(bisect.bisect_right(policy.edges, point), len(versions) - 1)]
     arm = "primary" if chosen == policy.primary else "canary"
-    return Decision(chosen, arm, policy.revision, shadow)
+    faults = policy.faults
+    return Decision(chosen, arm, policy.revision, shadow, faults.get(chosen) if faults else None)

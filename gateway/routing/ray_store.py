@@ -80,6 +80,9 @@ class PolicyStoreActor:
     def history(self, model: str) -> list[dict[str, Any]]:
         return self._store.history(model)
 
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str:
+        return self._store.acquire_lease(name, holder, ttl_s)
+
 
 class RayPolicyStore(BasePolicyStore):
     """The gateway's side: a cache of the actor's policies, and calls for changes."""
@@ -213,6 +216,11 @@ class RayPolicyStore(BasePolicyStore):
     def history(self, model: str) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = self._call("history", model)
         return entries
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str:
+        # One actor serialises every gateway's calls: the cluster-wide lease.
+        current: str = self._call("acquire_lease", name, holder, ttl_s)
+        return current
 
     # -- changes -------------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ class PolicyRouter:
                     f"(policy revision {policy.revision})"
                 )
             version = parse_version(model, request.model_version)
-            return Decision(version, "explicit", policy.revision, self._shadow(policy))
+            fault = policy.faults.get(version) if policy.faults else None
+            return Decision(version, "explicit", policy.revision, self._shadow(policy), fault)
         if request.routing_key:
             point = key_point(model, request.routing_key)
         else:

@@ -11,6 +11,7 @@ Layout::
 
     STATE_DIR/traffic/<model>.json    {"policy": {...}, "history": [older policies...]}
     STATE_DIR/audit.jsonl             one line per change: revision, time, actor, op, old, new
+    STATE_DIR/leases.json             {name: {"holder": id, "expires": wall clock}}
 
 ``BasePolicyStore`` is what the router and the admin use; ``PolicyStore`` here serves one
 machine, ``gateway.routing.ray_store.RayPolicyStore`` a Ray cluster (a detached actor that
@@ -101,6 +102,16 @@ class BasePolicyStore(abc.ABC):
     @abc.abstractmethod
     def history(self, model: str) -> list[dict[str, Any]]:
         """Audit entries for ``model``, oldest first."""
+
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str:
+        """Take or renew the lease ``name`` for ``holder`` for ``ttl_s`` seconds; the holder
+        after the call (``holder`` when it has the lease, another one's id when not).
+
+        One holder at a time across every gateway sharing the store: the rollout controller
+        of a model acts only while it holds the model's lease, and a lease whose holder
+        stopped renewing it is taken over once it expires.
+        """
 
     # -- the shared state ----------------------------------------------------------------
 
@@ -300,6 +311,23 @@ class PolicyStore(BasePolicyStore):
         temp = path.with_suffix(f".tmp{os.getpid()}")
         temp.write_text(json.dumps(document, indent=1))
         os.replace(temp, path)
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str:
+        path = self.state_dir / "leases.json"
+        with self._locked():
+            try:
+                leases: dict[str, Any] = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                leases = {}
+            now = time.time()
+            current = leases.get(name)
+            if current and current.get("holder") != holder and current.get("expires", 0) > now:
+                return str(current["holder"])
+            leases[name] = {"holder": holder, "expires": now + ttl_s}
+            temp = path.with_suffix(f".tmp{os.getpid()}")
+            temp.write_text(json.dumps(leases))
+            os.replace(temp, path)
+        return holder
 
     def _append_audit(self, entry: dict[str, Any]) -> None:
         with self._audit.open("a") as audit:

@@ -26,6 +26,8 @@ TABLE: dict[type[TurnoutError], tuple[int, grpc.StatusCode]] = {
     errors.PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     errors.QueueFull: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     errors.BackendError: (500, grpc.StatusCode.INTERNAL),
+    errors.InjectedFault: (500, grpc.StatusCode.INTERNAL),
+    errors.InjectedUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
     errors.ModelNotReady: (503, grpc.StatusCode.UNAVAILABLE),
     errors.ServerShuttingDown: (503, grpc.StatusCode.UNAVAILABLE),
     errors.PolicyStoreUnavailable: (503, grpc.StatusCode.UNAVAILABLE),

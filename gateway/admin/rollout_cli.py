@@ -1,0 +1,140 @@
+"""``turnout rollout``: start, watch and steer automated rollouts over the REST admin API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.admin.cli import CliError, add_common_flags, call_admin
+
+__all__ = ["add_rollout_commands"]
+
+FINAL_PHASES = ("promoted", "rolled_back", "aborted")
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"steps are percentages, e.g. 5,25,50,100; got {text!r}"
+        ) from None
+
+
+def _start(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"canary": args.canary, "dry_run": args.dry_run}
+    if args.config:
+        try:
+            config = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise CliError(f"cannot read {args.config}: {exc}") from None
+        if not isinstance(config, dict):
+            raise CliError(f"{args.config}: expected a mapping of rollout settings")
+        body["config"] = config
+    for key in ("steps", "step_seconds", "min_requests"):
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = value
+    document: dict[str, Any] = call_admin(args, "POST", f"models/{args.model}/rollout", body)
+    return document
+
+
+def _status(args: argparse.Namespace) -> dict[str, Any]:
+    document: dict[str, Any] = call_admin(args, "GET", f"models/{args.model}/rollout")
+    return document
+
+
+def _act(args: argparse.Namespace) -> dict[str, Any]:
+    path = f"models/{args.model}/rollout/{args.rollout_command}"
+    document: dict[str, Any] = call_admin(args, "POST", path, {})
+    return document
+
+
+def print_rollout(document: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    weights = " ".join(f"v{v}={w}%" for v, w in document["weights"].items())
+    steps = ",".join(str(s) for s in document["steps"])
+    console.print(
+        f"[bold]{document['model']}[/bold] rollout of v{document['canary']} over "
+        f"v{document['stable']}: [bold]{document['phase']}[/bold], step {document['step'] + 1} "
+        f"of [{steps}], {weights}, {document.get('step_elapsed_s', 0):.0f} s in this step"
+    )
+    if document.get("reason"):
+        console.print(f"  {document['reason']}")
+    table = Table()
+    for column in ("gate", "decision", "statistic", "evidence"):
+        table.add_column(column)
+    colour = {"pass": "green", "hold": "yellow", "fail": "red"}
+    for gate in document.get("gates") or []:
+        decision = gate["decision"]
+        table.add_row(
+            gate["name"],
+            f"[{colour.get(decision, 'white')}]{decision}[/]",
+            gate["statistic"],
+            gate["detail"],
+        )
+    console.print(table)
+
+
+def _run(handler: Any, args: argparse.Namespace) -> int:
+    try:
+        while True:
+            document = handler(args)
+            if args.json:
+                print(json.dumps(document, indent=2))
+            else:
+                print_rollout(document)
+            if not getattr(args, "watch", False) or document["phase"] in FINAL_PHASES:
+                return 0
+            time.sleep(args.interval)
+            handler = _status
+    except CliError as exc:
+        print(f"turnout: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def add_rollout_commands(commands: Any) -> None:
+    rollout = commands.add_parser("rollout", help="automated, metric-gated canary rollouts")
+    actions = rollout.add_subparsers(dest="rollout_command", required=True)
+
+    start = actions.add_parser("start", help="roll a version out in gated steps")
+    start.add_argument("model")
+    start.add_argument("--canary", type=int, required=True, help="the version to roll out")
+    start.add_argument("--steps", type=_steps, help="canary weights, e.g. 5,25,50,100")
+    start.add_argument("--step-seconds", type=float, help="shortest time a step lasts")
+    start.add_argument("--min-requests", type=int, help="fewest canary requests per step")
+    start.add_argument("--config", help="rollout.yaml: gates, margins, alpha, webhooks")
+    start.add_argument("--dry-run", action="store_true", help="validate and show the plan")
+    start.add_argument("--watch", action="store_true", help="follow it until it ends")
+    start.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    add_common_flags(start)
+    start.set_defaults(func=lambda args: _run(_start, args))
+
+    status = actions.add_parser("status", help="phase, step, weights and every gate's evidence")
+    status.add_argument("model")
+    status.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    add_common_flags(status)
+    status.set_defaults(func=lambda args: _run(_status, args))
+
+    for name, help_text in (
+        ("pause", "hold the rollout where it is"),
+        ("resume", "continue a paused rollout (the step's evidence starts again)"),
+        ("abort", "back to the stable version at 100%%"),
+        ("promote", "the canary at 100%% now"),
+    ):
+        parser = actions.add_parser(name, help=help_text)
+        parser.add_argument("model")
+        add_common_flags(parser)
+        parser.set_defaults(func=lambda args: _run(_act, args))
