@@ -18,19 +18,20 @@ from gateway.errors import InvalidInput
 from gateway.grpc.messages import load_messages
 from gateway.grpc.servicer import guarded
 
-__all__ = ["SERVICE", "RolloutServicer"]
+__all__ = ["SERVICE", "RolloutServicer", "message"]
 
 PACKAGE = "turnout.admin.v1"
 SERVICE = f"{PACKAGE}.RolloutService"
 _CLASSES = load_messages(Path(__file__).with_name("rollout.desc"))
 
 
-def _message(name: str) -> Any:
+def message(name: str) -> Any:
+    """The message class ``turnout.admin.v1.<name>`` of rollout.proto."""
     return _CLASSES[f"{PACKAGE}.{name}"]
 
 
 def _document(kind: str, document: dict[str, Any]) -> Any:
-    answer = _message(kind)()
+    answer = message(kind)()
     json_format.ParseDict(document, answer.document)
     return answer
 
@@ -104,8 +105,8 @@ class RolloutServicer:
             {
                 name: grpc.unary_unary_rpc_method_handler(
                     guarded(authenticated(self.auth, method)),
-                    request_deserializer=_message(request).FromString,
-                    response_serializer=_message(response).SerializeToString,
+                    request_deserializer=message(request).FromString,
+                    response_serializer=message(response).SerializeToString,
                 )
                 for name, (method, request, response) in rpcs.items()
             },

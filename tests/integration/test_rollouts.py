@@ -9,15 +9,21 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import model_zoo
 import pytest
 from gateways import GatewayThread, local_settings, running
+from google.protobuf import json_format
+
+from gateway.admin.rollout_grpc import message
 
 MODEL = "add_sub"
 TOKEN = "r" * 24
@@ -260,3 +266,58 @@ def test_two_gateways_on_one_state_directory_have_one_controller(
         holders = {g.gateway.controller.holder for g in (one, two)}
         leaders = {g.gateway.controller.leaders.get(MODEL) for g in (one, two)} - {None}
         assert len(leaders) == 1 and leaders <= holders
+
+
+def test_grpc_and_the_cli_steer_the_same_rollout(gateway: GatewayThread, tmp_path: Path) -> None:
+    channel = grpc.insecure_channel(gateway.grpc_url)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+
+    def rpc(name: str, request: str, reply: str, **fields: Any) -> dict[str, Any]:
+        call = channel.unary_unary(
+            f"/turnout.admin.v1.RolloutService/{name}",
+            request_serializer=message(request).SerializeToString,
+            response_deserializer=message(reply).FromString,
+        )
+        answer = call(message(request)(**fields), metadata=metadata, timeout=30)
+        return json_format.MessageToDict(answer.document)
+
+    plan = rpc("StartRollout", "StartRolloutRequest", "RolloutStatus", model=MODEL, canary=2,
+               steps=[10, 100], dry_run=True)  # fmt: skip
+    assert plan["dry_run"] is True and plan["weights"] == {"1": 90, "2": 10}
+    with pytest.raises(grpc.RpcError) as missing:
+        rpc(
+            "GetRollout", "RolloutRequest", "RolloutStatus", model=MODEL
+        )  # the plan changed nothing
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    started = rpc("StartRollout", "StartRolloutRequest", "RolloutStatus", model=MODEL, canary=2,
+                  steps=[10, 100], min_requests=100_000)  # fmt: skip
+    assert started["phase"] == "progressing"
+    with pytest.raises(grpc.RpcError) as twice:
+        rpc("StartRollout", "StartRolloutRequest", "RolloutStatus", model=MODEL, canary=2)
+    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as unloaded:
+        rpc("SetFault", "SetFaultRequest", "FaultStatus", model="nope", version=2)
+    assert unloaded.value.code() == grpc.StatusCode.NOT_FOUND
+    fault = rpc("SetFault", "SetFaultRequest", "FaultStatus", model=MODEL, version=2,
+                abort_percent=5)  # fmt: skip
+    assert fault["faults"]["2"]["abort_percent"] == 5
+
+    command = [sys.executable, "-m", "turnout.cli", "rollout"]
+    flags = ["--url", f"http://{gateway.http_url}", "--token", TOKEN]
+    shown = subprocess.run(
+        [*command, "status", MODEL, "--json", *flags], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["canary"] == 2
+    table = subprocess.run(
+        [*command, "pause", MODEL, *flags], capture_output=True, text=True, timeout=60
+    )
+    assert table.returncode == 0 and "paused" in table.stdout, table.stderr
+    bad = subprocess.run(
+        [*command, "start", MODEL, "--canary", "9", *flags], capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "already has a rollout" in bad.stderr
+    aborted = rpc("AbortRollout", "RolloutRequest", "RolloutStatus", model=MODEL)
+    assert aborted["phase"] == "aborted" and aborted["weights"] == {"1": 100}
+    channel.close()

@@ -113,6 +113,8 @@ def test_clear_shadow_stops_mirroring() -> None:
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_operations_do_not_touch_their_inputs(operation: str) -> None:
     body = {"weights": {"1": 100}, "standby": 2, "version": 2, "percent": 50}
+    if operation == "fault":
+        body = {"version": 2, "abort_percent": 5}
     history = [CANARY.model_dump(mode="json")]
     current = BLUE_GREEN if operation != "clear_shadow" else SHADOWED
     before = (copy.deepcopy(body), copy.deepcopy(history), current.model_dump())
@@ -256,3 +258,21 @@ def test_update_with_a_stale_if_revision_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(RevisionConflict, match="model 'm' is at revision 1, not 0"):
         store.update(MODEL, "set", change, actor="t", if_revision=0)
+
+
+def test_fault_sets_and_clears_one_version_and_refuses_unknown_fields() -> None:
+    faulty = applied("fault", {"version": 2, "abort_percent": 5, "delay_ms": 30}, CANARY)
+    assert faulty.faults[2].abort_percent == 5 and faulty.faults[2].delay_ms == 30
+    assert faulty.weights == CANARY.weights
+    assert applied("fault", {"version": 2, "clear": True}, faulty).faults == {}
+    with pytest.raises(InvalidInput, match="unknown fault field"):
+        apply_operation("fault", {"version": 2, "abort": 5}, CANARY, [])
+
+
+def test_a_manual_move_ends_an_automated_rollout() -> None:
+    rolling = CANARY.model_copy(update={"rollout": {"phase": "progressing", "canary": 2}})
+    moved = apply_operation("set", {"weights": {"1": 100}}, rolling, [])
+    assert moved["rollout"]["phase"] == "aborted"
+    assert "manual 'set'" in moved["rollout"]["reason"]
+    faulted = apply_operation("fault", {"version": 2, "abort_percent": 1}, rolling, [])
+    assert faulted["rollout"]["phase"] == "progressing"  # faults do not move traffic

@@ -157,6 +157,8 @@ def test_public_form_is_json_ready() -> None:
         "standby": 1,
         "allow_explicit_version": False,
         "shadow": {"version": 1, "percent": 25.0},
+        "faults": {},
+        "rollout": None,
     }
     assert TrafficPolicy.model_validate(policy.model_dump(mode="json")) == policy
 

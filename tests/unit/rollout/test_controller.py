@@ -1,0 +1,168 @@
+"""The rollout's pieces without a server: evidence per version, every gate's verdict on
+known evidence, the controller's decision rule, the configuration's validation, the lease."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from gateway.rollout.config import RolloutConfig
+from gateway.rollout.controller import decide
+from gateway.rollout.evidence import Evidence, VersionEvidence
+from gateway.rollout.gates import Accuracy, evaluate
+from gateway.rollout.state import RolloutState
+from gateway.routing.store import PolicyStore
+from turnout_contract.records import SERVER, RequestRecord
+from turnout_contract.trace import TraceContext
+
+
+def record(
+    version: int, status: int = 200, total_s: float = 0.002, y: float = 0.0
+) -> RequestRecord:
+    outputs = {"y": np.full((1, 2), y, np.float32)} if status == 200 else None
+    return RequestRecord(
+        "m", version, 1, "primary", status, 0, 0.0, 0.0, total_s, None, TraceContext.start(),
+        SERVER, "http", "", "", "", 1, None, outputs,
+    )  # fmt: skip
+
+
+def filled(n: int, errors: int = 0, total_s: float = 0.002, y: float = 0.0) -> VersionEvidence:
+    evidence = VersionEvidence()
+    rng = np.random.default_rng(n + errors)
+    for i in range(n):
+        failed = i < errors
+        value = y + float(rng.normal(0, 1))
+        latency = total_s * float(rng.uniform(0.8, 1.2))
+        evidence.add(record(1, 500 if failed else 200, latency, value))
+    return evidence
+
+
+def verdicts(
+    config: RolloutConfig, stable: VersionEvidence, canary: VersionEvidence
+) -> dict[str, str]:
+    return {g.name: g.decision for g in evaluate(config, stable, canary)}
+
+
+def test_evidence_counts_errors_runs_latency_and_outputs() -> None:
+    evidence = Evidence()
+    evidence.watch("m", [1, 2])
+    failures: list[int] = []
+    evidence.on_failure = lambda: failures.append(1)
+    for status in (200, 500, 503, 500, 200, 400):
+        evidence.observe(record(2, status, 0.01, y=3.0))
+    evidence.observe(record(7))  # not watched: ignored
+    canary = evidence.of("m", 2)
+    assert canary is not None
+    assert (canary.requests, canary.errors, canary.longest_failure_run) == (6, 3, 3)
+    assert canary.failure_run == 0 and len(failures) == 3
+    assert canary.successes == 2
+    p50 = canary.quantile_s(0.5)
+    assert p50 is not None and 0.0099 <= p50 <= 0.0103  # 2% buckets
+    assert canary.slower_than(0.005) == 2 and canary.slower_than(0.02) == 0
+    moments = canary.output_moments()
+    assert moments is not None and moments[0] == 2
+    np.testing.assert_allclose(moments[1], [3.0, 3.0])
+
+
+def test_healthy_evidence_passes_every_gate() -> None:
+    config = RolloutConfig(error_rate={"margin": 0.02})
+    found = verdicts(config, filled(3000), filled(400))
+    assert found == {
+        "trip_wire": "pass",
+        "max_error_rate": "pass",
+        "error_rate": "pass",
+        "latency_p50": "pass",
+        "latency_p99": "pass",
+        "drift": "pass",
+    }
+
+
+def test_each_kind_of_bad_canary_fails_its_gate() -> None:
+    config = RolloutConfig()
+    stable = filled(3000)
+    assert verdicts(config, stable, filled(400, errors=40))["error_rate"] == "fail"
+    assert verdicts(config, stable, filled(200, total_s=0.04))["latency_p50"] == "fail"
+    assert verdicts(config, stable, filled(400, y=1.0))["drift"] == "fail"
+    assert verdicts(config, stable, filled(400, y=-1.0))["drift"] == "fail"  # either way
+    tripped = filled(50)
+    for _ in range(5):
+        tripped.add(record(1, 500))
+    assert verdicts(config, stable, tripped)["trip_wire"] == "fail"
+
+
+def test_little_evidence_holds() -> None:
+    found = verdicts(RolloutConfig(), filled(3000), filled(5))
+    assert found["error_rate"] == "hold" and found["drift"] == "hold"
+    assert verdicts(RolloutConfig(), filled(5), filled(5))["latency_p50"] == "hold"
+
+
+def test_accuracy_counts_decide_and_missing_labels_skip_or_hold() -> None:
+    config = RolloutConfig()
+    worse = (Accuracy(2000, 1900), Accuracy(400, 300))
+    gates = {g.name: g for g in evaluate(config, filled(300), filled(300), worse)}
+    assert gates["accuracy"].decision == "fail"
+    assert gates["accuracy"].evidence["difference"] == pytest.approx(0.75 - 0.95)
+    assert "accuracy" not in {g.name for g in evaluate(config, filled(300), filled(300))}
+    required = RolloutConfig(accuracy={"required": True})
+    held = {g.name: g for g in evaluate(required, filled(300), filled(300), labels_available=False)}
+    assert held["accuracy"].decision == "hold" and "cannot be reached" in held["accuracy"].detail
+
+
+def state(**fields: object) -> RolloutState:
+    now = time.time()
+    values: dict[str, object] = {"stable": 1, "canary": 2, "started": now, "step_started": now - 60}
+    values.update(fields)
+    return RolloutState.model_validate(values)
+
+
+def test_decide_rolls_back_advances_promotes_holds_and_pauses() -> None:
+    config = RolloutConfig(steps=[10, 50, 100], step_seconds=30, min_requests=100)
+    stable, healthy = filled(3000), filled(400)
+    gates = evaluate(config, stable, healthy)
+    now = time.time()
+    first = decide(state(config=config), gates, healthy, now)
+    assert first is not None and first.action == "advance"
+    last = decide(state(config=config, step=1), gates, healthy, now)
+    assert last is not None and last.action == "promote"
+    young = decide(state(config=config, step_started=now), gates, healthy, now)
+    assert young is None  # step_seconds not reached
+    bad = filled(400, errors=60)
+    worse = decide(state(config=config), evaluate(config, stable, bad), bad, now)
+    assert worse is not None and worse.action == "rollback" and "error_rate" in worse.reason
+    few = filled(5)
+    waited = state(config=config.model_copy(update={"pause_after_s": 10}))
+    paused = decide(waited, evaluate(config, stable, few), few, now)
+    assert paused is not None and paused.action == "pause" and "waiting for" in paused.reason
+
+
+def test_config_validation_names_the_field() -> None:
+    assert RolloutConfig(steps=[5, 25]).steps == [5, 25, 100]
+    for steps in ([], [50, 20], [0, 100], [150]):
+        with pytest.raises(ValidationError, match="steps"):
+            RolloutConfig(steps=steps)
+    with pytest.raises(ValidationError, match="quantiles"):
+        RolloutConfig(latency={"quantiles": [1.5]})
+    with pytest.raises(ValidationError, match="extra"):
+        RolloutConfig(error_rate={"margins": 0.1})
+
+
+def test_state_weights_follow_the_phase() -> None:
+    rolling = state(config=RolloutConfig(steps=[10, 100]))
+    assert rolling.weights() == {1: 90, 2: 10}
+    assert rolling.model_copy(update={"phase": "promoted"}).weights() == {2: 100}
+    assert rolling.model_copy(update={"phase": "rolled_back"}).weights() == {1: 100}
+
+
+def test_one_lease_holder_until_it_expires(tmp_path: Path) -> None:
+    store = PolicyStore(tmp_path)
+    other = PolicyStore(tmp_path)
+    assert store.acquire_lease("rollout:m", "a", 0.3) == "a"
+    assert other.acquire_lease("rollout:m", "b", 0.3) == "a"
+    assert store.acquire_lease("rollout:m", "a", 0.3) == "a"  # renewed
+    time.sleep(0.35)  # the holder stopped renewing: its lease runs out
+    assert other.acquire_lease("rollout:m", "b", 0.3) == "b"
+    assert other.acquire_lease("rollout:other", "b", 0.3) == "b"
