@@ -128,3 +128,44 @@ def build_rollout_repository(root: Path, **config: Any) -> Path:
         yaml.safe_dump({**ROLLOUT_CONFIG, **config})
     )
     return root
+
+
+# ---------------------------------------------------- rollout safety: scores = x @ W + shift
+
+SCORER_MODEL_NAME = "scorer"
+SCORER_WIDTH = 4
+SCORER_VERSIONS = {1: "stable", 2: "healthy", 3: "shifted", 4: "permuted"}
+"""Version -> what it answers: 1 and 2 the identity (a sample's class is its largest
+feature), 3 the identity + 0.5 (shifted outputs, same classes), 4 the features rotated
+(same output distribution, wrong classes: lower accuracy only)."""
+
+
+def build_scorer(path: Path, version: int) -> None:
+    """``scores = x @ W + shift`` for ``version`` (see SCORER_VERSIONS), FP32 [batch, 4]."""
+    weight = np.eye(SCORER_WIDTH, dtype=np.float32)
+    if version == 4:
+        weight = np.roll(weight, 1, axis=1)
+    shift = np.full(SCORER_WIDTH, 0.5 if version == 3 else 0.0, np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SCORER_WIDTH])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", SCORER_WIDTH])
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "weight"], ["product"]),
+            helper.make_node("Add", ["product", "shift"], ["scores"]),
+        ],
+        SCORER_MODEL_NAME,
+        [x],
+        [scores],
+        [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(shift, "shift")],
+    )
+    save_model(graph, path)
+
+
+def build_scorer_repository(root: Path, **config: Any) -> Path:
+    """Write every SCORER_VERSIONS version of ``root/scorer`` and its config.yaml."""
+    for version in SCORER_VERSIONS:
+        build_scorer(root / SCORER_MODEL_NAME / str(version) / "model.onnx", version)
+    (root / SCORER_MODEL_NAME / "config.yaml").write_text(
+        yaml.safe_dump({**ROLLOUT_CONFIG, **config})
+    )
+    return root

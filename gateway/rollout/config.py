@@ -30,10 +30,13 @@ class ErrorRateGate(_Section):
     """Canary error rate against the stable version's (mSPRT on the difference)."""
 
     enabled: bool = True
-    margin: float = Field(default=0.01, ge=0, le=1)
-    """Rolled back when the canary's error rate is proven above stable's + ``margin``; a step
-    advances only when it is proven below."""
-    tau: float = Field(default=0.02, gt=0)
+    margin: float = Field(default=0.0, ge=0, le=1)
+    """Rolled back when the canary's error rate is proven above stable's + ``margin`` (0: any
+    proven increase)."""
+    tolerance: float = Field(default=0.01, gt=0, le=1)
+    """A step advances only when the canary's error rate is proven below stable's +
+    ``tolerance``."""
+    tau: float = Field(default=0.04, gt=0)
     """Mixing scale of the mSPRT: the size of a difference it detects fastest."""
 
 

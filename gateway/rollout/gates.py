@@ -146,22 +146,33 @@ def _error_rate(
     config: RolloutConfig, stable: VersionEvidence, canary: VersionEvidence
 ) -> GateResult:
     gate = config.error_rate
-    test = stats.error_rate_difference(
-        canary.errors,
-        canary.requests,
-        stable.errors,
-        stable.requests,
-        tau=gate.tau,
-        margin=gate.margin,
-        alpha=config.alpha,
-        min_n=min(config.min_requests, 30),
-    )
+
+    def test_at(margin: float) -> stats.DifferenceResult:
+        return stats.error_rate_difference(
+            canary.errors,
+            canary.requests,
+            stable.errors,
+            stable.requests,
+            tau=gate.tau,
+            margin=margin,
+            alpha=config.alpha,
+            min_n=min(config.min_requests, 30),
+        )
+
+    # One confidence sequence, read at two margins: fail above ``margin``, pass below
+    # ``tolerance`` (the bounds do not depend on the margin).
+    test = test_at(gate.margin)
+    if test.decision is stats.Decision.WORSE:
+        verdict: Verdict = "fail"
+    else:
+        verdict = "pass" if test_at(gate.tolerance).decision is stats.Decision.NO_WORSE else "hold"
     return GateResult(
         "error_rate",
         "msprt_difference",
-        _VERDICT[test.decision],
+        verdict,
         f"canary - stable error rate {test.estimate:+.4f}, always-valid bounds "
-        f"[{test.lower:+.4f}, {test.upper:+.4f}] against the margin {gate.margin}",
+        f"[{test.lower:+.4f}, {test.upper:+.4f}] (fail above {gate.margin}, pass below "
+        f"{gate.tolerance})",
         {
             "canary": {"errors": canary.errors, "requests": canary.requests},
             "stable": {"errors": stable.errors, "requests": stable.requests},

@@ -34,7 +34,7 @@ QUICK = {
     "step_seconds": 0.3,
     "min_requests": 60,
     "pause_after_s": 30,
-    "config": {"error_rate": {"margin": 0.05}, "guards": {"consecutive_failures": 8}},
+    "config": {"error_rate": {"tolerance": 0.05}, "guards": {"consecutive_failures": 8}},
 }
 
 

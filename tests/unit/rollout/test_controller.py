@@ -69,7 +69,7 @@ def test_evidence_counts_errors_runs_latency_and_outputs() -> None:
 
 
 def test_healthy_evidence_passes_every_gate() -> None:
-    config = RolloutConfig(error_rate={"margin": 0.02})
+    config = RolloutConfig(error_rate={"tolerance": 0.02})
     found = verdicts(config, filled(3000), filled(400))
     assert found == {
         "trip_wire": "pass",
