@@ -79,7 +79,8 @@ def add_gateway_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     demo.set_defaults(func=_demo)
 
     from gateway.admin.cli import add_admin_commands
-    from gateway.admin.rollout_cli import add_rollout_commands
+    from gateway.admin.rollout_cli import add_experiment_commands, add_rollout_commands
 
     add_admin_commands(commands)
     add_rollout_commands(commands)
+    add_experiment_commands(commands)

@@ -7,6 +7,7 @@ with skl2onnx: version 1 a scaled logistic regression, version 2 gradient-booste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -24,7 +25,10 @@ FEATURES = 30
 
 
 def build_demo_models(root: Path) -> Path:
-    """Write ``root/breast_cancer/{1,2}/model.onnx`` and its config; return the model dir."""
+    """Write ``root/breast_cancer/{1,2,3}/model.onnx`` and its config; return the model dir.
+
+    Version 3 is broken on purpose: trained on shuffled labels, so its answers are noise (the
+    rollout of it must be rolled back by itself)."""
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.datasets import load_breast_cancer
@@ -37,10 +41,12 @@ def build_demo_models(root: Path) -> Path:
     candidates = {
         1: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
         2: GradientBoostingClassifier(n_estimators=60, max_depth=3, random_state=0),
+        3: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
     }
+    shuffled = np.random.default_rng(0).permutation(labels)
     model_dir = root / MODEL
     for version, estimator in candidates.items():
-        estimator.fit(features, labels)
+        estimator.fit(features, shuffled if version == 3 else labels)
         onx = to_onnx(
             estimator,
             initial_types=[("features", FloatTensorType([None, FEATURES]))],
@@ -96,6 +102,74 @@ async def _burst(url: str, count: int, concurrency: int) -> dict[str, dict[str, 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     await client.close()
     return results
+
+
+DEMO_ROLLOUT = {
+    "steps": [10, 50, 100],
+    "step_seconds": 3,
+    "min_requests": 100,
+    "pause_after_s": 60,
+    "config": {"drift": {"margin_sd": 0.5}},
+}
+
+
+async def _rollouts(http: str, grpc_url: str) -> None:
+    """Roll version 2 out by itself, then a broken version 3, which is rolled back."""
+    import argparse
+
+    from gateway.admin.cli import call_admin
+    from gateway.admin.rollout_cli import print_rollout
+
+    admin = argparse.Namespace(url=http, token=None, state_dir=None)
+    call_admin(admin, "PUT", f"models/{MODEL}/traffic", {"weights": {"1": 100}})
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(_steady(grpc_url, stop))
+    try:
+        for canary, story in (
+            (2, "version 2 (gradient boosting) over version 1: expect it promoted"),
+            (3, "version 3 (trained on shuffled labels) over version 2: expect a rollback"),
+        ):
+            print(f"\nautomated rollout of {story}", flush=True)
+            body = {**DEMO_ROLLOUT, "canary": canary}
+            document = await asyncio.to_thread(
+                call_admin, admin, "POST", f"models/{MODEL}/rollout", body
+            )
+            shown = None
+            while document["phase"] in ("progressing", "paused") and not traffic.done():
+                line = (document["phase"], document["step"], str(document["weights"]))
+                if line != shown:
+                    weights = " ".join(f"v{v}={w}%" for v, w in document["weights"].items())
+                    print(f"  {document['phase']}: step {document['step'] + 1}, {weights}")
+                    shown = line
+                await asyncio.sleep(0.5)
+                document = await asyncio.to_thread(
+                    call_admin, admin, "GET", f"models/{MODEL}/rollout"
+                )
+            print_rollout(document)
+    finally:
+        stop.set()
+        await traffic
+
+
+async def _steady(url: str, stop: asyncio.Event, rate: float = 150.0) -> None:
+    """Requests at about ``rate`` a second, routed by the policy, until ``stop``."""
+    import tritonclient.grpc.aio as grpcclient
+
+    rows = demo_rows()
+    client = grpcclient.InferenceServerClient(url)
+
+    async def worker(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            tensor = grpcclient.InferInput("features", [1, FEATURES], "FP32")
+            tensor.set_data_from_numpy(rows[i % len(rows)][None, :])
+            i += 8
+            with contextlib.suppress(Exception):  # a failing canary's errors are expected
+                await client.infer(MODEL, [tensor])
+            await asyncio.sleep(8 / rate)
+
+    await asyncio.gather(*(worker(k) for k in range(8)))
+    await client.close()
 
 
 def _stats(http: str) -> dict[str, tuple[int, int]]:
@@ -191,6 +265,7 @@ def run_demo(
         before = _stats(http)
         results = asyncio.run(_burst(f"127.0.0.1:{grpc_port}", requests, concurrency=16))
         _summary(results, before, _stats(http))
+        asyncio.run(_rollouts(http, f"127.0.0.1:{grpc_port}"))
         if not keep_serving:
             return 0
         print(_how_to_call(http_port, grpc_port), flush=True)

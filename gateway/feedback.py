@@ -77,8 +77,14 @@ def feedback_documents(model: str, body: Any) -> list[dict[str, Any]]:
         key = entry.get("id")
         if not isinstance(key, str) or not key:
             raise InvalidInput(f"'labels[{i}].id' must be a non-empty string (request or trace id)")
+        if "label" not in entry and "reward" in entry:
+            reward = entry["reward"]
+            if isinstance(reward, bool) or not isinstance(reward, int | float):
+                raise InvalidInput(f"'labels[{i}].reward' must be a number")
+            documents.append({"model": model, "request_id": key, "reward": reward})
+            continue
         if "label" not in entry:
-            raise InvalidInput(f"'labels[{i}].label' is required")
+            raise InvalidInput(f"'labels[{i}].label' (or a numeric 'reward') is required")
         label = _label_value(entry["label"], f"labels[{i}].label")
         documents.append({"model": model, "request_id": key, "labels": label})
     return documents

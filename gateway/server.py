@@ -26,6 +26,7 @@ import grpc
 import uvicorn
 from prometheus_client import start_http_server
 
+from gateway.admin.experiment import ExperimentAdmin
 from gateway.admin.grpc import TrafficServicer
 from gateway.admin.http import AdminHttp
 from gateway.admin.rollout import RolloutAdmin
@@ -44,7 +45,7 @@ from gateway.models import ModelTable
 from gateway.repository import Repository
 from gateway.rollout.controller import RolloutController
 from gateway.rollout.evidence import Evidence
-from gateway.rollout.labels import SidecarAccuracy
+from gateway.rollout.labels import SidecarFeedback
 from gateway.rollout.metrics import RolloutCollector
 from gateway.routing.router import PolicyRouter
 from gateway.routing.shadow import ShadowMirror, ShadowStats
@@ -192,13 +193,13 @@ class Gateway:
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self.admin = TrafficAdmin(self.models, self.store, self.router, self.dataplane.mirror)
-        self.controller = RolloutController(
-            self.store,
-            self.evidence,
-            accuracy=SidecarAccuracy(settings.monitor_http) if settings.monitor else None,
-        )
+        feedback = SidecarFeedback(settings.monitor_http) if settings.monitor else None
+        self.controller = RolloutController(self.store, self.evidence, accuracy=feedback)
         self.evidence.on_failure = self.controller.wake
         self.rollouts = RolloutAdmin(self.models, self.store, self.router, self.controller)
+        self.experiments = ExperimentAdmin(
+            self.models, self.store, self.router, self.controller, feedback
+        )
         self.metrics.register(RolloutCollector(self.store, self.controller))
         self._controller_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -222,7 +223,7 @@ class Gateway:
         self._grpc.add_generic_rpc_handlers(
             [
                 TrafficServicer(self.admin, self.auth).handler(),
-                RolloutServicer(self.rollouts, self.admin, self.auth).handler(),
+                RolloutServicer(self.rollouts, self.admin, self.auth, self.experiments).handler(),
                 FeedbackServicer(self.feedback).handler(),
             ]
         )
@@ -237,7 +238,7 @@ class Gateway:
         app = HttpApp(
             self.dataplane,
             s.max_request_bytes,
-            admin=AdminHttp(self.admin, self.auth, self.rollouts),
+            admin=AdminHttp(self.admin, self.auth, self.rollouts, self.experiments),
             feedback=self.feedback,
             metrics=self.metrics,
         )

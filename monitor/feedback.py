@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from turnout_contract.records import RecordBatch
 
-__all__ = ["Accuracy", "Errors", "PredictionLog", "Task"]
+__all__ = ["Accuracy", "Errors", "PredictionLog", "Reward", "Task"]
 
 Task = Literal["classification", "regression"]
 
@@ -53,6 +53,24 @@ class Accuracy:
     @property
     def ratio(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
+
+
+@dataclass(eq=False)
+class Reward:
+    """Numeric rewards fed back for a version's requests (A/B experiments): their sums."""
+
+    n: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        mean = self.total / self.n if self.n else None
+        variance = (
+            max(self.squares / self.n - (self.total / self.n) ** 2, 0.0) * self.n / (self.n - 1)
+            if self.n > 1
+            else None
+        )
+        return {"n": self.n, "mean": mean, "variance": variance}
 
 
 @dataclass(eq=False)
@@ -119,6 +137,7 @@ class PredictionLog:
         self.tasks: dict[str, Task] = dict(tasks or {})
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self.accuracy: dict[tuple[str, int], Accuracy] = {}
+        self.rewards: dict[tuple[str, int], Reward] = {}
         self.errors: dict[tuple[str, int], Errors] = {}
         self.unmatched = 0
 
@@ -154,12 +173,23 @@ class PredictionLog:
         model = str(document["model"])
         key = document.get("request_id") or document.get("trace_id")
         labels = document.get("labels", document.get("label"))
-        if not key or labels is None:
-            raise ValueError("feedback needs model, request_id or trace_id, and labels")
+        reward = document.get("reward")
+        if not key or (labels is None and reward is None):
+            raise ValueError("feedback needs model, request_id or trace_id, and labels or reward")
+        if reward is not None and (not _number(reward) or not math.isfinite(reward)):
+            raise ValueError(f"request {key}: reward must be a finite number")
         entry = self._entries.get((model, str(key)))
         if entry is None or entry.scored:  # scored: through the request's other key
             self.unmatched += 1
             return False
+        if labels is None:
+            del self._entries[(model, str(key))]
+            entry.scored = True
+            rewards = self.rewards.setdefault((model, entry.version), Reward())
+            rewards.n += 1
+            rewards.total += float(reward)
+            rewards.squares += float(reward) ** 2
+            return True
         predictions = entry.predictions
         labels = labels if isinstance(labels, list) else [labels]
         if len(labels) != len(predictions):

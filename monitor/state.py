@@ -413,6 +413,7 @@ class MonitorState:
             reference = {"rows": state.profile.rows, "source": state.profile.source}
         accuracy = self.predictions.accuracy.get((state.model, state.version))
         scored = self.predictions.errors.get((state.model, state.version))
+        reward = self.predictions.rewards.get((state.model, state.version))
         return {
             "requests": state.requests,
             "sampled": state.sampled,
@@ -426,6 +427,7 @@ class MonitorState:
             "regression": None
             if scored is None
             else {"labelled": scored.labelled, "mae": scored.mae, "rmse": scored.rmse},
+            "reward": None if reward is None else reward.public(),
             "reference": reference,
             "features": features,
             "latency": latency,

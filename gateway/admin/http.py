@@ -11,6 +11,9 @@ DELETE /admin/v1/models/{m}/versions/{v}/fault         stop injecting them
 GET  /admin/v1/models/{m}/rollout                      the rollout: phase, step, every gate
 POST /admin/v1/models/{m}/rollout                      start one: {"canary": 2, "steps": ...}
 POST /admin/v1/models/{m}/rollout/{action}             pause, resume, abort, promote
+GET  /admin/v1/models/{m}/experiment                   per arm n, metric, lift, SRM, decision
+POST /admin/v1/models/{m}/experiment                   start: {"arms": [1, 2], "split": ...}
+POST /admin/v1/models/{m}/experiment/stop              {"winner": 2} (default: the control)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from gateway.admin.experiment import ExperimentAdmin
 from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
@@ -30,11 +34,16 @@ __all__ = ["AdminHttp"]
 
 class AdminHttp:
     def __init__(
-        self, admin: TrafficAdmin, auth: TokenAuth, rollouts: RolloutAdmin | None = None
+        self,
+        admin: TrafficAdmin,
+        auth: TokenAuth,
+        rollouts: RolloutAdmin | None = None,
+        experiments: ExperimentAdmin | None = None,
     ) -> None:
         self.admin = admin
         self.auth = auth
         self.rollouts = rollouts
+        self.experiments = experiments
 
     async def handle(
         self, method: str, parts: list[str], headers: dict[str, str], body: bytes
@@ -80,6 +89,15 @@ class AdminHttp:
                     return 200, await rollouts.start(model, _json_object(body), actor)
             if parts[2] == "rollout" and len(parts) == 4 and method == "POST":
                 return 200, await rollouts.act(model, parts[3], actor)
+        experiments = self.experiments
+        if experiments is not None and len(parts) in (3, 4) and parts[0] == "models":
+            model = parts[1]
+            if parts[2:] == ["experiment"] and method == "GET":
+                return 200, await experiments.status(model)
+            if parts[2:] == ["experiment"] and method == "POST":
+                return 200, await experiments.start(model, _json_object(body), actor)
+            if parts[2:] == ["experiment", "stop"] and method == "POST":
+                return 200, await experiments.stop(model, _json_object(body), actor)
         raise ModelNotFound(f"no admin route for {method} /admin/v1/{'/'.join(parts)}")
 
 

@@ -105,6 +105,9 @@ class RolloutAdmin:
                 f"model '{model}' already has a rollout of version {current.canary} "
                 f"({current.phase}); abort or promote it first"
             )
+        experiment = policy.experiment
+        if experiment is not None and experiment.get("phase") == "running":
+            raise Conflict(f"model '{model}' runs an A/B experiment; stop it first")
         canary = parse_int("canary", body.get("canary"))
         stable = policy.primary
         if canary == stable:

@@ -1,4 +1,5 @@
-"""``turnout rollout``: start, watch and steer automated rollouts over the REST admin API."""
+"""``turnout rollout`` and ``turnout experiment``: automated rollouts and A/B experiments,
+over the REST admin API."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 
 from gateway.admin.cli import CliError, add_common_flags, call_admin
 
-__all__ = ["add_rollout_commands"]
+__all__ = ["add_experiment_commands", "add_rollout_commands", "print_rollout"]
 
 FINAL_PHASES = ("promoted", "rolled_back", "aborted")
 
@@ -138,3 +139,81 @@ def add_rollout_commands(commands: Any) -> None:
         parser.add_argument("model")
         add_common_flags(parser)
         parser.set_defaults(func=lambda args: _run(_act, args))
+
+
+def _experiment(args: argparse.Namespace) -> dict[str, Any]:
+    path = f"models/{args.model}/experiment"
+    action = args.experiment_command
+    if action == "start":
+        body: dict[str, Any] = {"arms": args.arms, "metric": args.metric, "alpha": args.alpha}
+        if args.split:
+            body["split"] = args.split
+        document: dict[str, Any] = call_admin(args, "POST", path, body)
+    elif action == "stop":
+        winner = {"winner": args.winner} if args.winner is not None else {}
+        document = call_admin(args, "POST", f"{path}/stop", winner)
+    else:
+        document = call_admin(args, "GET", path)
+    return document
+
+
+def print_experiment(document: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    srm = document.get("srm") or {}
+    console.print(
+        f"[bold]{document['model']}[/bold] experiment ({document['metric']}): "
+        f"[bold]{document['phase']}[/bold], decision [bold]{document['decision']}[/bold]; "
+        f"sample ratio: {srm.get('decision', 'no assignments yet')}"
+    )
+    table = Table()
+    for column in ("arm", "share", "assigned", "n", document["metric"], "lift", "always-valid CI"):
+        table.add_column(column)
+    for arm in document["arms"]:
+        lift = arm.get("lift") or {}
+        value = arm.get(document["metric"])
+        ci = lift.get("always_valid_ci")
+        table.add_row(
+            f"v{arm['version']}" + (" (control)" if arm["control"] else ""),
+            f"{arm['share']}%",
+            str(arm["assigned"]),
+            str(arm["n"]),
+            "-" if value is None else f"{value:.4f}",
+            "-" if not lift else f"{lift['difference']:+.4f} ({lift['decision']})",
+            "-" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]",
+        )
+    console.print(table)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    try:
+        document = _experiment(args)
+    except CliError as exc:
+        print(f"turnout: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print_experiment(document)
+    return 0
+
+
+def add_experiment_commands(commands: Any) -> None:
+    experiment = commands.add_parser("experiment", help="A/B experiments with always-valid lift")
+    actions = experiment.add_subparsers(dest="experiment_command", required=True)
+    start = actions.add_parser("start", help="split traffic over arms (sticky by routing key)")
+    start.add_argument("model")
+    start.add_argument("--arms", type=_steps, required=True, help="versions; the first is control")
+    start.add_argument("--split", type=_steps, help="percent per arm, e.g. 50,50 (default even)")
+    start.add_argument("--metric", choices=["accuracy", "reward"], default="accuracy")
+    start.add_argument("--alpha", type=float, default=0.05)
+    status = actions.add_parser("status", help="per arm n, metric, lift, sample-ratio check")
+    status.add_argument("model")
+    stop = actions.add_parser("stop", help="end it: all traffic to the winner (default control)")
+    stop.add_argument("model")
+    stop.add_argument("--winner", type=int)
+    for parser in (start, status, stop):
+        add_common_flags(parser)
+        parser.set_defaults(func=_run_experiment)

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from gateway.admin.experiment import ExperimentAdmin
 from gateway.admin.grpc import authenticated
 from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.traffic import TrafficAdmin
@@ -43,10 +44,40 @@ def _model(request: Any) -> str:
 
 
 class RolloutServicer:
-    def __init__(self, rollouts: RolloutAdmin, traffic: TrafficAdmin, auth: TokenAuth) -> None:
+    def __init__(
+        self,
+        rollouts: RolloutAdmin,
+        traffic: TrafficAdmin,
+        auth: TokenAuth,
+        experiments: ExperimentAdmin | None = None,
+    ) -> None:
         self.rollouts = rollouts
         self.traffic = traffic
         self.auth = auth
+        self.experiments = experiments
+
+    def _experiments(self) -> ExperimentAdmin:
+        if self.experiments is None:
+            raise InvalidInput("experiments are not served here")
+        return self.experiments
+
+    async def start_experiment(self, request: Any, actor: str) -> Any:
+        body: dict[str, Any] = {"arms": list(request.arms), "metric": request.metric or "accuracy"}
+        if request.split:
+            body["split"] = list(request.split)
+        if request.HasField("alpha"):
+            body["alpha"] = request.alpha
+        document = await self._experiments().start(_model(request), body, actor)
+        return _document("ExperimentStatus", document)
+
+    async def get_experiment(self, request: Any, actor: str) -> Any:
+        document = await self._experiments().status(_model(request))
+        return _document("ExperimentStatus", document)
+
+    async def stop_experiment(self, request: Any, actor: str) -> Any:
+        body = {"winner": request.winner} if request.HasField("winner") else {}
+        document = await self._experiments().stop(_model(request), body, actor)
+        return _document("ExperimentStatus", document)
 
     async def start(self, request: Any, actor: str) -> Any:
         body: dict[str, Any] = {"canary": request.canary, "dry_run": request.dry_run}
@@ -99,6 +130,13 @@ class RolloutServicer:
             "PromoteRollout": (self._action("promote"), "RolloutRequest", "RolloutStatus"),
             "SetFault": (self.set_fault, "SetFaultRequest", "FaultStatus"),
             "ClearFault": (self.clear_fault, "ClearFaultRequest", "FaultStatus"),
+            "StartExperiment": (
+                self.start_experiment,
+                "StartExperimentRequest",
+                "ExperimentStatus",
+            ),
+            "GetExperiment": (self.get_experiment, "ExperimentRequest", "ExperimentStatus"),
+            "StopExperiment": (self.stop_experiment, "StopExperimentRequest", "ExperimentStatus"),
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,

@@ -31,7 +31,7 @@ from typing import Any
 from gateway.errors import InvalidInput, RevisionConflict
 from gateway.rollout.evidence import Evidence, VersionEvidence
 from gateway.rollout.gates import Accuracy, GateResult, evaluate
-from gateway.rollout.labels import SidecarAccuracy
+from gateway.rollout.labels import SidecarFeedback
 from gateway.rollout.state import ACTIVE, RolloutState
 from gateway.routing.policy import TrafficPolicy
 from gateway.routing.store import BasePolicyStore
@@ -88,7 +88,7 @@ class RolloutController:
         store: BasePolicyStore,
         evidence: Evidence,
         *,
-        accuracy: SidecarAccuracy | None = None,
+        accuracy: SidecarFeedback | None = None,
         lease_ttl_s: float = 3.0,
         tick_s: float = 0.25,
         clock: Any = time.time,
@@ -134,11 +134,19 @@ class RolloutController:
     async def tick(self) -> None:
         for model, policy in self.store.all().items():
             state = rollout_state(policy)
-            if state is None or state.phase not in ACTIVE:
-                if self._windows.pop(model, None) is not None:
-                    self.evidence.forget(model)
+            if state is not None and state.phase in ACTIVE:
+                await self._tick_model(model, policy, state)
                 continue
-            await self._tick_model(model, policy, state)
+            experiment = policy.experiment
+            if experiment is not None and experiment.get("phase") == "running":
+                # Assignment counts for the sample-ratio test: one window per experiment.
+                window = (-1, float(experiment["started"]), "experiment")
+                if self._windows.get(model) != window:
+                    self._windows[model] = window
+                    self.evidence.watch(model, [int(v) for v in experiment["arms"]])
+                continue
+            if self._windows.pop(model, None) is not None:
+                self.evidence.forget(model)
 
     async def _tick_model(self, model: str, policy: TrafficPolicy, state: RolloutState) -> None:
         window = (state.step, state.step_started, state.phase)

@@ -1,4 +1,4 @@
-"""Accuracy from label feedback, read from the monitor sidecar's ``/status``.
+"""Accuracy and rewards from feedback, read from the monitor sidecar's ``/status``.
 
 Labels go to the sidecar (``POST /v2/models/{m}/feedback``), which matches them with the
 predictions it sampled and counts labelled and correct predictions per version since it
@@ -19,17 +19,18 @@ from typing import Any
 
 from gateway.rollout.gates import Accuracy
 
-__all__ = ["SidecarAccuracy"]
+__all__ = ["SidecarFeedback"]
 
 log = logging.getLogger(__name__)
 
 
-class SidecarAccuracy:
+class SidecarFeedback:
     def __init__(self, url: str, *, max_age_s: float = 5.0, timeout_s: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.max_age_s = max_age_s
         self.timeout_s = timeout_s
         self._counts: dict[tuple[str, int], Accuracy] = {}
+        self._rewards: dict[tuple[str, int], tuple[int, float, float]] = {}
         self._read_at: dict[str, float] = {}
         self._reachable = True
 
@@ -44,6 +45,13 @@ class SidecarAccuracy:
             return None
         return self._counts.get((model, version), Accuracy(0, 0))
 
+    def reward(self, model: str, version: int) -> tuple[int, float, float] | None:
+        """(n, mean, variance) of the rewards fed back, or None when stale."""
+        read_at = self._read_at.get(model)
+        if read_at is None or time.monotonic() - read_at > self.max_age_s:
+            return None
+        return self._rewards.get((model, version), (0, 0.0, 0.0))
+
     async def refresh(self, model: str) -> None:
         try:
             document = await asyncio.to_thread(self._fetch, model)
@@ -57,6 +65,12 @@ class SidecarAccuracy:
             accuracy = status.get("accuracy") or {}
             self._counts[(model, int(version))] = Accuracy(
                 int(accuracy.get("labelled", 0)), int(accuracy.get("correct", 0))
+            )
+            reward = status.get("reward") or {}
+            self._rewards[(model, int(version))] = (
+                int(reward.get("n") or 0),
+                float(reward.get("mean") or 0.0),
+                float(reward.get("variance") or 0.0),
             )
         self._read_at[model] = time.monotonic()
 

@@ -112,6 +112,13 @@ def apply_operation(
             "phase": "aborted",
             "reason": f"ended by a manual '{operation}' of the traffic policy",
         }
+    experiment = fields.get("experiment")
+    if operation in MANUAL_MOVES and experiment and experiment.get("phase") == "running":
+        fields["experiment"] = {
+            **experiment,
+            "phase": "stopped",
+            "reason": f"ended by a manual '{operation}' of the traffic policy",
+        }
     return fields
 
 

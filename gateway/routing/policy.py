@@ -68,6 +68,8 @@ class TrafficPolicy(BaseModel):
     rollout: dict[str, Any] | None = None
     """The automated rollout's state (``gateway.rollout.state.RolloutState`` as JSON), or
     None when no rollout was started since the last manual change."""
+    experiment: dict[str, Any] | None = None
+    """The A/B experiment's state (``gateway.rollout.experiment.ExperimentState``), or None."""
 
     @field_validator("weights")
     @classmethod
@@ -142,6 +144,7 @@ class TrafficPolicy(BaseModel):
             "shadow": self.shadow.model_dump() if self.shadow else None,
             "faults": {str(v): f.model_dump() for v, f in self.faults.items()},
             "rollout": self.rollout,
+            "experiment": self.experiment,
         }
 
 

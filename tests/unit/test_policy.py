@@ -159,6 +159,7 @@ def test_public_form_is_json_ready() -> None:
         "shadow": {"version": 1, "percent": 25.0},
         "faults": {},
         "rollout": None,
+        "experiment": None,
     }
     assert TrafficPolicy.model_validate(policy.model_dump(mode="json")) == policy
 
