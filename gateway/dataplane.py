@@ -25,6 +25,7 @@ from gateway.errors import (
     ModelNotFound,
     ServerShuttingDown,
     TurnoutError,
+    checked_model_name,
 )
 from gateway.models import LoadedModel, ModelTable
 from gateway.repository import parse_version
@@ -188,6 +189,8 @@ class DataPlane:
         """The inference token, the decoded request, and what its headers add to it."""
         headers = context.headers
         self.check_token(headers)
+        if context.model not in self.models.versions:
+            checked_model_name(context.model)  # served names passed when they were loaded
         request = await decode()
         if not request.model_version:
             request.model_version = headers.get(VERSION_HEADER, "")

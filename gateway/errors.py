@@ -35,6 +35,7 @@ from typing import ClassVar
 import grpc
 
 from turnout_contract import status as statuses
+from turnout_contract.names import check_model_name
 from turnout_contract.status import Status
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "ServerShuttingDown",
     "TurnoutError",
     "Unauthenticated",
+    "checked_model_name",
     "internal_error",
 ]
 
@@ -156,6 +158,14 @@ class MonitorUnavailable(TurnoutError):
 
 class DeadlineExceeded(TurnoutError):
     status = statuses.DEADLINE_EXCEEDED
+
+
+def checked_model_name(name: str) -> str:
+    """``name`` when it is a valid model name (``turnout_contract.names``); InvalidInput."""
+    try:
+        return check_model_name(name)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def internal_error(log: logging.Logger, what: str) -> str:

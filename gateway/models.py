@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gateway.backends.base import ReplicaBackend
 from gateway.batching import Batcher
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, checked_model_name
 from gateway.repository import ModelSpec, Repository, TensorSpec, parse_version
 from turnout_contract.records import Placement, Tensors
 
@@ -125,7 +125,7 @@ class ModelTable:
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The loaded version named, or the highest one; NOT_FOUND names what is missing."""
-        versions = self.versions.get(name)
+        versions = self.versions.get(name) or self.versions.get(checked_model_name(name))
         if not versions:
             raise ModelNotFound(f"model '{name}' is not served (known: {self.known()})")
         if not version:

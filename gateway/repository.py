@@ -13,8 +13,9 @@ from pathlib import Path
 import onnx
 
 from gateway.codecs import datatype_from_onnx
-from gateway.errors import ModelNotFound
+from gateway.errors import InvalidInput, ModelNotFound
 from gateway.settings import ModelConfig, ServerSettings, load_model_config
+from turnout_contract.names import check_model_name, contained, is_model_name
 
 __all__ = ["ModelSpec", "Repository", "TensorSpec", "parse_version"]
 
@@ -115,14 +116,29 @@ class Repository:
         self._settings = settings
 
     def model_names(self) -> list[str]:
+        """Directories with a valid model name and at least one version (others are logged)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and self.versions_on_disk(p.name)
-        )
+        names = []
+        for entry in self.root.iterdir():
+            if not entry.is_dir():
+                continue
+            if not is_model_name(entry.name):
+                log.warning("ignoring %s: not a valid model name", entry)
+                continue
+            if self.versions_on_disk(entry.name):
+                names.append(entry.name)
+        return sorted(names)
+
+    def model_dir(self, model: str) -> Path:
+        """The model's directory: a valid name, resolved inside the repository."""
+        try:
+            return contained(self.root, check_model_name(model))
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
     def versions_on_disk(self, model: str) -> list[int]:
-        model_dir = self.root / model
+        model_dir = self.model_dir(model)
         if not model_dir.is_dir():
             return []
         return sorted(
@@ -132,10 +148,11 @@ class Repository:
         )
 
     def read(self, model: str, version: int) -> ModelSpec:
-        path = self.root / model / str(version) / MODEL_FILE
+        model_dir = self.model_dir(model)
+        path = model_dir / str(version) / MODEL_FILE
         if not path.is_file():
             raise ModelNotFound(f"model '{model}' version {version} is not in the repository")
-        config = load_model_config(self.root / model, self._settings)
+        config = load_model_config(model_dir, self._settings)
         return read_model_spec(model, version, path, config)
 
     def read_all(self) -> list[ModelSpec]:

@@ -183,12 +183,13 @@ class PredictionLog:
             self.unmatched += 1
             return False
         if labels is None:
+            value = float(reward or 0.0)  # checked above: a finite number
             del self._entries[(model, str(key))]
             entry.scored = True
             rewards = self.rewards.setdefault((model, entry.version), Reward())
             rewards.n += 1
-            rewards.total += float(reward)
-            rewards.squares += float(reward) ** 2
+            rewards.total += value
+            rewards.squares += value**2
             return True
         predictions = entry.predictions
         labels = labels if isinstance(labels, list) else [labels]

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from monitor import stats
 from monitor.stats import ReferenceBins, SortedSample
+from turnout_contract.names import check_model_name, contained
 
 __all__ = [
     "FeatureProfile",
@@ -296,7 +297,8 @@ def load_data(path: Path, input_name: str | None = None) -> dict[str, npt.NDArra
 
 
 def profile_dir(root: Path, model: str, version: int) -> Path:
-    return root / model / str(version)
+    """``root/model/version``: a valid model name, resolved inside ``root``."""
+    return contained(root, check_model_name(model), str(version))
 
 
 def save_profile(profile: Profile, root: Path) -> Path:

@@ -18,12 +18,27 @@ from pathlib import Path
 from typing import Any
 
 from turnout_contract.address import gateway_state_dir
+from turnout_contract.names import check_model_name
 
-__all__ = ["CliError", "add_admin_commands", "add_common_flags", "call_admin"]
+__all__ = [
+    "CliError",
+    "add_admin_commands",
+    "add_common_flags",
+    "call_admin",
+    "model_name_argument",
+]
 
 
 class CliError(Exception):
     pass
+
+
+def model_name_argument(value: str) -> str:
+    """argparse ``type``: a valid model name, or a usage error naming the rule."""
+    try:
+        return check_model_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -232,7 +247,9 @@ def add_admin_commands(commands: Any) -> None:
 
     def action(name: str, help_text: str, model_required: bool = True) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        parser.add_argument("model", nargs=None if model_required else "?")
+        parser.add_argument(
+            "model", nargs=None if model_required else "?", type=model_name_argument
+        )
         add_common_flags(parser)
         if name not in ("status", "history"):
             parser.add_argument("--if-revision", type=int, help="apply only at this revision")
@@ -270,7 +287,7 @@ def add_admin_commands(commands: Any) -> None:
         ("unload", "drain and unload a version without traffic"),
     ):
         parser = model_actions.add_parser(name, help=help_text)
-        parser.add_argument("model")
+        parser.add_argument("model", type=model_name_argument)
         parser.add_argument("version", type=int)
         add_common_flags(parser)
         parser.set_defaults(func=lambda args: _run(_models, args))

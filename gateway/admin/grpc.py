@@ -16,7 +16,7 @@ import grpc
 
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, checked_model_name
 from gateway.grpc.messages import load_messages
 from gateway.grpc.servicer import Context, Handler, guarded, invocation_headers
 
@@ -46,7 +46,7 @@ _HistoryEntry = message("HistoryEntry")
 def _model(request: Any) -> str:
     if not request.model:
         raise InvalidInput("'model' is required")
-    return str(request.model)
+    return checked_model_name(str(request.model))
 
 
 def _version(request: Any) -> int:

@@ -26,7 +26,7 @@ from gateway.admin.experiment import ExperimentAdmin
 from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
-from gateway.errors import InvalidInput, ModelNotFound
+from gateway.errors import InvalidInput, ModelNotFound, checked_model_name
 from gateway.repository import parse_version
 
 __all__ = ["AdminHttp"]
@@ -50,6 +50,8 @@ class AdminHttp:
     ) -> tuple[int, Any]:
         """``parts``: the path split on '/', after ``admin/v1``. Returns (status, JSON)."""
         actor = self.auth.authenticate(headers.get("authorization"), "admin")
+        if len(parts) >= 2 and parts[0] == "models":
+            checked_model_name(parts[1])  # before it names a file, a policy or a backend
         admin = self.admin
         if parts == ["models"] and method == "GET":
             return 200, {"models": admin.models()}

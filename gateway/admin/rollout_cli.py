@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from gateway.admin.cli import CliError, add_common_flags, call_admin
+from gateway.admin.cli import CliError, add_common_flags, call_admin, model_name_argument
 
 __all__ = ["add_experiment_commands", "add_rollout_commands", "print_rollout"]
 
@@ -110,7 +110,7 @@ def add_rollout_commands(commands: Any) -> None:
     actions = rollout.add_subparsers(dest="rollout_command", required=True)
 
     start = actions.add_parser("start", help="roll a version out in gated steps")
-    start.add_argument("model")
+    start.add_argument("model", type=model_name_argument)
     start.add_argument("--canary", type=int, required=True, help="the version to roll out")
     start.add_argument("--steps", type=_steps, help="canary weights, e.g. 5,25,50,100")
     start.add_argument("--step-seconds", type=float, help="shortest time a step lasts")
@@ -123,7 +123,7 @@ def add_rollout_commands(commands: Any) -> None:
     start.set_defaults(func=lambda args: _run(_start, args))
 
     status = actions.add_parser("status", help="phase, step, weights and every gate's evidence")
-    status.add_argument("model")
+    status.add_argument("model", type=model_name_argument)
     status.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     add_common_flags(status)
@@ -136,7 +136,7 @@ def add_rollout_commands(commands: Any) -> None:
         ("promote", "the canary at 100%% now"),
     ):
         parser = actions.add_parser(name, help=help_text)
-        parser.add_argument("model")
+        parser.add_argument("model", type=model_name_argument)
         add_common_flags(parser)
         parser.set_defaults(func=lambda args: _run(_act, args))
 
@@ -204,15 +204,15 @@ def add_experiment_commands(commands: Any) -> None:
     experiment = commands.add_parser("experiment", help="A/B experiments with always-valid lift")
     actions = experiment.add_subparsers(dest="experiment_command", required=True)
     start = actions.add_parser("start", help="split traffic over arms (sticky by routing key)")
-    start.add_argument("model")
+    start.add_argument("model", type=model_name_argument)
     start.add_argument("--arms", type=_steps, required=True, help="versions; the first is control")
     start.add_argument("--split", type=_steps, help="percent per arm, e.g. 50,50 (default even)")
     start.add_argument("--metric", choices=["accuracy", "reward"], default="accuracy")
     start.add_argument("--alpha", type=float, default=0.05)
     status = actions.add_parser("status", help="per arm n, metric, lift, sample-ratio check")
-    status.add_argument("model")
+    status.add_argument("model", type=model_name_argument)
     stop = actions.add_parser("stop", help="end it: all traffic to the winner (default control)")
-    stop.add_argument("model")
+    stop.add_argument("model", type=model_name_argument)
     stop.add_argument("--winner", type=int)
     for parser in (start, status, stop):
         add_common_flags(parser)

@@ -15,7 +15,7 @@ from gateway.admin.grpc import authenticated
 from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, checked_model_name
 from gateway.grpc.messages import load_messages
 from gateway.grpc.servicer import guarded
 
@@ -40,7 +40,7 @@ def _document(kind: str, document: dict[str, Any]) -> Any:
 def _model(request: Any) -> str:
     if not request.model:
         raise InvalidInput("'model' is required")
-    return str(request.model)
+    return checked_model_name(str(request.model))
 
 
 class RolloutServicer:

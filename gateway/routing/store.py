@@ -34,9 +34,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import RevisionConflict
+from gateway.errors import InvalidInput, RevisionConflict
 from gateway.routing.operations import build_policy
 from gateway.routing.policy import TrafficPolicy
+from turnout_contract.names import check_model_name, contained
 
 __all__ = ["BasePolicyStore", "PolicyStore"]
 
@@ -200,7 +201,10 @@ class PolicyStore(BasePolicyStore):
     # -- reading -------------------------------------------------------------------------
 
     def _path(self, model: str) -> Path:
-        return self._dir / f"{model}.json"
+        try:
+            return contained(self._dir, f"{check_model_name(model)}.json")
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
     def _read(self, model: str) -> dict[str, Any] | None:
         try:
