@@ -41,6 +41,9 @@ POLICY_FIELDS = (
     "standby",
     "allow_explicit_version",
     "shadow",
+    "faults",
+    "rollout",
+    "experiment",
 )
 
 

@@ -265,6 +265,9 @@ def test_before_any_change_the_highest_version_serves_at_revision_0(
         "standby": None,
         "allow_explicit_version": True,
         "shadow": None,
+        "faults": {},
+        "rollout": None,
+        "experiment": None,
         "loaded_versions": [1, 2],
         "shadow_stats": {},
     }
