@@ -286,7 +286,7 @@ def _drift(config: RolloutConfig, stable: VersionEvidence, canary: VersionEviden
         "msprt_difference",
         decision,
         f"largest shift of the canary's output means: {worst_gap:.3f} stable sd "
-        f"(margin {gate.margin_sd}, {columns} columns)",
+        f"(margin {gate.margin_sd}, {columns} column{'s' if columns != 1 else ''})",
         {"rows": {"canary": n_c, "stable": n_s}, "columns": columns, "worst": worst},
     )
 
