@@ -1,7 +1,10 @@
-"""``turnout demo``: two versions of a real model, served on local Ray, with traffic shown.
+"""``turnout demo``: a real model served on local Ray, with traffic and two rollouts shown.
 
 The models are trained on scikit-learn's bundled breast-cancer data and converted to ONNX
-with skl2onnx: version 1 a scaled logistic regression, version 2 gradient-boosted trees.
+with skl2onnx: version 1 a scaled logistic regression, version 2 gradient-boosted trees,
+version 3 a logistic regression trained on shuffled labels (broken on purpose). After a
+burst of requests, version 2 is rolled out automatically under steady traffic and promoted
+by itself; then version 3's rollout is rolled back by itself, with the evidence printed.
 """
 
 from __future__ import annotations
