@@ -20,7 +20,7 @@ from gateway.errors import InvalidInput, checked_model_name
 from gateway.grpc.messages import load_messages
 from gateway.grpc.servicer import Context, Handler, guarded, invocation_headers
 
-__all__ = ["SERVICE", "TrafficServicer", "authenticated", "message"]
+__all__ = ["SERVICE", "TrafficServicer", "admin_handler", "authenticated", "message"]
 
 PACKAGE = "turnout.admin.v1"
 SERVICE = f"{PACKAGE}.TrafficService"
@@ -114,6 +114,27 @@ def authenticated(auth: TokenAuth, operation: Operation) -> Handler:
     return call
 
 
+def admin_handler(
+    service: str,
+    rpcs: dict[str, tuple[Operation, str, str]],
+    messages: Callable[[str], Any],
+    auth: TokenAuth,
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """One admin service: RPC name -> (operation, request message, response message), each
+    behind the admin token and the one error mapping."""
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                guarded(authenticated(auth, method)),
+                request_deserializer=messages(request).FromString,
+                response_serializer=messages(response).SerializeToString,
+            )
+            for name, (method, request, response) in rpcs.items()
+        },
+    )
+
+
 class TrafficServicer:
     """The admin RPCs; each authenticates, converts, calls TrafficAdmin, converts back."""
 
@@ -194,14 +215,4 @@ class TrafficServicer:
             "LoadModel": (self.load_model, "LoadModelRequest", "PolicyStatus"),
             "UnloadModel": (self.unload_model, "UnloadModelRequest", "UnloadModelResponse"),
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                name: grpc.unary_unary_rpc_method_handler(
-                    guarded(authenticated(self.auth, method)),
-                    request_deserializer=message(request).FromString,
-                    response_serializer=message(response).SerializeToString,
-                )
-                for name, (method, request, response) in rpcs.items()
-            },
-        )
+        return admin_handler(SERVICE, rpcs, message, self.auth)

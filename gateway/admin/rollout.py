@@ -157,5 +157,7 @@ class RolloutAdmin:
                 update={"phase": "promoted", "step": len(state.config.steps) - 1, "reason": reason}
             )
         stored = commit_state(self.store, model, state, new, f"rollout_{action}", actor)
+        gates = self.controller.gates.get(model)
+        self.controller.notify(model, action, new, [g.public() for g in gates or []])
         self.controller.wake()
         return self._document(model, stored.revision, new)

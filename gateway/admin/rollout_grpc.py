@@ -11,13 +11,12 @@ import grpc
 from google.protobuf import json_format
 
 from gateway.admin.experiment import ExperimentAdmin
-from gateway.admin.grpc import authenticated
+from gateway.admin.grpc import admin_handler
 from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import TokenAuth
 from gateway.errors import InvalidInput, checked_model_name
 from gateway.grpc.messages import load_messages
-from gateway.grpc.servicer import guarded
 
 __all__ = ["SERVICE", "RolloutServicer", "message"]
 
@@ -138,14 +137,4 @@ class RolloutServicer:
             "GetExperiment": (self.get_experiment, "ExperimentRequest", "ExperimentStatus"),
             "StopExperiment": (self.stop_experiment, "StopExperimentRequest", "ExperimentStatus"),
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                name: grpc.unary_unary_rpc_method_handler(
-                    guarded(authenticated(self.auth, method)),
-                    request_deserializer=message(request).FromString,
-                    response_serializer=message(response).SerializeToString,
-                )
-                for name, (method, request, response) in rpcs.items()
-            },
-        )
+        return admin_handler(SERVICE, rpcs, message, self.auth)

@@ -17,6 +17,7 @@ __all__ = [
     "DriftGate",
     "ErrorRateGate",
     "Guards",
+    "InputDriftGate",
     "LatencyGate",
     "RolloutConfig",
 ]
@@ -68,6 +69,14 @@ class DriftGate(_Section):
     tau_sd: float = Field(default=0.5, gt=0)
 
 
+class InputDriftGate(_Section):
+    """Input drift of the canary's features against its reference profile (the sidecar's
+    drift statistics over its windows), compared with the stable version's."""
+
+    enabled: bool = True
+    """Evaluated only for a canary with a reference profile in the sidecar."""
+
+
 class AccuracyGate(_Section):
     """Accuracy from label feedback (the sidecar's counts), canary against stable."""
 
@@ -103,6 +112,7 @@ class RolloutConfig(_Section):
     error_rate: ErrorRateGate = ErrorRateGate()
     latency: LatencyGate = LatencyGate()
     drift: DriftGate = DriftGate()
+    input_drift: InputDriftGate = InputDriftGate()
     accuracy: AccuracyGate = AccuracyGate()
     guards: Guards = Guards()
     webhooks: list[str] = Field(default_factory=list)

@@ -161,7 +161,21 @@ class RolloutController:
             return
         accuracy = await self._accuracy(model, state)
         labels = self.accuracy is not None and self.accuracy.reachable
-        gates = evaluate(state.config, stable, canary, accuracy, labels_available=labels)
+        profiles = None
+        if self.accuracy is not None:
+            source = self.accuracy
+            profiles = (
+                source.input_drift(model, state.stable),
+                source.input_drift(model, state.canary),
+            )
+        gates = evaluate(
+            state.config,
+            stable,
+            canary,
+            accuracy,
+            labels_available=labels,
+            input_drift=profiles,
+        )
         self.gates[model] = gates
         if state.dry_run:
             return
@@ -178,7 +192,9 @@ class RolloutController:
 
     async def _accuracy(self, model: str, state: RolloutState) -> tuple[Accuracy, Accuracy] | None:
         source = self.accuracy
-        if source is None or not state.config.accuracy.enabled:
+        if source is None or not (
+            state.config.accuracy.enabled or state.config.input_drift.enabled
+        ):
             return None
         await source.refresh(model)
         counts = []
@@ -242,18 +258,18 @@ class RolloutController:
             "rollout %s: %s (canary %d, stable %d): %s",
             model, decision.action, state.canary, state.stable, decision.reason,
         )  # fmt: skip
-        urls = state.config.webhooks
-        if urls:
+        self.notify(model, decision.action, new, evidence)
+
+    def notify(
+        self, model: str, action: str, state: RolloutState, gates: list[dict[str, Any]]
+    ) -> None:
+        """POST a decision (the controller's or one by hand) to the rollout's webhooks."""
+        if state.config.webhooks:
             self._webhooks.post(
-                {
-                    "model": model,
-                    "action": decision.action,
-                    **new.public(),
-                    "gates": evidence,
-                    "time": now,
-                },
-                urls,
-            )
+                {"model": model, "action": action, **state.public(), "gates": gates,
+                 "time": self.clock()},
+                state.config.webhooks,
+            )  # fmt: skip
 
 
 def rollout_state(policy: TrafficPolicy | None) -> RolloutState | None:

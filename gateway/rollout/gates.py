@@ -28,7 +28,7 @@ from gateway.rollout import statistics as stats
 from gateway.rollout.config import RolloutConfig
 from gateway.rollout.evidence import VersionEvidence
 
-__all__ = ["Accuracy", "GateResult", "evaluate"]
+__all__ = ["Accuracy", "GateResult", "InputDrift", "evaluate"]
 
 Verdict = Literal["pass", "fail", "hold"]
 _VERDICT: dict[stats.Decision, Verdict] = {
@@ -44,6 +44,16 @@ class Accuracy:
 
     labelled: int
     correct: int
+
+
+@dataclass(frozen=True, slots=True)
+class InputDrift:
+    """One version's features against its reference profile, as the sidecar last saw them."""
+
+    evaluated: bool
+    """Every feature has drift statistics of a closed window."""
+    drifted: dict[str, list[str]]
+    """Feature -> the statistics above their thresholds (empty: none drifted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,7 @@ def evaluate(
     accuracy: tuple[Accuracy, Accuracy] | None = None,
     *,
     labels_available: bool = True,
+    input_drift: tuple[InputDrift | None, InputDrift | None] | None = None,
 ) -> list[GateResult]:
     """Every enabled gate's verdict on the current step (guards first)."""
     results = [*_guards(config, canary)]
@@ -85,6 +96,10 @@ def evaluate(
         results.extend(_latency(config, stable, canary))
     if config.drift.enabled:
         results.append(_drift(config, stable, canary))
+    if config.input_drift.enabled and input_drift is not None:
+        stable_inputs, canary_inputs = input_drift
+        if canary_inputs is not None:
+            results.append(_input_drift(stable_inputs, canary_inputs))
     if config.accuracy.enabled:
         gate = _accuracy(config, accuracy, labels_available)
         if gate is not None:
@@ -239,30 +254,15 @@ def _drift(config: RolloutConfig, stable: VersionEvidence, canary: VersionEviden
     worst_gap = -1.0
     for j in range(columns):
         scale = float(np.sqrt(var_s[j])) or 1.0
-        test = stats.real_mean_difference(
-            n_c,
-            float(mean_c[j]) / scale,
-            float(var_c[j]) / scale**2,
-            n_s,
-            float(mean_s[j]) / scale,
-            float(var_s[j]) / scale**2,
-            tau=gate.tau_sd,
-            margin=gate.margin_sd,
-            alpha=alpha,
-            min_n=30,
-        )
-        # The mSPRT is one-sided (canary above); a shift down is the same drift.
-        mirrored = stats.real_mean_difference(
-            n_s,
-            float(mean_s[j]) / scale,
-            float(var_s[j]) / scale**2,
-            n_c,
-            float(mean_c[j]) / scale,
-            float(var_c[j]) / scale**2,
-            tau=gate.tau_sd,
-            margin=gate.margin_sd,
-            alpha=alpha,
-            min_n=30,
+        canary_j = stats.SampleSummary(n_c, float(mean_c[j]) / scale, float(var_c[j]) / scale**2)
+        stable_j = stats.SampleSummary(n_s, float(mean_s[j]) / scale, float(var_s[j]) / scale**2)
+        # The mSPRT is one-sided (canary above); a shift down is the same drift, so the
+        # mirrored test (stable above) runs too.
+        test, mirrored = (
+            stats.mean_difference(
+                first, second, tau=gate.tau_sd, margin=gate.margin_sd, alpha=alpha, min_n=30
+            )
+            for first, second in ((canary_j, stable_j), (stable_j, canary_j))
         )
         if stats.Decision.WORSE in (test.decision, mirrored.decision):
             verdicts.append("fail")
@@ -288,6 +288,32 @@ def _drift(config: RolloutConfig, stable: VersionEvidence, canary: VersionEviden
         f"largest shift of the canary's output means: {worst_gap:.3f} stable sd "
         f"(margin {gate.margin_sd}, {columns} column{'s' if columns != 1 else ''})",
         {"rows": {"canary": n_c, "stable": n_s}, "columns": columns, "worst": worst},
+    )
+
+
+def _input_drift(stable: InputDrift | None, canary: InputDrift) -> GateResult:
+    # Features drifted for the canary but not for the stable version: its own inputs changed
+    # no more than stable's, so the drift comes with the canary (its callers, its traffic).
+    own = {
+        name: statistics
+        for name, statistics in canary.drifted.items()
+        if stable is None or name not in stable.drifted
+    }
+    if own:
+        decision: Verdict = "fail"
+        detail = "canary inputs drifted from its reference: " + ", ".join(
+            f"{name} ({'/'.join(s)})" for name, s in sorted(own.items())
+        )
+    elif canary.evaluated:
+        decision, detail = "pass", "no canary feature drifted beyond its reference threshold"
+    else:
+        decision, detail = "hold", "no closed drift window of the canary yet"
+    return GateResult(
+        "input_drift",
+        "reference_thresholds",
+        decision,
+        detail,
+        {"drifted": own, "evaluated": canary.evaluated},
     )
 
 

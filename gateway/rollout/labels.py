@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from gateway.rollout.gates import Accuracy
+from gateway.rollout.gates import Accuracy, InputDrift
 
 __all__ = ["SidecarFeedback"]
 
@@ -31,6 +31,7 @@ class SidecarFeedback:
         self.timeout_s = timeout_s
         self._counts: dict[tuple[str, int], Accuracy] = {}
         self._rewards: dict[tuple[str, int], tuple[int, float, float]] = {}
+        self._features: dict[tuple[str, int], InputDrift] = {}
         self._read_at: dict[str, float] = {}
         self._reachable = True
 
@@ -52,6 +53,13 @@ class SidecarFeedback:
             return None
         return self._rewards.get((model, version), (0, 0.0, 0.0))
 
+    def input_drift(self, model: str, version: int) -> InputDrift | None:
+        """The version's features against its reference profile, or None (no profile, stale)."""
+        read_at = self._read_at.get(model)
+        if read_at is None or time.monotonic() - read_at > self.max_age_s:
+            return None
+        return self._features.get((model, version))
+
     async def refresh(self, model: str) -> None:
         try:
             document = await asyncio.to_thread(self._fetch, model)
@@ -66,6 +74,14 @@ class SidecarFeedback:
             self._counts[(model, int(version))] = Accuracy(
                 int(accuracy.get("labelled", 0)), int(accuracy.get("correct", 0))
             )
+            features = status.get("features") or {}
+            if status.get("reference") is not None and features:
+                self._features[(model, int(version))] = InputDrift(
+                    evaluated=all(f.get("window") for f in features.values()),
+                    drifted={
+                        name: list(f["drifted"]) for name, f in features.items() if f.get("drifted")
+                    },
+                )
             reward = status.get("reward") or {}
             self._rewards[(model, int(version))] = (
                 int(reward.get("n") or 0),

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from gateway.rollout.config import RolloutConfig
 from gateway.rollout.controller import decide
 from gateway.rollout.evidence import Evidence, VersionEvidence
-from gateway.rollout.gates import Accuracy, evaluate
+from gateway.rollout.gates import Accuracy, InputDrift, evaluate
 from gateway.rollout.state import RolloutState
 from gateway.routing.store import PolicyStore
 from turnout_contract.records import SERVER, RequestRecord
@@ -110,6 +110,27 @@ def test_accuracy_counts_decide_and_missing_labels_skip_or_hold() -> None:
     required = RolloutConfig(accuracy={"required": True})
     held = {g.name: g for g in evaluate(required, filled(300), filled(300), labels_available=False)}
     assert held["accuracy"].decision == "hold" and "cannot be reached" in held["accuracy"].detail
+
+
+def test_input_drift_fails_on_the_canary_s_own_drift_only() -> None:
+    config = RolloutConfig()
+    clean = InputDrift(evaluated=True, drifted={})
+    drifted = InputDrift(evaluated=True, drifted={"x[0]": ["psi"]})
+    found = {
+        g.name: g for g in evaluate(config, filled(300), filled(300), input_drift=(clean, drifted))
+    }
+    assert found["input_drift"].decision == "fail" and "x[0] (psi)" in found["input_drift"].detail
+    both = {
+        g.name: g
+        for g in evaluate(config, filled(300), filled(300), input_drift=(drifted, drifted))
+    }
+    assert both["input_drift"].decision == "pass"  # the stable's inputs drifted alike
+    waiting = InputDrift(evaluated=False, drifted={})
+    held = {
+        g.name: g for g in evaluate(config, filled(300), filled(300), input_drift=(None, waiting))
+    }
+    assert held["input_drift"].decision == "hold"
+    assert "input_drift" not in {g.name for g in evaluate(config, filled(300), filled(300))}
 
 
 def state(**fields: object) -> RolloutState:
