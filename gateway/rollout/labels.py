@@ -54,11 +54,14 @@ class SidecarFeedback:
         return self._rewards.get((model, version), (0, 0.0, 0.0))
 
     def input_drift(self, model: str, version: int) -> InputDrift | None:
-        """The version's features against its reference profile, or None (no profile, stale)."""
+        """The version's features against its reference profile; None without a profile.
+        While the counts are stale (sidecar unreachable) a version seen with a profile
+        reads as not evaluated, so its gate holds rather than passes."""
+        seen = self._features.get((model, version))
         read_at = self._read_at.get(model)
-        if read_at is None or time.monotonic() - read_at > self.max_age_s:
-            return None
-        return self._features.get((model, version))
+        if seen is not None and (read_at is None or time.monotonic() - read_at > self.max_age_s):
+            return InputDrift(evaluated=False, drifted={})
+        return seen
 
     async def refresh(self, model: str) -> None:
         try:
