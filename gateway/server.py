@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import json
 import logging
@@ -18,8 +19,10 @@ import os
 import signal
 import socket
 import sys
+import tempfile
+import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -53,7 +56,7 @@ from gateway.routing.store import BasePolicyStore, PolicyStore
 from gateway.settings import ServerSettings, SettingsError
 from gateway.supervisor import Supervisor, monitor_command
 from gateway.telemetry import RecordEmitter
-from turnout_contract.address import MONITOR_STATE_DIR_ENV, socket_address
+from turnout_contract.address import ADDRESS_FILE, MONITOR_STATE_DIR_ENV, socket_address
 
 __all__ = [
     "Gateway",
@@ -65,8 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ADDRESS_FILE = "gateway.json"
 
 
 def build_backend(settings: ServerSettings) -> ReplicaBackend:
@@ -107,6 +108,46 @@ def build_emitter(settings: ServerSettings) -> RecordEmitter | None:
         queue_size=settings.monitor_queue_size,
         sample_rows_per_s=settings.monitor_sample_rows_per_s,
     )
+
+
+DEFAULT_SIDECAR_PORT = 9100
+
+
+def _sidecar_port(settings: ServerSettings) -> tuple[int, IO[str] | None]:
+    """The supervised sidecar's metrics port, and the lock that reserves it.
+
+    ``monitor_http``'s port, or ``TURNOUT_MONITOR_METRICS_PORT``'s, when set; else 9100 for
+    the first gateway on the machine (it holds a machine-wide lock on it for its lifetime,
+    so a second gateway started before the first's sidecar has bound it cannot pick it too),
+    and a free loopback port for every other one (a warning names it).
+    """
+    if settings.monitor_http:
+        port = urllib.parse.urlsplit(settings.monitor_http).port
+        if port:
+            return port, None
+    configured = os.environ.get("TURNOUT_MONITOR_METRICS_PORT", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured), None
+    if configured != "0":
+        lock_path = Path(tempfile.gettempdir()) / f"turnout-sidecar-{DEFAULT_SIDECAR_PORT}.lock"
+        lock = lock_path.open("a")  # held open as long as the gateway: the reservation
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", DEFAULT_SIDECAR_PORT))
+            return DEFAULT_SIDECAR_PORT, lock
+        except OSError:
+            lock.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    if configured != "0":
+        log.warning(
+            "port %d is taken (another gateway's sidecar?): this gateway's sidecar serves "
+            "/metrics and /status on port %d (also in %s)",
+            DEFAULT_SIDECAR_PORT, port, ADDRESS_FILE,
+        )  # fmt: skip
+    return port, None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -178,11 +219,16 @@ class Gateway:
             auth=self.auth if settings.require_infer_token else None,
         )
         self.monitor: Supervisor | None = None
+        self._port_lock: IO[str] | None = None
+        self.monitor_http = settings.monitor_http or f"http://127.0.0.1:{DEFAULT_SIDECAR_PORT}"
         if settings.monitor and not settings.monitor_address:
             # The sidecar keeps its reference profiles in the gateway's state directory too.
             env = {MONITOR_STATE_DIR_ENV: str(settings.state_dir), **os.environ}
-            self.monitor = Supervisor(monitor_command(monitor_address(settings)), env=env)
-        self.feedback = FeedbackForwarder(self.dataplane, settings.monitor_http)
+            port, self._port_lock = _sidecar_port(settings)
+            self.monitor_http = f"http://127.0.0.1:{port}"
+            command = monitor_command(monitor_address(settings), metrics_port=port)
+            self.monitor = Supervisor(command, env=env)
+        self.feedback = FeedbackForwarder(self.dataplane, self.monitor_http)
         self.metrics = gateway_registry(
             GatewayCollector(
                 ServingView(self.models, self.dataplane, self.router),
@@ -193,7 +239,7 @@ class Gateway:
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self.admin = TrafficAdmin(self.models, self.store, self.router, self.dataplane.mirror)
-        feedback = SidecarFeedback(settings.monitor_http) if settings.monitor else None
+        feedback = SidecarFeedback(self.monitor_http) if settings.monitor else None
         self.controller = RolloutController(self.store, self.evidence, accuracy=feedback)
         self.evidence.on_failure = self.controller.wake
         self.rollouts = RolloutAdmin(self.models, self.store, self.router, self.controller)
@@ -294,6 +340,8 @@ class Gateway:
             self.emitter.close()  # after the drain: the last requests' records go out too
         if self.monitor is not None:
             await self.monitor.stop()
+        if self._port_lock is not None:
+            self._port_lock.close()  # the next gateway may take the sidecar's port
         with contextlib.suppress(FileNotFoundError):
             if json.loads(self._address_file.read_text()).get("pid") == os.getpid():
                 self._address_file.unlink()
@@ -310,6 +358,7 @@ class Gateway:
                 {
                     "http": f"http://{host}:{self.http_port}",
                     "grpc": f"{host}:{self.grpc_port}",
+                    "monitor": self.monitor_http if self.settings.monitor else None,
                     "pid": os.getpid(),
                 }
             )

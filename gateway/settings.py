@@ -164,9 +164,14 @@ class ServerSettings(BaseSettings):
     monitor_address: str | None = None
     """A sidecar running elsewhere on this machine (``unix:///path``); no child is started."""
 
-    monitor_http: str = "http://127.0.0.1:9100"
+    monitor_http: str | None = None
     """The sidecar's HTTP address (its metrics/status port), where label feedback received
-    on ``POST /v2/models/{model}/feedback`` and gRPC ``SendFeedback`` is forwarded."""
+    on ``POST /v2/models/{model}/feedback`` and gRPC ``SendFeedback`` is forwarded, and
+    where rollouts read accuracy. Unset: the supervised sidecar gets port 9100 while it is
+    free, else a free loopback port of its own (``TURNOUT_MONITOR_METRICS_PORT`` picks one),
+    so two gateways on one machine never collide; the port is written to
+    ``STATE_DIR/gateway.json`` for ``turnout monitor status``. A sidecar at
+    ``monitor_address`` is expected at http://127.0.0.1:9100."""
 
     monitor_sample_rows_per_s: float = Field(default=10000.0, ge=0)
     """Input and output rows a second sent with the records (every request's while within

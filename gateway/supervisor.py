@@ -20,8 +20,9 @@ __all__ = ["Supervisor", "monitor_command"]
 log = logging.getLogger(__name__)
 
 
-def monitor_command(address: str) -> list[str]:
-    return [sys.executable, "-m", "turnout.cli", "monitor", "--listen", address]
+def monitor_command(address: str, metrics_port: int | None = None) -> list[str]:
+    command = [sys.executable, "-m", "turnout.cli", "monitor", "--listen", address]
+    return command if metrics_port is None else [*command, "--metrics-port", str(metrics_port)]
 
 
 class Supervisor:

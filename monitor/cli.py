@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.settings import MonitorSettings, SettingsError, load_monitor_settings
+from turnout_contract.address import ADDRESS_FILE, gateway_state_dir
 
 __all__ = ["add_monitor_commands"]
 
@@ -75,8 +76,17 @@ def _fetch_status(url: str, model: str | None) -> dict[str, Any]:
     return document
 
 
+def _running_sidecar() -> str:
+    """The sidecar of the gateway running from this machine's state dir, else the default."""
+    try:
+        address = json.loads((gateway_state_dir() / ADDRESS_FILE).read_text()).get("monitor")
+    except (OSError, ValueError):
+        address = None
+    return str(address) if address else "http://127.0.0.1:9100"
+
+
 def _status(args: argparse.Namespace) -> int:
-    url = args.url or os.environ.get("TURNOUT_MONITOR_URL") or "http://127.0.0.1:9100"
+    url = args.url or os.environ.get("TURNOUT_MONITOR_URL") or _running_sidecar()
     try:
         document = _fetch_status(url, args.model)
     except urllib.error.HTTPError as exc:
@@ -203,5 +213,7 @@ def add_monitor_commands(commands: Any) -> None:
     status = actions.add_parser("status", help="drift, thresholds and latency per version")
     status.add_argument("model", nargs="?")
     status.add_argument("--json", action="store_true", help="print the JSON document")
-    status.add_argument("--url", help="the sidecar (default http://127.0.0.1:9100)")
+    status.add_argument(
+        "--url", help="the sidecar (default: the local gateway's, else http://127.0.0.1:9100)"
+    )
     status.set_defaults(func=_status)

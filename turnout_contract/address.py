@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "ADDRESS_FILE",
     "MONITOR_STATE_DIR_ENV",
     "SOCKET_NAME",
     "STATE_DIR_ENV",
@@ -27,6 +28,9 @@ STATE_DIR_ENV: Final = "TURNOUT_STATE_DIR"
 MONITOR_STATE_DIR_ENV: Final = "TURNOUT_MONITOR_STATE_DIR"
 """The sidecar's ``state_dir`` setting: the gateway sets it for the sidecar it supervises."""
 SOCKET_NAME: Final = "monitor.sock"
+ADDRESS_FILE: Final = "gateway.json"
+"""The running gateway's addresses in its state dir: ``http``, ``grpc``, ``monitor`` (the
+sidecar's HTTP address), ``pid``; the CLI of either process finds them there."""
 _UNIX: Final = "unix://"
 
 

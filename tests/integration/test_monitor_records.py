@@ -242,7 +242,10 @@ def test_the_gateway_supervises_its_sidecar(
         supervisor = server.gateway.monitor
         state_dir = server.gateway.settings.state_dir
         assert supervisor is not None
-        assert supervisor.command[-2:] == ["--listen", f"unix://{state_dir}/monitor.sock"]
+        port = server.gateway.monitor_http.rsplit(":", 1)[1]
+        assert supervisor.command[-4:] == [
+            "--listen", f"unix://{state_dir}/monitor.sock", "--metrics-port", port,
+        ]  # fmt: skip
         deadline = time.monotonic() + EVENTUALLY_S * 3
         while not (state_dir / "monitor.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -57,7 +57,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "metrics_port": None,
         "monitor": True,
         "monitor_address": None,
-        "monitor_http": "http://127.0.0.1:9100",
+        "monitor_http": None,
         "monitor_sample_rows_per_s": 10000.0,
         "monitor_queue_size": 65536,
         "model_defaults": {},
