@@ -39,6 +39,59 @@ def _run(args: argparse.Namespace) -> int:
     return 2 if settings is None else run_monitor(settings)
 
 
+def _model_inputs(args: argparse.Namespace) -> dict[str, int | None] | None:
+    """The model's input tensors -> features per row (None: not fixed), from the
+    repository's ONNX file (``--model-repository``) or the running gateway; None when
+    neither can tell."""
+    if args.model_repository is not None:
+        import onnx
+
+        path = Path(args.model_repository) / args.model / str(args.version) / "model.onnx"
+        graph = onnx.load(str(path), load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        found: dict[str, int | None] = {}
+        for tensor in graph.input:
+            if tensor.name in initializers:
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else -1
+                    for d in tensor.type.tensor_type.shape.dim]  # fmt: skip
+            found[tensor.name] = _width(dims)
+        return found
+    try:
+        http = json.loads((gateway_state_dir() / ADDRESS_FILE).read_text())["http"]
+        url = f"{http}/v2/models/{urllib.parse.quote(args.model)}/versions/{args.version}"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            metadata = json.loads(reply.read())
+    except (OSError, ValueError, KeyError):
+        return None
+    return {str(t["name"]): _width(list(t["shape"])) for t in metadata.get("inputs", [])}
+
+
+def _width(shape: list[int]) -> int | None:
+    """Features per row of a ``[batch, ...]`` tensor (None when a dimension is not fixed)."""
+    inner = shape[1:]
+    if any(d < 0 for d in inner):
+        return None
+    width = 1
+    for d in inner:
+        width *= d
+    return width
+
+
+def _expected_features(inputs: dict[str, int | None]) -> tuple[set[str], set[str]]:
+    """Exact feature names, and tensor names whose positions are not fixed."""
+    names: set[str] = set()
+    open_ended: set[str] = set()
+    for name, width in inputs.items():
+        if width is None:
+            open_ended.add(name)
+        elif width == 1:
+            names.add(name)
+        else:
+            names.update(f"{name}[{j}]" for j in range(width))
+    return names, open_ended
+
+
 def _profile(args: argparse.Namespace) -> int:
     from monitor.profiles import build_profile, load_data, save_profile
 
@@ -46,7 +99,29 @@ def _profile(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     try:
-        columns = load_data(Path(args.data), args.input)
+        inputs = _model_inputs(args)
+    except (OSError, ValueError) as exc:
+        print(f"turnout monitor profile: cannot read the model's inputs: {exc}", file=sys.stderr)
+        return 1
+    input_name = args.input
+    if input_name is None and Path(args.data).suffix.lower() == ".npy":
+        if inputs is None:
+            print(
+                "turnout monitor profile: cannot tell the model's input names (no running "
+                "gateway found): pass --input NAME or --model-repository DIR",
+                file=sys.stderr,
+            )
+            return 1
+        if len(inputs) != 1:
+            print(
+                f"turnout monitor profile: {args.model} has inputs {', '.join(inputs)}: "
+                "pass --input NAME for the tensor in the .npy file",
+                file=sys.stderr,
+            )
+            return 1
+        input_name = next(iter(inputs))
+    try:
+        columns = load_data(Path(args.data), input_name)
         profile = build_profile(
             args.model,
             args.version,
@@ -56,6 +131,26 @@ def _profile(args: argparse.Namespace) -> int:
             chunks=settings.reference_chunks,
             source=str(args.data),
         )
+    except (OSError, ValueError) as exc:
+        print(f"turnout monitor profile: {exc}", file=sys.stderr)
+        return 1
+    if inputs is not None:
+        names, open_ended = _expected_features(inputs)
+        matching = [
+            f for f in profile.features
+            if f in names or f.split("[")[0] in open_ended or f.startswith("output:")
+        ]  # fmt: skip
+        if not matching:
+            shown = ", ".join(sorted(profile.features)[:5])
+            wanted = ", ".join(sorted(names)[:5] or sorted(open_ended))
+            print(
+                f"turnout monitor profile: the profile's features ({shown}, ...) match none "
+                f"of {args.model}/{args.version}'s inputs (e.g. {wanted}); nothing was "
+                "stored: pass --input with the model's input name",
+                file=sys.stderr,
+            )
+            return 1
+    try:
         folder = save_profile(profile, settings.profiles_path())
     except (OSError, ValueError) as exc:
         print(f"turnout monitor profile: {exc}", file=sys.stderr)
@@ -207,6 +302,11 @@ def add_monitor_commands(commands: Any) -> None:
         "--input", help="tensor name: .npy data, or every CSV/Parquet column as its positions"
     )
     profile.add_argument("--profiles-dir", type=Path, help="default STATE_DIR/profiles")
+    profile.add_argument(
+        "--model-repository",
+        type=Path,
+        help="read the model's input names here (default: from the running gateway)",
+    )
     profile.add_argument("--config", type=Path, help="YAML settings file (bins, chunks)")
     profile.set_defaults(func=_profile)
 

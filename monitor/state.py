@@ -179,6 +179,17 @@ class VersionState:
     sampled: int = 0
     reference_buffer: list[dict[str, npt.NDArray[Any]]] = field(default_factory=list)
     reference_buffered: int = 0
+    profile_matched: int = 0
+    """Sampled features seen that the profile knows."""
+    profile_unmatched: list[str] = field(default_factory=list)
+    """Live features the profile does not know (the first few), for the status."""
+    profile_warned: bool = False
+
+    @property
+    def profile_matches_nothing(self) -> bool:
+        """A profile is loaded, rows were sampled, and not one of their features is in it:
+        drift can never be computed (a profile built with other feature names)."""
+        return self.profile is not None and self.sampled > 0 and self.profile_matched == 0
 
     def use_profile(self, profile: Profile, recent_size: int) -> None:
         self.profile = profile
@@ -281,6 +292,16 @@ class MonitorState:
                 feature = state.features.get(name)
                 if feature is not None:
                     feature.add(values)
+                    state.profile_matched += 1
+                elif len(state.profile_unmatched) < 8 and name not in state.profile_unmatched:
+                    state.profile_unmatched.append(name)
+            if state.profile_matches_nothing and not state.profile_warned:
+                state.profile_warned = True
+                log.warning(
+                    "the reference profile of %s/%s matches none of its features (%s ...): "
+                    "drift is never computed; rebuild it with the model's input names",
+                    state.model, state.version, ", ".join(state.profile_unmatched[:3]),
+                )  # fmt: skip
 
     def _collect_reference(self, state: VersionState, columns: dict[str, Any]) -> None:
         wanted = self.settings.reference_first_n
@@ -410,7 +431,13 @@ class MonitorState:
             }
         reference: dict[str, Any] | None = None
         if state.profile is not None:
-            reference = {"rows": state.profile.rows, "source": state.profile.source}
+            reference = {
+                "rows": state.profile.rows,
+                "source": state.profile.source,
+                "matches_nothing": state.profile_matches_nothing,
+                "unmatched_features": list(state.profile_unmatched),
+                "profile_features": sorted(state.profile.features)[:8],
+            }
         accuracy = self.predictions.accuracy.get((state.model, state.version))
         scored = self.predictions.errors.get((state.model, state.version))
         reward = self.predictions.rewards.get((state.model, state.version))

@@ -18,6 +18,8 @@ Families (all prefixed ``turnout_``, seconds as the unit of time):
 - ``turnout_drift_threshold`` gauge {model, version, feature, statistic}.
 - ``turnout_alert_firing`` / ``turnout_alert_pending`` gauges {alert, model, version, feature}.
 - ``turnout_monitor_reference_rows`` gauge {model, version}.
+- ``turnout_monitor_profile_unmatched`` gauge {model, version}: 1 while a version's profile
+  matches none of its sampled features (drift can never be computed), else 0.
 - ``turnout_accuracy_ratio`` gauge {model, version}: accuracy from ``POST /feedback``;
   ``turnout_monitor_feedback_rows_total`` {model, version, outcome},
   ``turnout_monitor_feedback_unmatched_total``;
@@ -173,9 +175,15 @@ class MonitorCollector(Collector):
             "Rows in the version's reference profile",
             labels=["model", "version"],
         )
+        unmatched = GaugeMetricFamily(
+            "turnout_monitor_profile_unmatched",
+            "1 while the version's reference profile matches none of its sampled features",
+            labels=["model", "version"],
+        )
         for (model, version), state in sorted(self.state.versions.items()):
             if state.profile is not None:
                 reference.add_metric([model, str(version)], float(state.profile.rows))
+                unmatched.add_metric([model, str(version)], float(state.profile_matches_nothing))
             for name, feature in sorted(state.features.items()):
                 labels = [model, str(version), name]
                 views = (
@@ -196,6 +204,7 @@ class MonitorCollector(Collector):
         yield from families.values()
         yield thresholds
         yield reference
+        yield unmatched
         yield from self._accuracy()
 
     def _accuracy(self) -> Iterator[Metric]:
