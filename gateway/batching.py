@@ -107,6 +107,10 @@ class Batcher:
         return self._max_rows if self._batchable else 0
 
     @property
+    def max_queue_size(self) -> int:
+        return self._max_queue
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

@@ -23,10 +23,12 @@ from gateway.errors import (
     InjectedUnavailable,
     InvalidInput,
     ModelNotFound,
+    RateLimited,
     ServerShuttingDown,
     TurnoutError,
     checked_model_name,
 )
+from gateway.limits import RateLimits
 from gateway.models import LoadedModel, ModelTable
 from gateway.repository import parse_version
 from gateway.routing import ROUTING_KEY_HEADER, VERSION_HEADER, routing_key
@@ -69,6 +71,7 @@ class DataPlane:
         observers: Sequence[Observer] = (),
         mirror: ShadowMirror | None = None,
         auth: TokenAuth | None = None,
+        token_limits: RateLimits | None = None,
     ) -> None:
         self.models = models
         self.selector: VersionSelector = selector or HighestVersion()
@@ -76,6 +79,10 @@ class DataPlane:
         self.mirror = mirror or ShadowMirror()
         self.auth = auth
         """Checks the inference token when set (``require_infer_token``)."""
+        self.token_limits = token_limits
+        """Per bearer token (``rate_limit_rps``); every client shares one key without tokens."""
+        self.model_limits: dict[str, RateLimits] = {}
+        """Per served model with a ``rate_limit_rps`` in its config."""
         self.in_flight: dict[str, int] = {}
         """Requests per served model taken up and not yet answered."""
 
@@ -127,6 +134,9 @@ class DataPlane:
                 await _inject(decision.fault, name, version)
             primary = model.batcher.submit(tensors, rows, request.timeout_s, timing)
             shadow = decision.shadow
+            if shadow is not None and shadow != version and self._under_pressure(model):
+                self.mirror.shed(name, shadow)
+                shadow = None
             if shadow is not None and shadow != version:
                 primary_task = asyncio.ensure_future(primary)
                 mirrored = versions.get(shadow)
@@ -179,18 +189,59 @@ class DataPlane:
             raise failure
         return response
 
-    def check_token(self, headers: Mapping[str, str]) -> None:
+    def check_token(self, headers: Mapping[str, str]) -> str:
         """With ``require_infer_token``: 401/403 unless the headers carry an inference token
-        (inference and label feedback alike)."""
+        (inference and label feedback alike); the token's name ("" without tokens)."""
         if self.auth is not None:
-            self.auth.authenticate(headers.get("authorization"), "infer")
+            return self.auth.authenticate(headers.get("authorization"), "infer")
+        return ""
+
+    def limits_for(self, model: str) -> RateLimits | None:
+        """The model's rate limits, built when first asked (from its config)."""
+        limits = self.model_limits.get(model)
+        if limits is None:
+            versions = self.models.versions.get(model)
+            if not versions:
+                return None
+            config = next(reversed(versions.values())).spec.config
+            if config.rate_limit_rps is None:
+                return None
+            limits = RateLimits(config.rate_limit_rps, config.rate_limit_burst)
+            self.model_limits[model] = limits
+        return limits
+
+    def _under_pressure(self, model: LoadedModel) -> bool:
+        """Shadow copies are shed first: while the primary's queue is half full, or its
+        model's rate-limit bucket is less than half full."""
+        batcher = model.batcher
+        if batcher.queue_depth * 2 >= batcher.max_queue_size:
+            return True
+        limits = self.model_limits.get(model.spec.name)
+        return limits is not None and limits.bucket(model.spec.name).fill() < 0.5
 
     async def _admit(self, context: RequestContext, decode: Decode) -> InferRequest:
         """The inference token, the decoded request, and what its headers add to it."""
         headers = context.headers
-        self.check_token(headers)
+        token = self.check_token(headers)
         if context.model not in self.models.versions:
             checked_model_name(context.model)  # served names passed when they were loaded
+        # Rate limits before the body is read: a refusal costs no decoding.
+        if self.token_limits is not None:
+            retry = self.token_limits.admit(token)
+            if retry is not None:
+                raise RateLimited(
+                    f"token '{token or 'anonymous'}' is above its rate limit "
+                    f"({self.token_limits.rate:g} requests/s)",
+                    int(retry),
+                )
+        limits = self.limits_for(context.model)
+        if limits is not None:
+            retry = limits.admit(context.model)
+            if retry is not None:
+                raise RateLimited(
+                    f"model '{context.model}' is above its rate limit ({limits.rate:g} requests/s)",
+                    int(retry),
+                )
         request = await decode()
         if not request.model_version:
             request.model_version = headers.get(VERSION_HEADER, "")

@@ -13,6 +13,7 @@ the data plane never thinks about transports::
     │   └── RevisionConflict    409  FAILED_PRECONDITION stale revision (someone changed it first)
     ├── PayloadTooLarge         413  RESOURCE_EXHAUSTED body over the configured limit
     ├── QueueFull               429  RESOURCE_EXHAUSTED batcher queue at max_queue_size
+    │   └── RateLimited         429  RESOURCE_EXHAUSTED a token's or model's rate_limit_rps
     ├── BackendError            500  INTERNAL           the replica failed to run the model
     ├── InjectedFault           500  INTERNAL           a fault injected by the traffic policy
     │   └── InjectedUnavailable 503  UNAVAILABLE        (the same, answered as unavailable)
@@ -52,6 +53,7 @@ __all__ = [
     "PermissionDenied",
     "PolicyStoreUnavailable",
     "QueueFull",
+    "RateLimited",
     "RevisionConflict",
     "ServerShuttingDown",
     "TurnoutError",
@@ -120,6 +122,10 @@ class QueueFull(TurnoutError):
 
     def http_headers(self) -> dict[str, str]:
         return {"retry-after": str(self.retry_after_s)}
+
+
+class RateLimited(QueueFull):
+    """A token's or a model's request rate is above its ``rate_limit_rps``."""
 
 
 class BackendError(TurnoutError):

@@ -67,6 +67,10 @@ class ServingState(Protocol):
         """The policy revision each served model is routed by (0: none set)."""
         ...
 
+    def rate_limited(self) -> dict[tuple[str, str], int]:
+        """(scope ``token`` or ``model``, its name) -> requests refused by its rate limit."""
+        ...
+
 
 class _Histogram:
     __slots__ = ("counts", "total")
@@ -121,6 +125,7 @@ class GatewayCollector(Collector):
         yield from self._requests(self.requests)
         yield from self._batches()
         yield from self._records()
+        yield from self._rate_limits()
         yield from self._policy()
         info = InfoMetricFamily("turnout_gateway", "The gateway's build")
         info.add_metric([], {"version": __version__, "backend": self.state.backend_name})
@@ -201,7 +206,8 @@ class GatewayCollector(Collector):
         yield from (queue, inflight, sizes, errors, ready)
         shadow = CounterMetricFamily(
             "turnout_shadow_requests",
-            "Requests mirrored to a shadow version, by outcome (error, match, mismatch)",
+            "Requests mirrored to a shadow version, by outcome (error, match, mismatch; shed: "
+            "not mirrored, the primary was under pressure)",
             labels=["model", "version", "outcome"],
         )
         for (name, version), s in sorted(list(self.state.shadow_stats().items())):
@@ -209,6 +215,7 @@ class GatewayCollector(Collector):
             shadow.add_metric([*labels, "error"], s.errors)
             shadow.add_metric([*labels, "match"], s.exact_matches)
             shadow.add_metric([*labels, "mismatch"], s.requests - s.errors - s.exact_matches)
+            shadow.add_metric([*labels, "shed"], s.shed)
         yield shadow
 
     def _records(self) -> Iterator[Metric]:
@@ -229,6 +236,16 @@ class GatewayCollector(Collector):
         dropped.add_metric(["queue_full"], emitter.records_dropped)
         dropped.add_metric(["send_failed"], emitter.records_unsent)
         yield dropped
+
+    def _rate_limits(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "turnout_rate_limited",
+            "Requests refused by a rate limit (429 / RESOURCE_EXHAUSTED), by scope and name",
+            labels=["scope", "name"],
+        )
+        for (scope, name), count in sorted(self.state.rate_limited().items()):
+            refused.add_metric([scope, name], count)
+        yield refused
 
     def _policy(self) -> Iterator[Metric]:
         revision = GaugeMetricFamily(

@@ -43,6 +43,7 @@ from gateway.errors import TurnoutError
 from gateway.feedback import FeedbackForwarder, FeedbackServicer
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
+from gateway.limits import RateLimits
 from gateway.metrics import GatewayCollector, RequestMetrics, gateway_registry
 from gateway.models import ModelTable
 from gateway.repository import Repository
@@ -180,6 +181,17 @@ class ServingView:
     def shadow_stats(self) -> dict[tuple[str, int], ShadowStats]:
         return dict(self._dataplane.mirror.stats)
 
+    def rate_limited(self) -> dict[tuple[str, str], int]:
+        refused: dict[tuple[str, str], int] = {}
+        tokens = self._dataplane.token_limits
+        if tokens is not None:
+            for key, count in list(tokens.refused.items()):
+                refused[("token", key or "anonymous")] = count
+        for limits in list(self._dataplane.model_limits.values()):
+            for key, count in list(limits.refused.items()):
+                refused[("model", key)] = count
+        return refused
+
     def revisions(self) -> dict[str, int]:
         return {
             name: self._router.policy_for(name, versions).revision
@@ -217,6 +229,9 @@ class Gateway:
             observers=[self.request_metrics.observe, self.evidence.observe, *recorders],
             mirror=ShadowMirror(recorders),
             auth=self.auth if settings.require_infer_token else None,
+            token_limits=RateLimits(settings.rate_limit_rps, settings.rate_limit_burst)
+            if settings.rate_limit_rps is not None
+            else None,
         )
         self.monitor: Supervisor | None = None
         self._port_lock: IO[str] | None = None

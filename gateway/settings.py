@@ -43,6 +43,13 @@ class ModelConfig(BaseModel):
     max_queue_size: int = Field(default=1024, ge=1)
     """Requests allowed to wait in the queue; beyond it requests get 429/RESOURCE_EXHAUSTED."""
 
+    rate_limit_rps: float | None = Field(default=None, gt=0)
+    """Requests a second this model admits (token bucket; unset: no limit); beyond it 429 +
+    ``Retry-After`` / RESOURCE_EXHAUSTED, decided before the body is read."""
+
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    """Requests the model's bucket holds (default: one second's worth)."""
+
     default_timeout_us: int = Field(default=30_000_000, ge=1)
     """Request timeout when the client sets none (gRPC deadline or HTTP ``timeout``)."""
 
@@ -136,6 +143,14 @@ class ServerSettings(BaseSettings):
 
     require_infer_token: bool = False
     """Inference also needs a bearer token (role ``infer`` or ``admin``)."""
+
+    rate_limit_rps: float | None = Field(default=None, gt=0)
+    """Inference requests a second each bearer token may send (token bucket; unset: no
+    limit). Without ``require_infer_token`` every client shares one bucket. Beyond it 429 +
+    ``Retry-After`` / RESOURCE_EXHAUSTED. Per model: ``rate_limit_rps`` in its config."""
+
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    """Requests a token's bucket holds (default: one second's worth)."""
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Also serve ``/metrics`` on this port (its own thread), for scrapers kept off the

@@ -30,6 +30,8 @@ class ShadowStats:
 
     requests: int = 0
     errors: int = 0
+    shed: int = 0
+    """Copies not sent because the primary was under pressure (not in ``requests``)."""
     exact_matches: int = 0
     abs_diff_sum: float = 0.0
     compared_values: int = 0
@@ -39,6 +41,7 @@ class ShadowStats:
         return {
             "requests": self.requests,
             "errors": self.errors,
+            "shed": self.shed,
             "exact_match_rate": self.exact_matches / compared if compared else None,
             "mean_abs_diff": self.abs_diff_sum / self.compared_values
             if self.compared_values
@@ -71,6 +74,10 @@ class ShadowMirror:
         """Each gets the record of every mirrored call."""
         self.stats: dict[tuple[str, int], ShadowStats] = {}
         self._background: set[asyncio.Task[None]] = set()
+
+    def shed(self, name: str, version: int) -> None:
+        """Count a copy not sent: the primary is under pressure (shadows go first)."""
+        self.stats.setdefault((name, version), ShadowStats()).shed += 1
 
     def mirror(
         self,

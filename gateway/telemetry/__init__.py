@@ -7,11 +7,10 @@ was queued by (model, version), cuts each group into frames of at most ``max_fra
 (:mod:`.frames`) and sends each with one non-blocking ``sendto`` (:mod:`.datagram`). A
 sidecar that is missing, refusing or behind costs one failed system call per frame: the
 frame is dropped and counted, never retried, and requests are served exactly as without a
-monitor. Input and output tensors ride along while the sampling budget (:mod:`.bucket`)
-allows.
+monitor. Input and output tensors ride along while the sampling budget
+(:class:`gateway.limits.TokenBucket`) allows.
 """
 
-from gateway.telemetry.bucket import TokenBucket
 from gateway.telemetry.emitter import RecordEmitter
 
-__all__ = ["RecordEmitter", "TokenBucket"]
+__all__ = ["RecordEmitter"]

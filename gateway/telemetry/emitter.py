@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Any
 
-from gateway.telemetry.bucket import TokenBucket
+from gateway.limits import TokenBucket
 from gateway.telemetry.datagram import DatagramSocket
 from gateway.telemetry.frames import MAX_FRAME_BYTES, chunks, runs_of_alike_shapes
 from turnout_contract.records import RecordBatch, RequestRecord, encode_frame

@@ -31,6 +31,9 @@ class FakeState:
     def revisions(self) -> dict[str, int]:
         return {"m": 4}
 
+    def rate_limited(self) -> dict[tuple[str, str], int]:
+        return {("model", "m"): 3}
+
 
 def record(version: int, status: int, total_s: float, arm: str = "primary") -> RequestRecord:
     return RequestRecord(
@@ -78,3 +81,4 @@ def test_scrape_time_families_come_from_the_serving_state() -> None:
     assert value("turnout_shadow_requests_total", {**shadow, "outcome": "error"}) == 1
     assert value("turnout_gateway_info", {"version": "0.1.0", "backend": "local"}) == 1
     assert value("turnout_records_sent_total") is None  # no emitter: no record families
+    assert value("turnout_rate_limited_total", {"scope": "model", "name": "m"}) == 3

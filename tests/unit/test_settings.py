@@ -52,6 +52,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "state_dir": Path("/var/lib/somewhere/turnout"),
         "admin_tokens": [],
         "require_infer_token": False,
+        "rate_limit_rps": None,
+        "rate_limit_burst": None,
         "policy_poll_interval_s": 0.2,
         "policy_store": "auto",
         "metrics_port": None,

@@ -20,6 +20,7 @@ def test_identical_answers_are_an_exact_match_with_zero_difference() -> None:
     assert stats.public() == {
         "requests": 1,
         "errors": 0,
+        "shed": 0,
         "exact_match_rate": 1.0,
         "mean_abs_diff": 0.0,
     }

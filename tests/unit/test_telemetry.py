@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.telemetry import RecordEmitter, TokenBucket
+from gateway.limits import TokenBucket
+from gateway.telemetry import RecordEmitter
 from turnout_contract.records import (
     SERVER,
     BatchTiming,
@@ -265,7 +266,7 @@ def test_zero_budget_sends_no_tensors(sock_dir: Path, receiver: socket.socket) -
 
 def test_token_bucket_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("gateway.telemetry.bucket.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("gateway.limits.time.monotonic", lambda: now[0])
     bucket = TokenBucket(100)
     assert bucket.take(100)
     assert not bucket.take(1)
