@@ -25,6 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             monitor=False if args.no_monitor else None,
             monitor_address=args.monitor_address,
+            tls_cert_file=args.tls_cert,
+            tls_key_file=args.tls_key,
+            tls_client_ca_file=args.tls_client_ca,
         )
     except SettingsError as exc:
         print(f"turnout: invalid configuration: {exc}", file=sys.stderr)
@@ -67,6 +70,9 @@ def add_gateway_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--monitor-address",
         help="send request records to a sidecar already running there (unix:///path)",
     )
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS and gRPC over TLS (PEM chain)")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    serve.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
     serve.set_defaults(func=_serve)
 
     demo = commands.add_parser("demo", help="build demo models, serve them and show traffic")

@@ -229,6 +229,10 @@ x.set_data_from_numpy(np.random.rand(1, {FEATURES}).astype(np.float32))
 print(client.infer("{MODEL}", [x]).as_numpy("probabilities"))
 EOF
 
+With TLS (turnout serve --tls-cert server.pem --tls-key server.key), the same with
+https:// and the CA: curl --cacert ca.pem, turnout traffic status --cacert ca.pem,
+grpcclient.InferenceServerClient(url, ssl=True, root_certificates="ca.pem").
+
 Watch it: requests per version, arm, protocol and status; the sidecar's drift and latency.
 
   curl -s localhost:{http_port}/metrics | grep '^turnout_requests_total'

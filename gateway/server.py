@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import urllib.parse
@@ -57,6 +58,7 @@ from gateway.routing.store import BasePolicyStore, PolicyStore
 from gateway.settings import ServerSettings, SettingsError
 from gateway.supervisor import Supervisor, monitor_command
 from gateway.telemetry import RecordEmitter
+from gateway.tls import Certificates, TlsFiles
 from turnout_contract.address import ADDRESS_FILE, MONITOR_STATE_DIR_ENV, socket_address
 
 __all__ = [
@@ -263,6 +265,14 @@ class Gateway:
         )
         self.metrics.register(RolloutCollector(self.store, self.controller))
         self._controller_task: asyncio.Task[None] | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+        self.certificates = (
+            Certificates(
+                TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            )
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None
+            else None
+        )
         self._watch_task: asyncio.Task[None] | None = None
         self.http_port = settings.http_port
         self.grpc_port = settings.grpc_port
@@ -288,12 +298,19 @@ class Gateway:
                 FeedbackServicer(self.feedback).handler(),
             ]
         )
-        self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        if self.certificates is not None:
+            credentials = self.certificates.grpc_credentials()
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
 
         loop = asyncio.get_running_loop()
         self._watch_task = loop.create_task(self.store.watch())
         self._controller_task = loop.create_task(self.controller.run())
+        if self.certificates is not None:
+            self._tls_task = loop.create_task(self.certificates.watch())
         self._http_socket = _bind(s.host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
         app = HttpApp(
@@ -318,6 +335,11 @@ class Gateway:
             timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
             backlog=4096,
         )
+        if self.certificates is not None:
+            # Our context, not one uvicorn builds from file names: a reload loads the new
+            # chain into this very context, which every later handshake uses.
+            config.load()
+            config.ssl = self.certificates.context
         self._http = uvicorn.Server(config)
         # _serve, not serve: the gateway installs its own signal handlers.
         self._http_task = asyncio.get_running_loop().create_task(
@@ -344,7 +366,7 @@ class Gateway:
             self._http.should_exit = True
             stops.append(self._http_task)
         await asyncio.gather(*stops, return_exceptions=True)
-        for task in (self._watch_task, self._controller_task):
+        for task in (self._watch_task, self._controller_task, self._tls_task):
             if task is not None:
                 task.cancel()
         await self.models.stop()
@@ -362,6 +384,10 @@ class Gateway:
                 self._address_file.unlink()
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.certificates is not None else "http"
+
+    @property
     def _address_file(self) -> Path:
         return self.settings.state_dir / ADDRESS_FILE
 
@@ -371,7 +397,7 @@ class Gateway:
         self._address_file.write_text(
             json.dumps(
                 {
-                    "http": f"http://{host}:{self.http_port}",
+                    "http": f"{self.scheme}://{host}:{self.http_port}",
                     "grpc": f"{host}:{self.grpc_port}",
                     "monitor": self.monitor_http if self.settings.monitor else None,
                     "pid": os.getpid(),
@@ -383,16 +409,21 @@ class Gateway:
         s = self.settings
         models = ", ".join(m.spec.key for m in self.models.loaded()) or "none"
         return (
-            f"turnout ready: http://{s.host}:{self.http_port} grpc {s.host}:{self.grpc_port} "
+            f"turnout ready: {self.scheme}://{s.host}:{self.http_port} grpc "
+            f"{s.host}:{self.grpc_port}{' (TLS)' if self.certificates else ''} "
             f"backend {self.backend.name} models {models}"
         )
 
 
 async def _serve_until_signalled(settings: ServerSettings) -> int:
-    gateway = Gateway(settings)
+    try:
+        gateway = Gateway(settings)  # certificates that do not load fail here
+    except (TurnoutError, SettingsError, OSError, ssl.SSLError) as exc:
+        print(f"turnout: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
     try:
         await gateway.start()
-    except (TurnoutError, SettingsError, OSError) as exc:
+    except (TurnoutError, SettingsError, OSError, ssl.SSLError) as exc:
         # A bad config.yaml, a model that fails to load, a port in use: say so plainly.
         print(f"turnout: cannot start: {exc}", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):

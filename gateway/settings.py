@@ -144,6 +144,23 @@ class ServerSettings(BaseSettings):
     require_infer_token: bool = False
     """Inference also needs a bearer token (role ``infer`` or ``admin``)."""
 
+    tls_cert_file: Path | None = None
+    """Serve HTTPS and gRPC over TLS with this certificate chain (PEM); with
+    ``tls_key_file``. Reloaded when the file changes, without a restart."""
+
+    tls_key_file: Path | None = None
+    """The certificate's private key (PEM)."""
+
+    tls_client_ca_file: Path | None = None
+    """Require client certificates signed by this CA (mTLS) on both ports."""
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _check_tls(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        if (key is None) != (info.data.get("tls_cert_file") is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return key
+
     rate_limit_rps: float | None = Field(default=None, gt=0)
     """Inference requests a second each bearer token may send (token bucket; unset: no
     limit). Without ``require_infer_token`` every client shares one bucket. Beyond it 429 +

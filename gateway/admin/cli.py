@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -76,8 +77,9 @@ def call_admin(
         method=method,
         headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
     )
+    context = ssl.create_default_context(cafile=args.cacert) if url.startswith("https") else None
     try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
+        with urllib.request.urlopen(request, timeout=60, context=context) as reply:
             return json.load(reply)
     except urllib.error.HTTPError as exc:
         try:
@@ -239,6 +241,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="gateway HTTP address (default: found in the state dir)")
     parser.add_argument("--token", help="admin bearer token (default: the state dir's)")
     parser.add_argument("--state-dir", help="state directory of the local gateway")
+    parser.add_argument(
+        "--cacert", help="CA certificate (PEM) the gateway's HTTPS certificate is checked against"
+    )
 
 
 def add_admin_commands(commands: Any) -> None:
