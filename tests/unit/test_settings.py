@@ -54,6 +54,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "require_infer_token": False,
         "rate_limit_rps": None,
         "rate_limit_burst": None,
+        "tls_cert_file": None,
+        "tls_key_file": None,
+        "tls_client_ca_file": None,
         "policy_poll_interval_s": 0.2,
         "policy_store": "auto",
         "metrics_port": None,
@@ -243,3 +246,12 @@ def test_preferred_sizes_checked_against_the_merged_max(tmp_path: Path) -> None:
     settings = ServerSettings(models={"x": {"preferred_batch_sizes": [200]}})
     with pytest.raises(SettingsError, match=r"preferred_batch_sizes.*max_batch_size \(128\)"):
         load_model_config(model_dir, settings)
+
+
+def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="tls_cert_file and tls_key_file go together"):
+        ServerSettings(tls_cert_file=tmp_path / "cert.pem")
+    with pytest.raises(ValidationError, match="go together"):
+        ServerSettings(tls_key_file=tmp_path / "key.pem")
+    both = ServerSettings(tls_cert_file=tmp_path / "c.pem", tls_key_file=tmp_path / "k.pem")
+    assert both.tls_client_ca_file is None
