@@ -22,6 +22,7 @@ import model_zoo
 import pytest
 from gateways import GatewayThread, local_settings, running
 from google.protobuf import json_format
+from webhooks import Webhook
 
 from gateway.admin.rollout_grpc import message
 
@@ -146,42 +147,6 @@ def start(admin: Admin, canary: int, **overrides: Any) -> dict[str, Any]:
     return document
 
 
-class Webhook:
-    """A real HTTP receiver on loopback keeping every POSTed decision."""
-
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, HTTPServer
-
-        self.bodies: list[dict[str, Any]] = []
-        self.arrived = threading.Condition()
-        bodies, arrived = self.bodies, self.arrived
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with arrived:
-                    bodies.append(body)
-                    arrived.notify_all()
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def wait_for(self, count: int) -> list[dict[str, Any]]:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.bodies) >= count, DECIDE_S)
-        return self.bodies
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_healthy_canary_is_promoted_through_every_step(gateway: GatewayThread) -> None:
     admin = Admin(gateway)
     hook = Webhook()
@@ -200,7 +165,7 @@ def test_a_healthy_canary_is_promoted_through_every_step(gateway: GatewayThread)
     promoted = history[-1]["new"]["rollout"]
     assert {g["name"] for g in promoted["evidence"]} >= {"error_rate", "latency_p50", "drift"}
     assert all(g["decision"] == "pass" for g in promoted["evidence"])
-    posted = hook.wait_for(2)
+    posted = hook.wait_for(2, DECIDE_S)
     hook.close()
     assert [b["action"] for b in posted] == ["advance", "promote"]
     assert posted[-1]["phase"] == "promoted" and posted[-1]["gates"]
