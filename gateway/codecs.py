@@ -80,6 +80,10 @@ _NARROW_FLOATS: dict[str, float] = {
 }
 
 MAX_RANK = 32
+MAX_ELEMENTS = 2**40
+"""Most elements the non-zero dimensions of one tensor's shape may multiply to: far beyond
+any request body, and far below numpy's limit (a shape like [0, 2**40, 2**40] holds no
+element, yet numpy refuses to build it)."""
 """Most dimensions a tensor may have: numpy 1's limit (numpy 2 allows 64)."""
 
 
@@ -117,6 +121,13 @@ def validate_shape(tensor: str, shape: Any) -> tuple[int, ...]:
         )
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{tensor}': shape {list(shape)} has a negative dimension")
+    spanned = 1
+    for dim in shape:
+        spanned *= dim or 1
+        if spanned > MAX_ELEMENTS:
+            raise InvalidInput(
+                f"input '{tensor}': shape {list(shape)} spans more than {MAX_ELEMENTS} elements"
+            )
     return tuple(shape)
 
 

@@ -370,3 +370,12 @@ def test_uint64_json_property(values: list[int]) -> None:
     assert encode_json_data(decoded, "UINT64") == values
     raw = encode_raw(decoded, "UINT64")
     assert list(struct.unpack(f"<{len(values)}Q", raw)) == values
+
+
+def test_a_shape_spanning_too_many_elements_is_refused_even_when_empty() -> None:
+    # Found by bench/fuzz.py: zero elements, yet numpy cannot build [0, 2**40, 2**40].
+    with pytest.raises(InvalidInput, match="spans more than"):
+        validate_shape("a", [0, 2**40, 2**40])
+    with pytest.raises(InvalidInput, match="spans more than"):
+        validate_shape("a", [2**21, 2**20])
+    assert validate_shape("a", [0, 2**20, 2**20]) == (0, 2**20, 2**20)
