@@ -82,6 +82,9 @@ class DataPlane:
         self.token_limits = token_limits
         """Per bearer token (``rate_limit_rps``); every client shares one key without tokens."""
         self.model_limits: dict[str, RateLimits] = {}
+        self._unlimited: dict[str, object] = {}
+        """Model -> the versions table found without a rate limit (a load replaces the
+        table, so a new config is read again)."""
         """Per served model with a ``rate_limit_rps`` in its config."""
         self.in_flight: dict[str, int] = {}
         """Requests per served model taken up and not yet answered."""
@@ -201,10 +204,11 @@ class DataPlane:
         limits = self.model_limits.get(model)
         if limits is None:
             versions = self.models.versions.get(model)
-            if not versions:
-                return None
+            if not versions or self._unlimited.get(model) is versions:
+                return None  # the hot path of a model without a limit: two lookups
             config = next(reversed(versions.values())).spec.config
             if config.rate_limit_rps is None:
+                self._unlimited[model] = versions
                 return None
             limits = RateLimits(config.rate_limit_rps, config.rate_limit_burst)
             self.model_limits[model] = limits
