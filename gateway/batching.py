@@ -12,7 +12,6 @@ shapes or dtypes differ cannot share a call; they wait for the next batch, in or
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -33,12 +32,13 @@ from gateway.errors import (
 from gateway.settings import ModelConfig
 from turnout_contract.records import BatchTiming, Placement, Tensors
 
-__all__ = ["BatchStats", "BatchTiming", "Batcher", "RunBatch", "Tensors"]
+__all__ = ["BatchAnswer", "BatchStats", "BatchTiming", "Batcher", "RunBatch", "Tensors"]
 
 log = logging.getLogger(__name__)
 
-# A backend call answers with the outputs, or the outputs and where they were computed.
-RunBatch = Callable[[Tensors], Awaitable[Tensors | tuple[Tensors, Placement]]]
+BatchAnswer = Tensors | tuple[Tensors, Placement]
+"""A backend call answers with the outputs, or the outputs and where they were computed."""
+RunBatch = Callable[[Tensors], Awaitable[BatchAnswer]]
 _random_bits = random.getrandbits
 DEFAULT_INFLIGHT_BATCHES = 2  # when neither the model's config nor its backend says
 
@@ -97,9 +97,10 @@ class Batcher:
         self._queued_rows = 0
         self._inflight = 0
         self._closed = False
-        self._wakeup: asyncio.Event | None = None
-        self._slot_freed: asyncio.Event | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None  # dispatches a batch whose delay is over
+        self._timer_at = 0.0
+        self._dispatch_due = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -118,13 +119,17 @@ class Batcher:
     def inflight_batches(self) -> int:
         return self._inflight
 
+    def full(self) -> bool:
+        """No room in the queue: a request now would be refused (those that timed out
+        while queued hold no place)."""
+        if len(self._queue) < self._max_queue:
+            return False
+        self._drop_expired()
+        return len(self._queue) >= self._max_queue
+
     def start(self) -> None:
-        # Events and tasks belong to the loop that runs the servers, so build them there.
-        self._wakeup = asyncio.Event()
-        self._slot_freed = asyncio.Event()
-        self._loop_task = asyncio.get_running_loop().create_task(
-            self._dispatch_loop(), name=f"batcher:{self.name}"
-        )
+        # Timers and batch tasks belong to the loop that runs the servers.
+        self._loop = asyncio.get_running_loop()
 
     async def submit(
         self,
@@ -137,26 +142,23 @@ class Batcher:
 
         ``timing``, when given, is filled in when the request's batch ends (success or not).
         """
-        if self._closed or self._wakeup is None:
+        if self._closed or self._loop is None:
             raise ServerShuttingDown(f"model '{self.name}' is shutting down")
         if self._batchable and rows > self._max_rows:
             raise InvalidInput(
                 f"batch of {rows} rows exceeds max_batch_size {self._max_rows} "
                 f"of model '{self.name}'"
             )
-        if len(self._queue) >= self._max_queue:
-            self._drop_expired()
-        if len(self._queue) >= self._max_queue:
+        if self.full():
             raise QueueFull(
                 f"model '{self.name}' queue is full ({self._max_queue} requests waiting)"
             )
-        loop = asyncio.get_running_loop()
         enqueued = time.perf_counter()
         pending = _Pending(
             inputs=inputs,
             rows=rows,
             signature=tuple((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()),
-            future=loop.create_future(),
+            future=self._loop.create_future(),
             enqueued=enqueued,
             timing=timing,
         )
@@ -164,12 +166,18 @@ class Batcher:
             timing.enqueued = enqueued
         self._queue.append(pending)
         self._queued_rows += rows
-        self._wakeup.set()
+        if not self._dispatch_due:
+            # At the end of this loop turn, so requests that arrived together batch together.
+            self._dispatch_due = True
+            self._loop.call_soon(self._dispatch)
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(pending.future, timeout)
+            # asyncio.timeout, not wait_for: one loop turn fewer between a batch's end and
+            # the request's answer, which under load is a turn behind every arrival.
+            async with asyncio.timeout(timeout):
+                return await pending.future
         except TimeoutError:
-            # wait_for cancelled the future: the dispatcher skips it, or drops its result.
+            # The timeout cancelled the future: dispatch skips it, or drops its result.
             raise DeadlineExceeded(
                 f"request to model '{self.name}' timed out after {timeout * 1e3:.3g} ms"
             ) from None
@@ -181,37 +189,38 @@ class Batcher:
         self._queue.extend(live)
         self._queued_rows = sum(p.rows for p in live)
 
-    async def _dispatch_loop(self) -> None:
-        assert self._wakeup is not None and self._slot_freed is not None
-        while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            while self._inflight >= self._slots_total:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-            await self._wait_to_fill()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
+    def _dispatch(self) -> None:
+        """Start every batch that may start now: a replica slot is free and the batch is full
+        enough, or its oldest request has waited ``max_queue_delay_us``.
 
-    async def _wait_to_fill(self) -> None:
-        """Wait until the batch is full, a preferred size is reached, or the delay is over."""
-        assert self._wakeup is not None
-        if not self._batchable:
+        Called when a batch ends, right there rather than by a task woken for it: under
+        overload every loop turn is shared with new arrivals, so a freed slot is filled in
+        the same turn instead of one turn later. Arrivals call it at the end of their turn.
+        """
+        assert self._loop is not None
+        self._dispatch_due = False
+        while self._queue and self._inflight < self._slots_total:
+            if self._batchable and not self._closed and not self._full_enough():
+                due = self._queue[0].enqueued + self._delay_s
+                if due > time.perf_counter():
+                    self._wake_at(due)
+                    return
+            batch = self._take_batch()
+            if batch:
+                self._start(batch)
+
+    def _wake_at(self, due: float) -> None:
+        if self._timer is not None and self._timer_at <= due:
             return
-        deadline = self._queue[0].enqueued + self._delay_s
-        while not self._closed and not self._full_enough():
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = due
+        self._timer = self._loop.call_later(due - time.perf_counter(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
 
     def _full_enough(self) -> bool:
         rows = self._queued_rows
@@ -254,19 +263,36 @@ class Batcher:
             self._queued_rows += pending.rows
         return batch
 
+    def _start(self, batch: list[_Pending]) -> None:
+        assert self._loop is not None
+        self._inflight += 1
+        task = self._loop.create_task(self._execute(batch))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        try:
+            answer = await self._run_batch(_stack(batch))
+        except Exception as exc:
+            self._finish(batch, started, None, exc)
+        else:
+            self._finish(batch, started, answer, None)
+
+    def _finish(
+        self,
+        batch: list[_Pending],
+        started: float,
+        answer: BatchAnswer | None,
+        error: BaseException | None,
+    ) -> None:
+        """Answer the batch's requests (or fail them), count it, and start the next one."""
         rows = sum(p.rows for p in batch)
         placement: Placement | None = None
         try:
-            if len(batch) == 1:
-                stacked = batch[0].inputs
-            else:
-                stacked = {
-                    name: np.concatenate([p.inputs[name] for p in batch])
-                    for name in batch[0].inputs
-                }
-            answer = await self._run_batch(stacked)
+            if error is not None:
+                raise error
+            assert answer is not None
             if isinstance(answer, tuple):
                 outputs, placement = answer
             else:
@@ -277,7 +303,7 @@ class Batcher:
             self._fail(batch, exc)
         except Exception as exc:
             self.stats.failed_batches += 1
-            log.exception("batch of %d rows for %s failed", rows, self.name)
+            log.error("batch of %d rows for %s failed", rows, self.name, exc_info=exc)
             self._fail(batch, BackendError(f"model '{self.name}' failed: {exc}"))
         else:
             # As in Triton's statistics, executions and their rows count only when they succeed.
@@ -303,8 +329,7 @@ class Batcher:
                     timing.placement = placement
             self.stats.queue_ns += queue_ns
             self._inflight -= 1
-            assert self._slot_freed is not None
-            self._slot_freed.set()
+            self._dispatch()
 
     def _deliver(self, batch: list[_Pending], rows: int, outputs: Tensors) -> None:
         # Checked for a lone request too: whether it had company must not change its outcome.
@@ -338,18 +363,23 @@ class Batcher:
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let queued and in-flight ones finish, then stop."""
         self._closed = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if self._loop is not None:
+            self._dispatch()  # closed: what is queued goes without waiting to fill
         deadline = time.monotonic() + drain_timeout_s
-        while (self._queue or self._batch_tasks) and time.monotonic() < deadline:
+        while (self._queue or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(
                     ServerShuttingDown(f"model '{self.name}' shut down before the request ran")
                 )
         self._queue.clear()
+
+
+def _stack(batch: list[_Pending]) -> Tensors:
+    if len(batch) == 1:
+        return batch[0].inputs
+    return {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}

@@ -23,6 +23,7 @@ from gateway.errors import (
     InjectedUnavailable,
     InvalidInput,
     ModelNotFound,
+    QueueFull,
     RateLimited,
     ServerShuttingDown,
     TurnoutError,
@@ -246,6 +247,13 @@ class DataPlane:
                     f"model '{context.model}' is above its rate limit ({limits.rate:g} requests/s)",
                     int(retry),
                 )
+        versions = self.models.versions.get(context.model)
+        if versions and all(model.batcher.full() for model in versions.values()):
+            # Whichever version it is routed to, it would be refused: before the body is read.
+            raise QueueFull(
+                f"model '{context.model}' queue is full (every version's queue is at its "
+                f"max_queue_size)"
+            )
         request = await decode()
         if not request.model_version:
             request.model_version = headers.get(VERSION_HEADER, "")

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.batching import Batcher
+from gateway.overload import Overload
 from gateway.routing.shadow import ShadowStats
 from gateway.telemetry import RecordEmitter
 from turnout_contract.records import RequestRecord
@@ -70,6 +71,9 @@ class ServingState(Protocol):
     def rate_limited(self) -> dict[tuple[str, str], int]:
         """(scope ``token`` or ``model``, its name) -> requests refused by its rate limit."""
         ...
+
+    @property
+    def overload(self) -> Overload: ...
 
 
 class _Histogram:
@@ -126,6 +130,7 @@ class GatewayCollector(Collector):
         yield from self._batches()
         yield from self._records()
         yield from self._rate_limits()
+        yield from self._overload()
         yield from self._policy()
         info = InfoMetricFamily("turnout_gateway", "The gateway's build")
         info.add_metric([], {"version": __version__, "backend": self.state.backend_name})
@@ -246,6 +251,25 @@ class GatewayCollector(Collector):
         for (scope, name), count in sorted(self.state.rate_limited().items()):
             refused.add_metric([scope, name], count)
         yield refused
+
+    def _overload(self) -> Iterator[Metric]:
+        overload = self.state.overload
+        yield GaugeMetricFamily(
+            "turnout_event_loop_lag_seconds",
+            "How late the gateway's event loop ran its last 5 ms timer: the wait of any "
+            "ready callback, admitted requests' answers included",
+            value=overload.lag_s,
+        )
+        yield GaugeMetricFamily(
+            "turnout_overload_held_connections",
+            "HTTP connections refused for overload and not read until their hold ends",
+            value=overload.held,
+        )
+        yield CounterMetricFamily(
+            "turnout_overload_storms",
+            "Times the event loop was overrun by refusals and refused connections were held",
+            value=overload.storms,
+        )
 
     def _policy(self) -> Iterator[Metric]:
         revision = GaugeMetricFamily(

@@ -44,9 +44,11 @@ from gateway.errors import TurnoutError
 from gateway.feedback import FeedbackForwarder, FeedbackServicer
 from gateway.grpc.servicer import build_grpc_server
 from gateway.http.app import HttpApp
+from gateway.http.protocol import HoldingProtocol
 from gateway.limits import RateLimits
 from gateway.metrics import GatewayCollector, RequestMetrics, gateway_registry
 from gateway.models import ModelTable
+from gateway.overload import Overload
 from gateway.repository import Repository
 from gateway.rollout.controller import RolloutController
 from gateway.rollout.evidence import Evidence
@@ -165,10 +167,13 @@ def _bind(host: str, port: int) -> socket.socket:
 class ServingView:
     """What the metrics collector reads at scrape time, from the gateway's live parts."""
 
-    def __init__(self, models: ModelTable, dataplane: DataPlane, router: PolicyRouter) -> None:
+    def __init__(
+        self, models: ModelTable, dataplane: DataPlane, router: PolicyRouter, overload: Overload
+    ) -> None:
         self._models = models
         self._dataplane = dataplane
         self._router = router
+        self.overload = overload
 
     @property
     def backend_name(self) -> str:
@@ -246,9 +251,12 @@ class Gateway:
             command = monitor_command(monitor_address(settings), metrics_port=port)
             self.monitor = Supervisor(command, env=env)
         self.feedback = FeedbackForwarder(self.dataplane, self.monitor_http)
+        self.overload = Overload(
+            settings.overload_hold_ms / 1e3, lag_threshold_s=settings.overload_lag_ms / 1e3
+        )
         self.metrics = gateway_registry(
             GatewayCollector(
-                ServingView(self.models, self.dataplane, self.router),
+                ServingView(self.models, self.dataplane, self.router, self.overload),
                 self.request_metrics,
                 self.emitter,
             )
@@ -311,6 +319,7 @@ class Gateway:
         self._controller_task = loop.create_task(self.controller.run())
         if self.certificates is not None:
             self._tls_task = loop.create_task(self.certificates.watch())
+        self.overload.start()
         self._http_socket = _bind(s.host, s.http_port)
         self.http_port = self._http_socket.getsockname()[1]
         app = HttpApp(
@@ -328,7 +337,7 @@ class Gateway:
         config = uvicorn.Config(
             app,
             loop="none",
-            http="httptools",
+            http=HoldingProtocol.watching(self.overload),
             lifespan="off",
             access_log=False,
             log_level="warning",
@@ -366,6 +375,7 @@ class Gateway:
             self._http.should_exit = True
             stops.append(self._http_task)
         await asyncio.gather(*stops, return_exceptions=True)
+        self.overload.stop()
         for task in (self._watch_task, self._controller_task, self._tls_task):
             if task is not None:
                 task.cancel()

@@ -131,6 +131,14 @@ class ServerSettings(BaseSettings):
     grpc_max_concurrent_streams: int | None = None
     """Cap on concurrent gRPC streams per connection (None: gRPC's default)."""
 
+    overload_hold_ms: int = Field(default=500, ge=0, le=1000)
+    """While the event loop is overrun by refusals, an HTTP connection refused for overload
+    (429) is not read again for this long, so closed-loop clients retrying at once cannot
+    starve admitted requests. At most 1000: the Retry-After a refusal carries. 0: never."""
+
+    overload_lag_ms: float = Field(default=10.0, gt=0)
+    """The event-loop lag (sustained for 100 ms) that counts as overrun."""
+
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGINT/SIGTERM, how long in-flight requests may take to finish."""
 

@@ -18,9 +18,10 @@ from gateway import metadata
 from gateway.admin.http import AdminHttp
 from gateway.context import RequestContext
 from gateway.dataplane import DataPlane
-from gateway.errors import InvalidInput, PayloadTooLarge, TurnoutError, internal_error
+from gateway.errors import InvalidInput, PayloadTooLarge, QueueFull, TurnoutError, internal_error
 from gateway.feedback import FeedbackForwarder
 from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
+from gateway.http.protocol import REFUSED_KEY
 from gateway.routing import REVISION_HEADER
 from gateway.types import InferRequest
 from turnout_contract.trace import TRACEPARENT_HEADER
@@ -163,6 +164,8 @@ class HttpApp:
         try:
             response = await self.dataplane.infer(context, decode)
         except TurnoutError as exc:
+            if isinstance(exc, QueueFull):
+                scope[REFUSED_KEY] = True  # the connection decides whether to hold back
             await _send_error(send, exc, trace_header)
             return
         assert decoded is not None

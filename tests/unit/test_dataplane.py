@@ -16,7 +16,7 @@ from gateway.auth import Token, TokenAuth
 from gateway.backends.local import LocalBackend
 from gateway.context import RequestContext, decoded
 from gateway.dataplane import UNKNOWN_MODEL, DataPlane
-from gateway.errors import InvalidInput, ModelNotFound, Unauthenticated
+from gateway.errors import InvalidInput, ModelNotFound, QueueFull, Unauthenticated
 from gateway.metrics import RequestMetrics
 from gateway.models import ModelTable
 from gateway.repository import Repository
@@ -140,3 +140,35 @@ async def test_in_flight_returns_to_zero_after_success_failure_and_cancellation(
     await asyncio.gather(plane.infer(context("lazy"), decoded(bad)), return_exceptions=True)
     assert plane.in_flight["lazy"] == 0
     assert metrics.requests[("lazy", "1", "primary", "http", 400)] == 1
+
+
+async def test_a_full_queue_refuses_before_the_body_is_decoded(tmp_path: Path) -> None:
+    model_zoo.write_repository(
+        tmp_path, {"tiny": (model_zoo.add_sub, {**LAZY, "max_queue_size": 2}, [1])}
+    )
+    models = ModelTable(Repository(tmp_path, ServerSettings()), LocalBackend())
+    await models.start()
+    seen: list[RequestRecord] = []
+    plane = DataPlane(models, observers=[seen.append])
+    decodes = 0
+
+    async def counting_decode() -> InferRequest:
+        nonlocal decodes
+        decodes += 1
+        return request("tiny")
+
+    try:
+        waiting = [
+            asyncio.ensure_future(plane.infer(context("tiny"), counting_decode)) for _ in range(2)
+        ]
+        await asyncio.sleep(0.05)  # both queued: the lazy batcher waits 10 s for company
+        assert decodes == 2 and models.get("tiny").batcher.queue_depth == 2
+        with pytest.raises(QueueFull, match="model 'tiny' queue is full"):
+            await plane.infer(context("tiny"), counting_decode)
+        assert decodes == 2  # refused on the queue's state alone: the body was never read
+        refusal = seen[-1]
+        assert (refusal.model, refusal.version, refusal.status) == ("tiny", -1, 429)
+    finally:
+        await models.stop()  # drains the two waiting requests
+    answers = await asyncio.gather(*waiting)
+    assert [a.model_version for a in answers] == ["1", "1"]

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.batching import Batcher
 from gateway.metrics import GatewayCollector, RequestMetrics
+from gateway.overload import Overload
 from gateway.routing.shadow import ShadowStats
 from turnout_contract.records import SERVER, RequestRecord
 from turnout_contract.trace import TraceContext
@@ -18,6 +19,8 @@ class FakeState:
     def __init__(self) -> None:
         self.flight: dict[str, int] = {"m": 2}
         self.shadows = {("m", 2): ShadowStats(requests=10, errors=1, exact_matches=7)}
+        self.overload = Overload(0.5)
+        self.overload.lag_s, self.overload.held, self.overload.storms = 0.025, 40, 2
 
     def in_flight(self) -> dict[str, int]:
         return self.flight
@@ -82,3 +85,6 @@ def test_scrape_time_families_come_from_the_serving_state() -> None:
     assert value("turnout_gateway_info", {"version": "0.1.0", "backend": "local"}) == 1
     assert value("turnout_records_sent_total") is None  # no emitter: no record families
     assert value("turnout_rate_limited_total", {"scope": "model", "name": "m"}) == 3
+    assert value("turnout_event_loop_lag_seconds") == 0.025
+    assert value("turnout_overload_held_connections") == 40
+    assert value("turnout_overload_storms_total") == 2

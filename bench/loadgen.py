@@ -1,0 +1,260 @@
+"""Load that hey and h2load do not make: open-loop HTTP arrivals, latency probes, slow clients.
+
+Each mode runs as its own process (``python -m bench.loadgen MODE ...``) and prints one JSON
+document, so a probe's clock is not the generator's busy event loop:
+
+- ``open``: requests arrive at ``--rate`` per second whatever the server answers (an open
+  loop, as traffic from many independent users does); each goes out on an idle kept-alive
+  connection, or a new one when none is idle, and its latency counts from when it was due,
+  so a slow server cannot hide its queue by slowing the generator (no coordinated omission);
+- ``probe``: one request every ``--interval`` seconds, on a new connection each time
+  (``--connection new``) or on one kept-alive connection (``kept``); a refused probe waits
+  the Retry-After it was sent, as clients are asked to;
+- ``grpc-probe``: the same over gRPC (``ModelInfer``, a new channel or one kept channel);
+- ``slow``: ``--idle`` connections that send nothing and ``--partial`` that send half a
+  request's head and stall, held open for ``--duration`` seconds.
+
+Bare asyncio streams on uvloop rather than an HTTP library: the generator shares two cores
+with the gateway it loads, and every microsecond it spends is taken from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TIMEOUT_S = 10.0
+
+
+def _request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, dict[str, str]]:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split(" ", 2)[1]), headers
+
+
+def _summary(
+    latencies: dict[str, list[float]], statuses: Counter[str], **extra: Any
+) -> dict[str, Any]:
+    """Counts by outcome and latency percentiles (ms) for each outcome ("200", "429", ...)."""
+    percentiles = {}
+    for outcome, values in latencies.items():
+        if values:
+            p50, p99, top = np.percentile(values, [50, 99, 100])
+            percentiles[outcome] = {"p50_ms": p50, "p99_ms": p99, "max_ms": top}
+    return {"statuses": dict(statuses), "latency": percentiles, **extra}
+
+
+async def open_loop(
+    host: str, port: int, path: str, body: bytes, rate: float, duration: float
+) -> dict[str, Any]:
+    request = _request_bytes(host, port, path, body)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    latencies: dict[str, list[float]] = {}
+    statuses: Counter[str] = Counter()
+    opened = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(due: float) -> None:
+        nonlocal opened
+        outcome = "error"
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                if idle:
+                    reader, writer = idle.pop()
+                else:
+                    opened += 1
+                    reader, writer = await asyncio.open_connection(host, port)
+                status, headers = await _exchange(reader, writer, request)
+                outcome = str(status)
+                if headers.get("connection", "").lower() == "close":
+                    writer.close()
+                else:
+                    idle.append((reader, writer))
+        except TimeoutError:
+            outcome = "timeout"
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            outcome = "error"
+        statuses[outcome] += 1
+        latencies.setdefault(outcome, []).append((time.perf_counter() - due) * 1e3)
+
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter() + 0.05
+    count = int(rate * duration)
+    for i in range(count):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = loop.create_task(one(due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks)
+    sent_for = time.perf_counter() - start
+    for _, writer in idle:
+        writer.close()
+    return _summary(
+        latencies, statuses, rate=rate, duration_s=sent_for, sent=count, connections=opened
+    )
+
+
+async def probe(
+    host: str, port: int, path: str, body: bytes, interval: float, duration: float, kept: bool
+) -> dict[str, Any]:
+    request = _request_bytes(host, port, path, body)
+    latencies: dict[str, list[float]] = {}
+    statuses: Counter[str] = Counter()
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    deadline = time.perf_counter() + duration
+    while time.perf_counter() < deadline:
+        began = time.perf_counter()
+        wait = interval
+        outcome = "error"
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                if connection is None:
+                    connection = await asyncio.open_connection(host, port)
+                status, headers = await _exchange(*connection, request)
+                outcome = str(status)
+                if status in (429, 503) and headers.get("retry-after", "").isdigit():
+                    wait = max(interval, float(headers["retry-after"]))
+        except TimeoutError:
+            outcome = "timeout"
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            outcome = "error"
+        statuses[outcome] += 1
+        latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)
+        if connection is not None and (not kept or outcome in ("timeout", "error")):
+            connection[1].close()
+            connection = None
+        await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
+    if connection is not None:
+        connection[1].close()
+    return _summary(latencies, statuses, connection="kept" if kept else "new")
+
+
+async def grpc_probe(
+    address: str, model: str, interval: float, duration: float, kept: bool
+) -> dict[str, Any]:
+    import grpc
+
+    from bench.harness import infer_request, infer_stub
+    from bench.models import INPUT_DIM
+
+    x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
+    request = infer_request(x, model)
+    latencies: dict[str, list[float]] = {}
+    statuses: Counter[str] = Counter()
+    channel: grpc.aio.Channel | None = None
+    deadline = time.perf_counter() + duration
+    while time.perf_counter() < deadline:
+        began = time.perf_counter()
+        wait = interval
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+        try:
+            await infer_stub(channel)(request, timeout=TIMEOUT_S)
+            outcome = "OK"
+        except grpc.aio.AioRpcError as exc:
+            outcome = exc.code().name
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                wait = max(interval, 1.0)
+        statuses[outcome] += 1
+        latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)
+        if not kept:
+            await channel.close(None)
+            channel = None
+        await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
+    if channel is not None:
+        await channel.close(None)
+    return _summary(latencies, statuses, connection="kept" if kept else "new")
+
+
+async def slow_clients(
+    host: str, port: int, idle: int, partial: int, duration: float
+) -> dict[str, Any]:
+    writers: list[asyncio.StreamWriter] = []
+    refused = 0
+    for i in range(idle + partial):
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            refused += 1
+            continue
+        if i >= idle:
+            writer.write(
+                f"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: {host}\r\ncontent-le".encode()
+            )
+        writers.append(writer)
+    await asyncio.sleep(duration)
+    closed_by_server = sum(1 for w in writers if w.transport.is_closing())
+    for writer in writers:
+        writer.close()
+    return {"opened": len(writers), "refused": refused, "closed_by_server": closed_by_server}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.loadgen", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("mode", choices=["open", "probe", "grpc-probe", "slow"])
+    parser.add_argument("--address", required=True, help="host:port")
+    parser.add_argument("--path", default="/v2/models/mlp/infer")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--body", type=Path, help="the request body (open, probe)")
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--connection", choices=["new", "kept"], default="new")
+    parser.add_argument("--idle", type=int, default=0)
+    parser.add_argument("--partial", type=int, default=0)
+    args = parser.parse_args(argv)
+    host, _, port_text = args.address.rpartition(":")
+    port = int(port_text)
+    body = args.body.read_bytes() if args.body else b""
+    kept = args.connection == "kept"
+    if args.mode == "open":
+        work = open_loop(host, port, args.path, body, args.rate, args.duration)
+    elif args.mode == "probe":
+        work = probe(host, port, args.path, body, args.interval, args.duration, kept)
+    elif args.mode == "grpc-probe":
+        work = grpc_probe(args.address, args.model, args.interval, args.duration, kept)
+    else:
+        work = slow_clients(host, port, args.idle, args.partial, args.duration)
+    import uvloop
+
+    result = uvloop.run(work)
+    json.dump(result, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

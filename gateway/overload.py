@@ -1,0 +1,96 @@
+"""Overload, as the event loop feels it, and when to hold refused connections back.
+
+A closed-loop client that is refused sends its next request at once, so a crowd of them
+fills the event loop with refusals: every batch completion and every admitted request's
+answer then waits behind them, and goodput collapses (2% of capacity at 256 clients on a
+model with an 8-request queue). The loop's lag is the harm itself: how late a timer fires
+is how long any ready callback waits its turn. While the loop has lagged for a sustained
+while, a connection refused for overload is not read again for ``hold_s``
+(:mod:`gateway.http.protocol`), so its next request waits in the kernel, costing nothing.
+
+Arrivals that merely exceed capacity (an open loop) keep the loop on time: their refusals
+are cheap enough, and their connections are read as usual. Once storming, the state lasts
+while many connections are held (the crowd is still there) and ends soon after they leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+__all__ = ["Overload"]
+
+log = logging.getLogger(__name__)
+
+
+class Overload:
+    """A timer every ``interval_s`` measuring the loop's lag; ``storming`` once it has been
+    later than ``lag_threshold_s`` for ``sustain_s``."""
+
+    def __init__(
+        self,
+        hold_s: float,
+        *,
+        lag_threshold_s: float = 0.010,
+        sustain_s: float = 0.100,
+        min_held: int = 16,
+        interval_s: float = 0.005,
+    ) -> None:
+        self.hold_s = hold_s
+        self.lag_threshold_s = lag_threshold_s
+        self.sustain_s = sustain_s
+        self.min_held = min_held
+        self.interval_s = interval_s
+        self.lag_s = 0.0
+        """The last tick's lateness."""
+        self.held = 0
+        """Connections not being read right now (kept by the HTTP protocol)."""
+        self.storms = 0
+        """Times the state was entered, for metrics and tests."""
+        self._lagging_since: float | None = None
+        self._storm_until = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    @property
+    def storming(self) -> bool:
+        return self._loop is not None and self._loop.time() < self._storm_until
+
+    def hold(self) -> float:
+        """Seconds a connection just refused for overload should not be read (0: read it)."""
+        return self.hold_s if self.hold_s > 0 and self.storming else 0.0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._due = self._loop.time() + self.interval_s
+        self._handle = self._loop.call_at(self._due, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        self.lag_s = now - self._due
+        if self.lag_s > self.lag_threshold_s:
+            if self._lagging_since is None:
+                self._lagging_since = now - self.lag_s
+            if now - self._lagging_since >= self.sustain_s:
+                if now >= self._storm_until:
+                    self.storms += 1
+                    log.warning(
+                        "overload: the event loop has lagged %.0f ms or more for %.0f ms; "
+                        "connections refused for overload are not read for %.0f ms",
+                        self.lag_threshold_s * 1e3, (now - self._lagging_since) * 1e3,
+                        self.hold_s * 1e3,
+                    )  # fmt: skip
+                self._storm_until = max(self._storm_until, now + 2 * self.hold_s)
+        else:
+            self._lagging_since = None
+        if self.held >= self.min_held and now < self._storm_until:
+            self._storm_until = max(self._storm_until, now + self.hold_s)
+        self._due = now + self.interval_s
+        self._handle = self._loop.call_at(self._due, self._tick)

@@ -1,0 +1,112 @@
+"""A connection refused for overload while the loop is overrun is not read for the hold; new
+connections and served ones are read at once. A real uvicorn server on loopback with the
+gateway's protocol class, in front of a two-route ASGI app (/refuse answers 429 as the
+gateway's app does, /ok answers 200)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gateway.http.protocol import REFUSED_KEY, HoldingProtocol
+from gateway.overload import Overload
+
+HOLD_S = 0.4
+
+
+class Storming(Overload):
+    """Always overrun: the test is about the connection, not about detecting the storm."""
+
+    @property
+    def storming(self) -> bool:
+        return True
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    refused = scope["path"] == "/refuse"
+    if refused:
+        scope[REFUSED_KEY] = True
+    status = 429 if refused else 200
+    headers = [(b"content-length", b"2"), (b"retry-after", b"1")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[int, Overload]]:
+    overload = Storming(HOLD_S)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, http=HoldingProtocol.watching(overload), lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server._serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield sock.getsockname()[1], overload
+    server.should_exit = True
+    await task
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def to(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def get(self, path: str) -> int:
+        self.writer.write(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        await self.reader.readexactly(2)
+        return int(head.split(b" ", 2)[1])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_a_refused_connection_is_not_read_until_its_hold_ends(
+    served: tuple[int, Overload],
+) -> None:
+    port, overload = served
+    kept = await Connection.to(port)
+    assert await kept.get("/refuse") == 429
+    assert overload.held == 1
+    held = asyncio.create_task(kept.get("/ok"))
+    # Meanwhile a new connection is read and answered at once.
+    fresh = await Connection.to(port)
+    assert await fresh.get("/ok") == 200
+    assert not held.done() and overload.held == 1  # its request waits in the socket buffer
+    assert await held == 200  # read once the hold ended
+    assert overload.held == 0
+    # Served requests are never held: several in a row on the same connection.
+    for _ in range(3):
+        assert await kept.get("/ok") == 200
+    assert overload.held == 0
+    kept.close()
+    fresh.close()
+
+
+async def test_a_connection_closed_while_held_releases_its_hold(
+    served: tuple[int, Overload],
+) -> None:
+    port, overload = served
+    kept = await Connection.to(port)
+    assert await kept.get("/refuse") == 429
+    assert overload.held == 1
+    kept.close()
+    for _ in range(100):
+        if overload.held == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert overload.held == 0

@@ -1,0 +1,81 @@
+"""When the event loop counts as overrun, and how long it stays so: the Overload state
+machine driven tick by tick on a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.overload import Overload
+
+
+class FakeLoop:
+    """The two loop calls Overload makes, with a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.due: float | None = None
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Any) -> Any:
+        self.due = when
+        return self
+
+
+def ticking(overload: Overload) -> FakeLoop:
+    loop = FakeLoop()
+    overload._loop = loop  # type: ignore[assignment]
+    overload._due = loop.now + overload.interval_s
+    return loop
+
+
+def tick(overload: Overload, loop: FakeLoop, late_s: float) -> None:
+    """The next tick fires ``late_s`` after it was due."""
+    assert loop.due is not None or overload._due
+    loop.now = (loop.due if loop.due is not None else overload._due) + late_s
+    overload._tick()
+
+
+def test_a_loop_on_time_never_holds_anything() -> None:
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    for _ in range(200):
+        tick(overload, loop, 0.004)  # below the 10 ms threshold
+    assert not overload.storming and overload.hold() == 0 and overload.storms == 0
+
+
+def test_a_lag_spike_shorter_than_sustain_is_not_a_storm() -> None:
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    tick(overload, loop, 0.03)
+    tick(overload, loop, 0.03)  # 60 ms behind, then on time again: under the 100 ms
+    tick(overload, loop, 0.0)
+    tick(overload, loop, 0.03)
+    assert not overload.storming and overload.storms == 0
+
+
+def test_sustained_lag_starts_a_storm_that_lasts_while_the_crowd_is_held() -> None:
+    overload = Overload(0.5, min_held=16)
+    loop = ticking(overload)
+    for _ in range(4):
+        tick(overload, loop, 0.03)  # 4 ticks, 30 ms late each: 120 ms lagging
+    assert overload.storming and overload.hold() == 0.5 and overload.storms == 1
+    overload.held = 200  # the crowd, held: the loop is on time again
+    for _ in range(1000):  # 5 s of on-time ticks
+        tick(overload, loop, 0.0)
+    assert overload.storming and overload.storms == 1
+    overload.held = 3  # the crowd left
+    started = loop.now
+    while overload.storming:
+        tick(overload, loop, 0.0)
+    assert 0 < loop.now - started <= 1.0 + overload.interval_s
+    assert overload.hold() == 0
+
+
+def test_a_zero_hold_never_holds() -> None:
+    overload = Overload(0.0)
+    loop = ticking(overload)
+    for _ in range(40):
+        tick(overload, loop, 0.05)
+    assert overload.hold() == 0
