@@ -82,7 +82,11 @@ def build_backend(settings: ServerSettings) -> ReplicaBackend:
         return LocalBackend()
     from gateway.backends.ray_serve import RayBackend
 
-    return RayBackend(address=settings.ray_address, namespace=settings.ray_namespace)
+    return RayBackend(
+        address=settings.ray_address,
+        namespace=settings.ray_namespace,
+        load_timeout_s=settings.ray_load_timeout_s,
+    )
 
 
 def build_policy_store(settings: ServerSettings, backend: ReplicaBackend) -> BasePolicyStore:

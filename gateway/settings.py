@@ -61,10 +61,11 @@ class ModelConfig(BaseModel):
     num_replicas: int = Field(default=1, ge=1)
     """Replicas of each version (Ray backend: Serve replicas; local: concurrent sessions)."""
 
-    num_cpus: float = Field(default=0.5, ge=0)
-    """CPUs Ray reserves for each replica. Half a CPU by default: a replica runs one ONNX
-    Runtime thread and idles between batches, so two share a core; raise it with
-    ``intra_op_threads``."""
+    num_cpus: float | None = Field(default=None, ge=0)
+    """CPUs Ray reserves for each replica. Unset: a quarter CPU per ONNX Runtime thread
+    (``intra_op_threads``; 0, ONNX Runtime's own choice, counts as one whole CPU), since a
+    replica's threads are busy only while a batch runs: a 2-CPU machine holds 8 replicas of
+    one thread. Set it to reserve whole CPUs for a busy model."""
 
     num_gpus: float = Field(default=0.0, ge=0)
     """GPUs Ray reserves for each replica (set it with ``device: cuda`` on a GPU cluster)."""
@@ -124,6 +125,10 @@ class ServerSettings(BaseSettings):
 
     ray_namespace: str = "turnout"
     """Ray namespace holding turnout's Serve applications."""
+
+    ray_load_timeout_s: float = Field(default=120.0, gt=0)
+    """How long a model version's Ray replicas may take to start. Past it the load fails,
+    naming the resources asked and free, instead of waiting for placement forever."""
 
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request body (HTTP) or message (gRPC); beyond it: 413/RESOURCE_EXHAUSTED."""

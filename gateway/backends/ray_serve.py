@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import os
+import time
 from typing import Any
 
 from gateway.backends._onnx import select_providers
@@ -42,15 +43,45 @@ def replica_env() -> dict[str, str]:
     return {name: os.environ.get(name, value) for name, value in REPLICA_ENV.items()}
 
 
+CPU_PER_THREAD = 0.25
+"""What an unset ``num_cpus`` reserves per ONNX Runtime thread of a replica."""
+
+
+def replica_resources(spec: ModelSpec) -> dict[str, float]:
+    """What all replicas of ``spec`` ask Ray for, by resource."""
+    cfg = spec.config
+    per_replica = cfg.num_cpus
+    if per_replica is None:
+        threads = cfg.intra_op_threads
+        per_replica = 1.0 if threads == 0 else CPU_PER_THREAD * threads
+    asked = {"CPU": per_replica * cfg.num_replicas}
+    if cfg.num_gpus:
+        asked["GPU"] = cfg.num_gpus * cfg.num_replicas
+    return asked
+
+
+def _resources(amounts: dict[str, float]) -> str:
+    return ", ".join(f"{value:g} {name}" for name, value in sorted(amounts.items())) or "nothing"
+
+
 class RayBackend(ReplicaBackend):
     name = "ray"
     # Each Serve call costs milliseconds of CPU: one call per replica at a time fills
     # batches twice as full, which served 1.3-1.4x the req/s at c16-c64 on 2 cores (bench/).
     default_inflight_batches = 1
 
-    def __init__(self, address: str | None = None, namespace: str = "turnout") -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        namespace: str = "turnout",
+        load_timeout_s: float = 120.0,
+    ) -> None:
         self._address = address or os.environ.get("RAY_ADDRESS") or None
         self._namespace = namespace
+        self.load_timeout_s = load_timeout_s
+        self._reserved: dict[str, dict[str, float]] = {}
+        """Model key -> what its replicas asked Ray for, from the moment they are asked:
+        Ray's view of free resources lags behind a deployment that is still placing."""
         self._handles: dict[str, Any] = {}
         self._started_ray = False
         # Serve's deployment API is not thread-safe: deploy one application at a time.
@@ -90,35 +121,51 @@ class RayBackend(ReplicaBackend):
             # No GPU reserved for the replica: it runs where the gateway's ORT would, so a
             # missing CUDA provider is known now rather than after a replica crash loop.
             select_providers("cuda")
-        self._check_capacity(spec)
+        asked = replica_resources(spec)
+        self._check_capacity(spec, asked)
+        self._reserved[spec.key] = asked
         try:
             async with self._deploy_lock:
                 handle = await asyncio.to_thread(self._deploy, spec)
         except BackendError:
+            self._reserved.pop(spec.key, None)
             raise
         except Exception as exc:
+            self._reserved.pop(spec.key, None)
             raise BackendError(f"model '{spec.key}' failed to deploy on Ray: {exc}") from exc
         self._handles[spec.key] = handle
 
-    def _check_capacity(self, spec: ModelSpec) -> None:
-        """Serve waits forever for replicas it cannot place: refuse them up front instead."""
+    def _free(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(free, total) per resource: the least of Ray's free view and its total less what
+        turnout has asked for, since a deployment still being placed is not in Ray's view."""
         import ray
 
-        cfg = spec.config
+        total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
         available: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
-        for resource, per_replica in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
-            needed = per_replica * cfg.num_replicas
-            have = available.get(resource, 0.0)
-            if needed > have + 1e-9:
+        free, known = {}, {}
+        for resource in ("CPU", "GPU"):
+            if resource == "GPU" and not total.get(resource):
+                continue  # a CPU cluster: no GPU figures in messages
+            known[resource] = total.get(resource, 0.0)
+            ours = sum(asked.get(resource, 0.0) for asked in self._reserved.values())
+            free[resource] = max(0.0, min(available.get(resource, 0.0), known[resource] - ours))
+        return free, known
+
+    def _check_capacity(self, spec: ModelSpec, asked: dict[str, float]) -> None:
+        """Serve waits forever for replicas it cannot place: refuse them up front instead."""
+        free, total = self._free()
+        for resource, needed in asked.items():
+            if needed > free.get(resource, 0.0) + 1e-9:
                 raise BackendError(
-                    f"model '{spec.key}' needs {needed:g} {resource} for {cfg.num_replicas} "
-                    f"replica(s) of {per_replica:g} {resource}, but the Ray cluster has "
-                    f"{have:g} {resource} free; lower num_cpus/num_gpus or num_replicas in its "
-                    "config.yaml, or add nodes"
+                    f"model '{spec.key}' needs {_resources(asked)} for "
+                    f"{spec.config.num_replicas} replica(s), but the Ray cluster has "
+                    f"{_resources(free)} free of {_resources(total)}; lower num_cpus/num_gpus "
+                    "or num_replicas in its config.yaml, or add nodes"
                 )
 
     def _deploy(self, spec: ModelSpec) -> Any:
         from ray import serve
+        from ray.serve import api as serve_api
 
         from gateway.backends._ray_replica import OnnxReplica
 
@@ -131,7 +178,7 @@ class RayBackend(ReplicaBackend):
             # from probing replica queue lengths before calls it would have to hold anyway.
             max_ongoing_requests=(cfg.max_inflight_batches or self.default_inflight_batches) * 4,
             ray_actor_options={
-                "num_cpus": cfg.num_cpus,
+                "num_cpus": replica_resources(spec).get("CPU", 0.0) / cfg.num_replicas,
                 "num_gpus": cfg.num_gpus,
                 "runtime_env": {"env_vars": replica_env()},
             },
@@ -140,12 +187,49 @@ class RayBackend(ReplicaBackend):
         app = deployment.bind(
             str(spec.path.resolve()), cfg.device, cfg.intra_op_threads, cfg.inter_op_threads
         )
-        return serve.run(app, name=app_name(spec), route_prefix=None)
+        name = app_name(spec)
+        handle = serve_api._run(app, _blocking=False, name=name, route_prefix=None)
+        deadline = time.monotonic() + self.load_timeout_s
+        while True:
+            status = serve.status().applications.get(name)
+            state = str(status.status) if status is not None else "NOT_STARTED"
+            if state.endswith("RUNNING"):
+                return handle
+            if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
+                messages = (
+                    [d.message for d in status.deployments.values() if d.message]
+                    if status is not None
+                    else []
+                )
+                free, total = self._free_outside(spec.key)
+                serve.delete(name, _blocking=False)
+                why = (
+                    "failed"
+                    if state.endswith("DEPLOY_FAILED")
+                    else (f"did not start within {self.load_timeout_s:g} s (ray_load_timeout_s)")
+                )
+                raise BackendError(
+                    f"model '{spec.key}': its {cfg.num_replicas} Ray replica(s) {why}; they "
+                    f"ask {_resources(replica_resources(spec))}, the cluster has "
+                    f"{_resources(free)} free of {_resources(total)}"
+                    + (f"; Ray Serve says: {' '.join(messages)[:600]}" if messages else "")
+                )
+            time.sleep(0.2)
+
+    def _free_outside(self, key: str) -> tuple[dict[str, float], dict[str, float]]:
+        """Free resources as if ``key`` had not asked (it is about to be withdrawn)."""
+        asked = self._reserved.pop(key, None)
+        try:
+            return self._free()
+        finally:
+            if asked is not None:
+                self._reserved[key] = asked
 
     async def unload(self, spec: ModelSpec) -> None:
         from ray import serve
 
         handle = self._handles.pop(spec.key, None)
+        self._reserved.pop(spec.key, None)
         if handle is not None:
             await handle.shutdown_async()  # on this loop, where its router runs
             await asyncio.to_thread(serve.delete, app_name(spec))
@@ -190,6 +274,7 @@ class RayBackend(ReplicaBackend):
             await asyncio.to_thread(ray.shutdown)
             return
         handles, self._handles = self._handles, {}
+        self._reserved.clear()
         for handle in handles.values():
             await handle.shutdown_async()
         await asyncio.to_thread(self._delete_applications, list(handles))
