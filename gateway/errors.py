@@ -156,6 +156,12 @@ class PolicyStoreUnavailable(TurnoutError):
     status = statuses.UNAVAILABLE
 
 
+class StateUnwritable(TurnoutError):
+    """The state dir refused a write (disk full, read-only): the change was not made."""
+
+    status = statuses.INSUFFICIENT_STORAGE
+
+
 class MonitorUnavailable(TurnoutError):
     """The monitor sidecar could not be reached (or failed) for feedback."""
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import InvalidInput, RevisionConflict
+from gateway.errors import InvalidInput, RevisionConflict, StateUnwritable
 from gateway.routing.operations import build_policy
 from gateway.routing.policy import TrafficPolicy
 from turnout_contract.names import check_model_name, contained
@@ -295,26 +295,39 @@ class PolicyStore(BasePolicyStore):
             previous = stored or base
             if previous is not None:
                 history = [*history, previous.model_dump(mode="json")][-HISTORY_KEPT:]
-            self._write(model, {"policy": policy.model_dump(mode="json"), "history": history})
-            self._append_audit(
-                {
-                    "model": model,
-                    "revision": policy.revision,
-                    "time": time.time(),
-                    "actor": actor,
-                    "operation": operation,
-                    "old": previous.public() if previous else None,
-                    "new": policy.public(),
-                }
-            )
+            entry = {
+                "model": model,
+                "revision": policy.revision,
+                "time": time.time(),
+                "actor": actor,
+                "operation": operation,
+                "old": previous.public() if previous else None,
+                "new": policy.public(),
+            }
+            document = {"policy": policy.model_dump(mode="json"), "history": history}
+            self._write(model, document, entry)
         self.reload()
         return policy
 
-    def _write(self, model: str, document: dict[str, Any]) -> None:
+    def _write(self, model: str, document: dict[str, Any], audit: dict[str, Any]) -> None:
+        """The new policy file and its audit line, or neither: the file is written aside,
+        the audit line appended, and only then is the file renamed into place (a rename
+        needs no free space). A full or read-only disk refuses the change (507)."""
         path = self._path(model)
         temp = path.with_suffix(f".tmp{os.getpid()}")
-        temp.write_text(json.dumps(document, indent=1))
-        os.replace(temp, path)
+        try:
+            temp.write_text(json.dumps(document, indent=1))
+            self._append_audit(audit)
+            os.replace(temp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            log.error("state dir %s refused the policy of '%s': %s", self.state_dir, model, exc)
+            raise StateUnwritable(
+                f"the policy of model '{model}' was not changed: the state dir "
+                f"{self.state_dir} refused the write ({exc.strerror or exc}); free space there "
+                "and retry"
+            ) from None
 
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str:
         path = self.state_dir / "leases.json"
@@ -335,4 +348,11 @@ class PolicyStore(BasePolicyStore):
 
     def _append_audit(self, entry: dict[str, Any]) -> None:
         with self._audit.open("a") as audit:
-            audit.write(json.dumps(entry) + "\n")
+            size = audit.tell()
+            try:
+                audit.write(json.dumps(entry) + "\n")
+                audit.flush()
+            except OSError:
+                with contextlib.suppress(OSError):  # no half line for the next entry to join
+                    audit.truncate(size)
+                raise

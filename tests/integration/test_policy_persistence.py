@@ -272,3 +272,30 @@ def test_the_audit_log_records_every_change(pair: tuple[GatewayThread, GatewayTh
                 assert entry["old"] == previous["new"]
                 assert entry["time"] >= previous["time"]
             previous = entry
+
+
+def test_a_full_disk_refuses_policy_changes_and_serving_goes_on(
+    settings: ServerSettings,
+) -> None:
+    server = GatewayThread(settings)
+    try:
+        change(server, op="set", weights={"1": 100})
+        before, audit = policy(server), history(server)
+        store = server.gateway.store
+        real_audit = store._audit  # type: ignore[attr-defined]
+        store._audit = Path("/dev/full")  # type: ignore[attr-defined]  # ENOSPC on every write
+        try:
+            status, _, document = call(
+                server, "POST", TRAFFIC, {"op": "set", "weights": {"2": 100}}
+            )
+        finally:
+            store._audit = real_audit  # type: ignore[attr-defined]
+        assert status == 507
+        assert "policy of model 'add_sub' was not changed" in document["error"]
+        assert "No space left on device" in document["error"]
+        assert policy(server) == before and history(server) == audit
+        assert served(server) == (1, before["revision"])
+        assert not list(settings.state_dir.glob("**/*.tmp*"))  # nothing half-written left
+        assert change(server, op="set", weights={"2": 100})["revision"] == before["revision"] + 1
+    finally:
+        server.stop()

@@ -33,6 +33,7 @@ TABLE: dict[type[TurnoutError], tuple[int, grpc.StatusCode]] = {
     errors.ServerShuttingDown: (503, grpc.StatusCode.UNAVAILABLE),
     errors.PolicyStoreUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
     errors.MonitorUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
+    errors.StateUnwritable: (507, grpc.StatusCode.RESOURCE_EXHAUSTED),
     errors.DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
 }
 
