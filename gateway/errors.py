@@ -56,6 +56,7 @@ __all__ = [
     "RateLimited",
     "RevisionConflict",
     "ServerShuttingDown",
+    "StateUnwritable",
     "TurnoutError",
     "Unauthenticated",
     "checked_model_name",
