@@ -199,24 +199,37 @@ async def grpc_probe(
 async def slow_clients(
     host: str, port: int, idle: int, partial: int, duration: float
 ) -> dict[str, Any]:
-    writers: list[asyncio.StreamWriter] = []
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]] = []
     refused = 0
     for i in range(idle + partial):
         try:
-            _, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port)
         except OSError:
             refused += 1
             continue
-        if i >= idle:
+        half = i >= idle
+        if half:
             writer.write(
                 f"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: {host}\r\ncontent-le".encode()
             )
-        writers.append(writer)
+        connections.append((reader, writer, half))
     await asyncio.sleep(duration)
-    closed_by_server = sum(1 for w in writers if w.transport.is_closing())
-    for writer in writers:
+    closed = {"idle": 0, "partial": 0}
+    timed_out = 0  # half-sent heads answered 408
+    for reader, writer, half in connections:
+        if reader.at_eof() or reader._buffer:
+            answer = bytes(reader._buffer)
+            closed["partial" if half else "idle"] += reader.at_eof()
+            timed_out += answer.startswith(b"HTTP/1.1 408")
         writer.close()
-    return {"opened": len(writers), "refused": refused, "closed_by_server": closed_by_server}
+    writers = connections
+    closed_by_server = closed
+    return {
+        "opened": len(writers),
+        "refused": refused,
+        "closed_by_server": closed_by_server,
+        "answered_408": timed_out,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,7 +341,7 @@ class Gateway:
         config = uvicorn.Config(
             app,
             loop="none",
-            http=HoldingProtocol.watching(self.overload),
+            http=HoldingProtocol.watching(self.overload, s.http_head_timeout_s),
             lifespan="off",
             access_log=False,
             log_level="warning",

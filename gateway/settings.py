@@ -141,6 +141,10 @@ class ServerSettings(BaseSettings):
     (429) is not read again for this long, so closed-loop clients retrying at once cannot
     starve admitted requests. At most 1000: the Retry-After a refusal carries. 0: never."""
 
+    http_head_timeout_s: float = Field(default=10.0, gt=0)
+    """An HTTP connection that sends no request head, or only part of one, for this long
+    is closed (408 for a partial head): idle and slow clients cannot hold sockets."""
+
     overload_lag_ms: float = Field(default=10.0, gt=0)
     """The event-loop lag (sustained for 100 ms) that counts as overrun."""
 

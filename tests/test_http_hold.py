@@ -40,14 +40,16 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
+HEAD_TIMEOUT_S = 0.3
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[int, Overload]]:
     overload = Storming(HOLD_S)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app, http=HoldingProtocol.watching(overload), lifespan="off", log_level="warning"
-    )
+    protocol = HoldingProtocol.watching(overload, HEAD_TIMEOUT_S)
+    config = uvicorn.Config(app, http=protocol, lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server._serve(sockets=[sock]))
     while not server.started:
@@ -110,3 +112,21 @@ async def test_a_connection_closed_while_held_releases_its_hold(
             break
         await asyncio.sleep(0.01)
     assert overload.held == 0
+
+
+async def test_silent_and_half_sent_connections_are_closed_after_the_head_timeout(
+    served: tuple[int, Overload],
+) -> None:
+    port, _ = served
+    silent = await Connection.to(port)
+    half = await Connection.to(port)
+    half.writer.write(b"POST /ok HTTP/1.1\r\nhost: t\r\ncontent-le")
+    served_one = await Connection.to(port)
+    assert await served_one.get("/ok") == 200  # a whole request is answered meanwhile
+    assert await asyncio.wait_for(silent.reader.read(), 5) == b""  # closed, nothing said
+    answer = await asyncio.wait_for(half.reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")  # then closed
+    # A connection that was served stays open for its next request (keep-alive).
+    assert await served_one.get("/ok") == 200
+    for connection in (silent, half, served_one):
+        connection.close()

@@ -43,6 +43,10 @@ def replica_env() -> dict[str, str]:
     return {name: os.environ.get(name, value) for name, value in REPLICA_ENV.items()}
 
 
+REPLICA_RETRY_S = 10.0
+"""How long a batch whose replica died is retried on others: Serve notices a dead replica
+at its next health check and starts a new one."""
+
 CPU_PER_THREAD = 0.25
 """What an unset ``num_cpus`` reserves per ONNX Runtime thread of a replica."""
 
@@ -87,6 +91,8 @@ class RayBackend(ReplicaBackend):
         # Serve's deployment API is not thread-safe: deploy one application at a time.
         self._deploy_lock = asyncio.Lock()
         self.batches_by_replica: collections.Counter[str] = collections.Counter()
+        self.replica_retries = 0
+        """Batches sent again because their replica died."""
         self._placements: dict[str, Placement] = {}  # one object per replica, not per batch
 
     async def start(self) -> None:
@@ -239,7 +245,7 @@ class RayBackend(ReplicaBackend):
         if handle is None:
             raise ModelNotReady(f"model '{spec.name}' version {spec.version} is not loaded")
         try:
-            outputs, replica, device = await handle.remote(inputs)
+            outputs, replica, device = await self._call(handle, inputs)
         except BackendError:
             raise
         except Exception as exc:
@@ -253,6 +259,24 @@ class RayBackend(ReplicaBackend):
             placement = self._placements[replica] = Placement(replica, device)
         result: Tensors = outputs
         return result, placement
+
+    async def _call(self, handle: Any, inputs: Tensors) -> Any:
+        """One batch; again on another replica when the one it went to died (inference is
+        idempotent), until Serve's router has learnt of the death (``REPLICA_RETRY_S``)."""
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + REPLICA_RETRY_S
+        pause = 0.02
+        while True:
+            try:
+                return await handle.remote(inputs)
+            except RayActorError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                self.replica_retries += 1
+                log.warning("a replica died under a batch, retrying on another: %s", exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
 
     def describe(self, spec: ModelSpec) -> dict[str, str]:
         return {

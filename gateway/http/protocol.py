@@ -23,19 +23,54 @@ REFUSED_KEY = "turnout.refused"
 """Set in a request's ASGI scope by the app when it refused the request for overload."""
 
 
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
 class HoldingProtocol(HttpToolsProtocol):
     overload: ClassVar[Overload]
+    head_timeout_s: ClassVar[float] = 10.0
 
     @classmethod
-    def watching(cls, overload: Overload) -> type[HoldingProtocol]:
+    def watching(cls, overload: Overload, head_timeout_s: float = 10.0) -> type[HoldingProtocol]:
         """The protocol class for one server (uvicorn builds protocols from a class)."""
-        return type(cls.__name__, (cls,), {"overload": overload})
+        attributes = {"overload": overload, "head_timeout_s": head_timeout_s}
+        return type(cls.__name__, (cls,), attributes)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._release: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = False
+
+    # A connection that sends nothing, or half a request head, is closed after
+    # head_timeout_s (a 408 for the half head): slow clients cannot hold sockets forever.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            if self._in_head:  # part of a head came
+                self.transport.write(_TIMED_OUT)
+            self.transport.close()
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().on_headers_complete()
         cycle = self.cycle
         scope = cycle.scope
@@ -59,6 +94,9 @@ class HoldingProtocol(HttpToolsProtocol):
             self.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._release is not None:
             self._release.cancel()
             self._release = None

@@ -50,6 +50,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "max_request_bytes": 64 * 1024 * 1024,
         "grpc_max_concurrent_streams": None,
         "overload_hold_ms": 500,
+        "http_head_timeout_s": 10.0,
         "overload_lag_ms": 10.0,
         "drain_timeout_s": 30.0,
         "state_dir": Path("/var/lib/somewhere/turnout"),

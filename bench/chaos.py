@@ -1,0 +1,654 @@
+"""Faults and overload against a real ``turnout serve``: what fails, and how soon it recovers.
+
+``python -m bench.chaos`` runs each case on a gateway of its own and prints one table
+(requests sent, succeeded, failed, failures that were not a 429/503 refusal, recovery time),
+saving JSON to bench/results/chaos-<stamp>.json:
+
+- ``overload-closed-http``: a model with ``max_queue_size: 8, max_batch_size: 4``; its
+  capacity is what 8 closed-loop clients get (hey -c 8), then 256 closed-loop clients
+  (hey -c 256) while two probes (a new connection each time, and one kept-alive connection
+  that honours Retry-After) time their answers: goodput vs capacity, refusal p99, timeouts;
+- ``overload-open-http``: requests arriving at twice that capacity whatever the server
+  answers (``bench.loadgen open``, kept-alive connections, a new one when none is idle);
+- ``overload-closed-grpc`` / ``overload-open-grpc``: the same over gRPC (h2load, one stream
+  per connection closed-loop; ``--rps`` for the open loop). h2load does not read gRPC
+  statuses, so successes are the model's own inference count, and probes give the codes;
+- ``replica-kill-ray``: the Ray backend with 2 replicas under 8 clients; one replica process
+  gets SIGKILL: failed requests (0 is the target) and the seconds until Ray runs 2 again;
+- ``sidecar-kill``: the monitor sidecar gets SIGKILL under load: failed requests, and the
+  seconds until the restarted sidecar has applied records again;
+- ``gateway-kill``: a canary policy and a running rollout, then SIGKILL of the gateway and
+  a restart on the same state dir: policy and rollout state compared, seconds to ready;
+- ``slow-clients``: 300 idle and 200 half-sent connections held open while probes run:
+  the probes' p99 (target < 100 ms) and whether the server closed the half-sent ones;
+- ``full-disk``: the state dir on a full 1 MiB tmpfs (needs root to mount; skipped
+  otherwise): a policy change must be refused with a clear 507 while serving goes on.
+
+One case at a time with ``--case``; ``--duration`` sets the load phases' length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.harness import (
+    RESULTS_DIR,
+    AdminClient,
+    LoadResult,
+    Server,
+    admin_token,
+    argument_parser,
+    check_http,
+    children,
+    console,
+    exit_on_sigterm,
+    fmt,
+    free_port,
+    gateway_config,
+    infer_json,
+    machine_info,
+    new_table,
+    parse_hey,
+    read_counts,
+    retry,
+    running,
+    save_results,
+    serve_command,
+    sidecar_metrics,
+    tool_version,
+)
+from bench.models import INPUT_DIM, build_repository, build_rollout_repository
+from bench.serving import grpc_body
+
+OVERLOADED = {"max_batch_size": 4, "max_queue_size": 8}
+STATS = "/v2/models/mlp/stats"
+INFER = "/v2/models/mlp/infer"
+
+Row = dict[str, Any]
+
+
+class Workspace:
+    def __init__(self, root: Path, duration: float) -> None:
+        self.root = root
+        self.duration = duration
+        x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
+        self.x = x
+        self.json_body = root / "body.json"
+        self.json_body.write_bytes(infer_json(x))
+        self.grpc_body = root / "body.grpc"
+        self.grpc_body.write_bytes(grpc_body(x))
+
+    def gateway(
+        self,
+        label: str,
+        repo: Path,
+        backend: str = "local",
+        settings: dict[str, Any] | None = None,
+        state_dir: Path | None = None,
+        monitor: bool = False,
+    ) -> tuple[Server, int, int, Path]:
+        extra = dict(settings or {})
+        if state_dir is not None:
+            extra["state_dir"] = str(state_dir)
+        config, state = gateway_config(self.root, label, **extra)
+        if state_dir is not None:
+            state = state_dir
+        http, grpc = free_port(), free_port()
+        options = ["--host", "127.0.0.1", "--config", str(config)]
+        options += ["--http-port", str(http), "--grpc-port", str(grpc)]
+        if not monitor:
+            options.append("--no-monitor")
+        log = self.root / f"{label}.log"
+        return Server(serve_command(repo, backend, *options), log), http, grpc, state
+
+
+def hey(url: str, body: Path, duration: float, clients: int) -> LoadResult:
+    command = ["hey", "-z", f"{duration:g}s", "-c", str(clients), "-m", "POST"]
+    command += ["-T", "application/json", "-D", str(body), url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
+    return parse_hey(done.stdout)
+
+
+def loadgen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.loadgen", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def finished(process: subprocess.Popen[str]) -> dict[str, Any]:
+    out, _ = process.communicate(timeout=300)
+    document: dict[str, Any] = json.loads(out)
+    return document
+
+
+def p99(document: dict[str, Any], *outcomes: str) -> float | None:
+    values = [document["latency"][o]["p99_ms"] for o in outcomes if o in document["latency"]]
+    return max(values) if values else None
+
+
+def h2load(url: str, body: Path, duration: float, *shape: str) -> dict[str, int]:
+    command = ["h2load", "-D", f"{duration:g}", *shape, "-t", "1", "-d", str(body)]
+    command += ["-H", "content-type: application/grpc", "-H", "te: trailers", url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
+    import re
+
+    counts = re.search(
+        r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        done.stdout,
+    )
+    if counts is None:
+        raise RuntimeError(f"unexpected h2load output: {done.stdout[-500:]}{done.stderr}")
+    names = ("done", "succeeded", "failed", "errored", "timeout")
+    return dict(zip(names, (int(g) for g in counts.groups()), strict=True))
+
+
+def served(port: int) -> int:
+    counts = read_counts(port, STATS)
+    return counts[0] if counts else 0
+
+
+def row(case: str, **values: Any) -> Row:
+    base: Row = {"case": case, "sent": None, "ok": None, "failed": None, "unexpected": None}
+    base.update(values)
+    return base
+
+
+# ---------------------------------------------------------------------------- overload cases
+
+
+def overload(ws: Workspace) -> list[Row]:
+    repo = build_repository(ws.root / "overload-models", **OVERLOADED)
+    server, http, grpc, _ = ws.gateway("overload", repo)
+    rows: list[Row] = []
+    d = ws.duration
+    url = f"http://127.0.0.1:{http}{INFER}"
+    grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
+    address = f"127.0.0.1:{http}"
+    with running(server):
+        server.wait_ready()
+        retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
+        hey(url, ws.json_body, 2, 8)  # warm-up
+        capacity = hey(url, ws.json_body, d, 8).rps
+        console.print(f"capacity (8 closed-loop HTTP clients): {capacity:.0f} req/s")
+
+        probes = [
+            loadgen("probe", "--address", address, "--body", str(ws.json_body),
+                    "--duration", str(d - 1), "--connection", kind)
+            for kind in ("new", "kept")
+        ]  # fmt: skip
+        time.sleep(0.5)
+        crowd = hey(url, ws.json_body, d, 256)
+        new, kept = (finished(p) for p in probes)
+        timeouts = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP" not in n)
+        refused = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP 429" in n)
+        rows.append(
+            row(
+                "overload-closed-http",
+                sent=crowd.requests,
+                ok=crowd.requests - crowd.errors,
+                failed=crowd.errors,
+                unexpected=crowd.errors - refused,
+                goodput_rps=crowd.rps,
+                capacity_rps=capacity,
+                goodput_ratio=crowd.rps / capacity,
+                refusal_p99_ms_new=p99(new, "429"),
+                refusal_p99_ms_kept=p99(kept, "429"),
+                probe_p99_ms_new=p99(new, *new["latency"]),
+                probe_p99_ms_kept=p99(kept, *kept["latency"]),
+                probes={"new": new, "kept": kept},
+                timeouts=timeouts,
+            )
+        )
+        time.sleep(3)  # the crowd's holds end before the next case
+
+        rate = 2 * capacity
+        open_loop = finished(
+            loadgen("open", "--address", address, "--body", str(ws.json_body),
+                    "--duration", str(d), "--rate", f"{rate:.0f}")
+        )  # fmt: skip
+        statuses = open_loop["statuses"]
+        ok = statuses.get("200", 0)
+        goodput = ok / open_loop["duration_s"]
+        sent = sum(statuses.values())
+        rows.append(
+            row(
+                "overload-open-http",
+                sent=sent,
+                ok=ok,
+                failed=sent - ok,
+                unexpected=sent - ok - statuses.get("429", 0),
+                goodput_rps=goodput,
+                capacity_rps=capacity,
+                goodput_ratio=goodput / capacity,
+                arrival_rps=rate,
+                refusal_p99_ms=p99(open_loop, "429"),
+                timeouts=statuses.get("timeout", 0),
+                open_loop=open_loop,
+            )
+        )
+        time.sleep(3)
+
+        before = served(http)
+        h2load(grpc_url, ws.grpc_body, 2, "-c", "8", "-m", "1")  # warm-up
+        before = served(http)
+        base = h2load(grpc_url, ws.grpc_body, d, "-c", "8", "-m", "1")
+        grpc_capacity = (served(http) - before) / d
+        console.print(f"capacity (8 closed-loop gRPC clients): {grpc_capacity:.0f} req/s")
+        probes = [
+            loadgen("grpc-probe", "--address", f"127.0.0.1:{grpc}",
+                    "--duration", str(d - 1), "--connection", kind)
+            for kind in ("new", "kept")
+        ]  # fmt: skip
+        time.sleep(0.5)
+        before = served(http)
+        crowd_g = h2load(grpc_url, ws.grpc_body, d, "-c", "256", "-m", "1")
+        ok = served(http) - before
+        new, kept = (finished(p) for p in probes)
+        rows.append(
+            row(
+                "overload-closed-grpc",
+                sent=crowd_g["done"],
+                ok=ok,
+                failed=crowd_g["done"] - ok,
+                unexpected=crowd_g["errored"] + crowd_g["timeout"],
+                goodput_rps=ok / d,
+                capacity_rps=grpc_capacity,
+                goodput_ratio=ok / d / grpc_capacity,
+                refusal_p99_ms_new=p99(new, "RESOURCE_EXHAUSTED"),
+                refusal_p99_ms_kept=p99(kept, "RESOURCE_EXHAUSTED"),
+                probe_p99_ms_new=p99(new, *new["latency"]),
+                probe_p99_ms_kept=p99(kept, *kept["latency"]),
+                probes={"new": new, "kept": kept},
+                timeouts=crowd_g["timeout"],
+                capacity_run=base,
+            )
+        )
+        time.sleep(3)
+        connections = 16
+        per_connection = 2 * grpc_capacity / connections
+        before = served(http)
+        open_g = h2load(
+            grpc_url, ws.grpc_body, d, "-c", str(connections), "-m", "100",
+            "--rps", f"{per_connection:.1f}",
+        )  # fmt: skip
+        ok = served(http) - before
+        rows.append(
+            row(
+                "overload-open-grpc",
+                sent=open_g["done"],
+                ok=ok,
+                failed=open_g["done"] - ok,
+                unexpected=open_g["errored"] + open_g["timeout"],
+                goodput_rps=ok / d,
+                capacity_rps=grpc_capacity,
+                goodput_ratio=ok / d / grpc_capacity,
+                arrival_rps=2 * grpc_capacity,
+                timeouts=open_g["timeout"],
+            )
+        )
+    return rows
+
+
+def expected_mlp(repo: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx"))
+    result: np.ndarray[Any, Any] = session.run(None, {"input": x})[0]
+    return result
+
+
+# ------------------------------------------------------------------------------- kill cases
+
+
+class Background:
+    """hey in the background, so a fault can be injected while it loads the server."""
+
+    def __init__(self, url: str, body: Path, duration: float, clients: int) -> None:
+        command = ["hey", "-z", f"{duration:g}s", "-c", str(clients), "-m", "POST"]
+        command += ["-T", "application/json", "-D", str(body), url]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    def result(self) -> LoadResult:
+        out, _ = self.process.communicate(timeout=300)
+        return parse_hey(out)
+
+
+def processes_named(fragment: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+    return found
+
+
+def wait_until(check: Callable[[], bool], timeout: float) -> float | None:
+    """Seconds until ``check()`` holds, or None if it never did within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(Exception):
+            if check():
+                return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
+def replica_kill(ws: Workspace) -> list[Row]:
+    repo = build_repository(ws.root / "ray-models", num_replicas=2, max_batch_size=8)
+    server, http, _, _ = ws.gateway("ray", repo, backend="ray")
+    with running(server):
+        server.wait_ready(timeout=300)
+        retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check", 60)
+        replicas = sorted(processes_named("ServeReplica:turnout-mlp-v1"))
+        if len(replicas) < 2:
+            return [row("replica-kill-ray", note=f"found {len(replicas)} replica processes")]
+        load = Background(f"http://127.0.0.1:{http}{INFER}", ws.json_body, 3 * ws.duration, 8)
+        time.sleep(ws.duration)
+        victim = replicas[0]
+        os.kill(victim, signal.SIGKILL)
+
+        def two_again() -> bool:
+            alive = set(processes_named("ServeReplica:turnout-mlp-v1")) - {victim}
+            return len(alive) >= 2
+
+        recovery = wait_until(two_again, 120)
+        result = load.result()
+    return [
+        row(
+            "replica-kill-ray",
+            sent=result.requests,
+            ok=result.requests - result.errors,
+            failed=result.errors,
+            unexpected=result.errors,
+            recovery_s=recovery,
+            notes=result.notes,
+        )
+    ]
+
+
+def sidecar_kill(ws: Workspace) -> list[Row]:
+    repo = build_repository(ws.root / "sidecar-models")
+    metrics_port = free_port()
+    settings = {"monitor_http": f"http://127.0.0.1:{metrics_port}"}
+    server, http, _, _ = ws.gateway("sidecar", repo, settings=settings, monitor=True)
+    server.env = {"TURNOUT_MONITOR_METRICS_PORT": str(metrics_port)}
+    with running(server):
+        server.wait_ready()
+        retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
+        assert server.proc is not None
+        gateway_pid = server.proc.pid
+
+        def applied() -> int:
+            return applied_on(metrics_port)
+
+        def sidecar_pid() -> int | None:
+            pids = [p for p in children(gateway_pid) if p in processes_named("monitor")]
+            return pids[0] if pids else None
+
+        load = Background(f"http://127.0.0.1:{http}{INFER}", ws.json_body, 3 * ws.duration, 8)
+        if wait_until(lambda: sidecar_pid() is not None and applied() > 0, ws.duration) is None:
+            load.result()
+            return [row("sidecar-kill", note="the sidecar never applied records")]
+        time.sleep(ws.duration / 2)
+        victim = sidecar_pid()
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+
+        def new_one_applies() -> bool:
+            pid = sidecar_pid()
+            return pid is not None and pid != victim and applied() > 0
+
+        recovery = wait_until(new_one_applies, 60)
+        result = load.result()
+    return [
+        row(
+            "sidecar-kill",
+            sent=result.requests,
+            ok=result.requests - result.errors,
+            failed=result.errors,
+            unexpected=result.errors,
+            recovery_s=recovery,
+            notes=result.notes,
+        )
+    ]
+
+
+def applied_on(port: int) -> int:
+    text = sidecar_metrics(port) or ""
+    for line in text.splitlines():
+        if line.startswith("turnout_monitor_records_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def gateway_kill(ws: Workspace) -> list[Row]:
+    repo = build_rollout_repository(ws.root / "kill-models")
+    state = ws.root / "kill-state"
+    state.mkdir()
+    server, http, _, _ = ws.gateway("kill", repo, state_dir=state)
+
+    async def policy_and_rollout(token: str) -> tuple[Any, Any]:
+        admin = AdminClient(f"127.0.0.1:{http}", token, "rollout")
+        try:
+            traffic = await admin.status()
+            status, rollout = await admin.call("GET", "rollout")
+            keep = ("revision", "weights", "shadow", "rollout")
+            # The rollout's own record, not the evidence gathered since (a new process's).
+            state = ("phase", "stable", "canary", "step", "started", "step_started", "config")
+            progress = {k: rollout.get(k) for k in state} if status == 200 else None
+            return {k: traffic.get(k) for k in keep}, progress
+        finally:
+            await admin.close()
+
+    async def start_canary(token: str) -> None:
+        admin = AdminClient(f"127.0.0.1:{http}", token, "rollout")
+        try:
+            status, document = await admin.change({"op": "set", "weights": {"1": 100}})
+            assert status == 200, document
+            status, document = await admin.change({"op": "shadow", "version": 2, "percent": 10})
+            assert status == 200, document
+            body = {"canary": 2, "steps": [10, 50, 100], "step_seconds": 3600}
+            status, document = await admin.call("POST", "rollout", body)
+            assert status == 200, document
+        finally:
+            await admin.close()
+
+    server.start()
+    try:
+        server.wait_ready()
+        token = admin_token(state)
+        asyncio.run(start_canary(token))
+        before = asyncio.run(policy_and_rollout(token))
+        assert server.proc is not None
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        server.proc = None
+        server.start()
+        started = time.monotonic()
+        server.wait_ready()
+        ready = time.monotonic() - started
+        after = asyncio.run(policy_and_rollout(token))
+    finally:
+        server.stop()
+    same = before == after
+    return [
+        row(
+            "gateway-kill",
+            recovery_s=ready,
+            state_intact=same,
+            before=before,
+            after=after,
+            unexpected=0 if same else 1,
+        )
+    ]
+
+
+def slow_clients(ws: Workspace) -> list[Row]:
+    repo = build_repository(ws.root / "slow-models")
+    server, http, _, _ = ws.gateway("slow", repo)
+    address = f"127.0.0.1:{http}"
+    with running(server):
+        server.wait_ready()
+        retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
+        # Held past the gateway's 10 s head timeout, so its closing them shows.
+        slow = loadgen("slow", "--address", address, "--idle", "300", "--partial", "200",
+                       "--duration", str(max(12.0, ws.duration + 2)))  # fmt: skip
+        time.sleep(1.5)
+        probes = [
+            loadgen("probe", "--address", address, "--body", str(ws.json_body),
+                    "--duration", str(ws.duration), "--interval", "0.02", "--connection", kind)
+            for kind in ("new", "kept")
+        ]  # fmt: skip
+        new, kept = (finished(p) for p in probes)
+        held = finished(slow)
+    sent = sum(new["statuses"].values()) + sum(kept["statuses"].values())
+    ok = new["statuses"].get("200", 0) + kept["statuses"].get("200", 0)
+    return [
+        row(
+            "slow-clients",
+            sent=sent,
+            ok=ok,
+            failed=sent - ok,
+            unexpected=sent - ok,
+            probe_p99_ms_new=p99(new, *new["latency"]),
+            probe_p99_ms_kept=p99(kept, *kept["latency"]),
+            slow_connections=held,
+        )
+    ]
+
+
+def full_disk(ws: Workspace) -> list[Row]:
+    state = ws.root / "full-state"
+    state.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        return [row("full-disk", note="skipped: cannot mount a tmpfs (needs root)")]
+    try:
+        repo = build_repository(ws.root / "disk-models")
+        server, http, _, _ = ws.gateway("disk", repo, state_dir=state)
+        with running(server):
+            server.wait_ready()
+            retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
+            token = admin_token(state)
+            filler = state / "filler"
+            with filler.open("wb") as handle, contextlib.suppress(OSError):
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+
+            async def refused_change() -> tuple[int, Any]:
+                admin = AdminClient(f"127.0.0.1:{http}", token, "mlp")
+                try:
+                    return await admin.change({"op": "set", "weights": {"1": 100}})
+                finally:
+                    await admin.close()
+
+            status, document = asyncio.run(refused_change())
+            load = hey(f"http://127.0.0.1:{http}{INFER}", ws.json_body, ws.duration, 8)
+            filler.unlink()
+            after, _ = asyncio.run(refused_change())
+    finally:
+        subprocess.run(["umount", str(state)], capture_output=True)
+    return [
+        row(
+            "full-disk",
+            sent=load.requests,
+            ok=load.requests - load.errors,
+            failed=load.errors,
+            unexpected=load.errors + (0 if status == 507 else 1),
+            refusal_status=status,
+            refusal=document,
+            after_space_freed_status=after,
+        )
+    ]
+
+
+CASES: dict[str, Callable[[Workspace], list[Row]]] = {
+    "overload": overload,
+    "replica-kill-ray": replica_kill,
+    "sidecar-kill": sidecar_kill,
+    "gateway-kill": gateway_kill,
+    "slow-clients": slow_clients,
+    "full-disk": full_disk,
+}
+
+
+def print_table(rows: list[Row]) -> None:
+    table = new_table(
+        "chaos",
+        ["case", "sent", "ok", "failed", "not 429/503", "goodput/cap", "refusal p99 ms",
+         "probe p99 ms", "recovery s"],
+        left={"case"},
+    )  # fmt: skip
+    for r in rows:
+        refusal = [
+            r.get(k) for k in ("refusal_p99_ms_new", "refusal_p99_ms_kept", "refusal_p99_ms")
+        ]
+        probe = [r.get(k) for k in ("probe_p99_ms_new", "probe_p99_ms_kept")]
+        table.add_row(
+            r["case"],
+            *(str(r[k]) if r.get(k) is not None else "-" for k in ("sent", "ok", "failed")),
+            str(r["unexpected"]) if r.get("unexpected") is not None else "-",
+            fmt(r.get("goodput_ratio")),
+            " / ".join(fmt(v, 1) for v in refusal if v is not None) or "-",
+            " / ".join(fmt(v, 1) for v in probe if v is not None) or "-",
+            fmt(r.get("recovery_s"), 1),
+        )
+    console.print(table)
+    for r in rows:
+        if r.get("note"):
+            console.print(f"{r['case']}: {r['note']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--case", choices=list(CASES), action="append")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    exit_on_sigterm()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="turnout-chaos-") as tmp:
+        ws = Workspace(Path(tmp), args.duration)
+        for name in args.case or list(CASES):
+            console.print(f"[bold]{name}")
+            try:
+                rows += CASES[name](ws)
+            except Exception as exc:
+                rows.append(row(name, note=f"failed to run: {exc!r}"[:500]))
+            console.print(rows[-1] if rows else "")
+    print_table(rows)
+    payload = {
+        "machine": machine_info(tools=["hey", "h2load"]),
+        "duration_s": args.duration,
+        "rows": rows,
+        "hey": tool_version("hey"),
+    }
+    path = save_results("chaos", args.out, payload)
+    console.print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
