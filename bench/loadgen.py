@@ -217,9 +217,10 @@ async def slow_clients(
     closed = {"idle": 0, "partial": 0}
     timed_out = 0  # half-sent heads answered 408
     for reader, writer, half in connections:
-        if reader.at_eof() or reader._buffer:
-            answer = bytes(reader._buffer)
-            closed["partial" if half else "idle"] += reader.at_eof()
+        buffered = bytes(getattr(reader, "_buffer", b""))  # no public peek at unread bytes
+        if buffered or reader.at_eof():
+            closed["partial" if half else "idle"] += bool(getattr(reader, "_eof", False))
+            answer = buffered
             timed_out += answer.startswith(b"HTTP/1.1 408")
         writer.close()
     writers = connections

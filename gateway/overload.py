@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 __all__ = ["Overload"]
 
@@ -58,8 +59,12 @@ class Overload:
         return self._loop is not None and self._loop.time() < self._storm_until
 
     def hold(self) -> float:
-        """Seconds a connection just refused for overload should not be read (0: read it)."""
-        return self.hold_s if self.hold_s > 0 and self.storming else 0.0
+        """Seconds a connection just refused for overload should not be read (0: read it):
+        between three quarters and all of ``hold_s``, at random, so a crowd refused
+        together is not released together into one loop turn."""
+        if self.hold_s <= 0 or not self.storming:
+            return 0.0
+        return self.hold_s * (0.75 + 0.25 * random.random())
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -60,7 +60,7 @@ def test_sustained_lag_starts_a_storm_that_lasts_while_the_crowd_is_held() -> No
     loop = ticking(overload)
     for _ in range(4):
         tick(overload, loop, 0.03)  # 4 ticks, 30 ms late each: 120 ms lagging
-    assert overload.storming and overload.hold() == 0.5 and overload.storms == 1
+    assert overload.storming and 0.375 <= overload.hold() <= 0.5 and overload.storms == 1
     overload.held = 200  # the crowd, held: the loop is on time again
     for _ in range(1000):  # 5 s of on-time ticks
         tick(overload, loop, 0.0)
