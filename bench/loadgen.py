@@ -8,8 +8,8 @@ document, so a probe's clock is not the generator's busy event loop:
   connection, or a new one when none is idle, and its latency counts from when it was due,
   so a slow server cannot hide its queue by slowing the generator (no coordinated omission);
 - ``probe``: one request every ``--interval`` seconds, on a new connection each time
-  (``--connection new``) or on one kept-alive connection (``kept``); a refused probe waits
-  the Retry-After it was sent, as clients are asked to;
+  (``--connection new``: a new client each time) or on one kept-alive connection
+  (``kept``: one client, which waits the Retry-After it is sent, as clients are asked to);
 - ``grpc-probe``: the same over gRPC (``ModelInfer``, a new channel or one kept channel);
 - ``slow``: ``--idle`` connections that send nothing and ``--partial`` that send half a
   request's head and stall, held open for ``--duration`` seconds.
@@ -142,7 +142,9 @@ async def probe(
                     connection = await asyncio.open_connection(host, port)
                 status, headers = await _exchange(*connection, request)
                 outcome = str(status)
-                if status in (429, 503) and headers.get("retry-after", "").isdigit():
+                # Only the kept connection is one client that was told to wait; each new
+                # connection is a client of its own.
+                if kept and status in (429, 503) and headers.get("retry-after", "").isdigit():
                     wait = max(interval, float(headers["retry-after"]))
         except TimeoutError:
             outcome = "timeout"
@@ -183,7 +185,7 @@ async def grpc_probe(
             outcome = "OK"
         except grpc.aio.AioRpcError as exc:
             outcome = exc.code().name
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if kept and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 wait = max(interval, 1.0)
         statuses[outcome] += 1
         latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)

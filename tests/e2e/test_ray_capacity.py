@@ -89,3 +89,52 @@ def test_a_load_that_does_not_start_in_time_fails_and_leaves_nothing(
     gateway.call(gateway.gateway.models.load(spec))  # with time enough, the same load works
     assert "turnout-add_sub-v7" in serve.status().applications
     gateway.call(gateway.gateway.models.unload("add_sub", 7))
+
+
+def test_a_replica_killed_under_load_fails_no_request(
+    gateway: GatewayThread, repository: Path
+) -> None:
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    add_sub(repository / "add_sub" / "8" / "model.onnx")
+    spec = gateway.gateway.models.repository.read("add_sub", 8)
+    pair = spec.config.model_copy(update={"num_replicas": 2, "num_cpus": 0.1})
+    gateway.call(gateway.gateway.models.load(dataclasses.replace(spec, config=pair)))
+    replicas = replica_processes("ServeReplica:turnout-add_sub-v8")
+    assert len(replicas) == 2
+
+    def call(index: int) -> list[list[float]]:
+        client = httpclient.InferenceServerClient(gateway.http_url)
+        a = np.full((1, 4), float(index), np.float32)
+        inputs = [httpclient.InferInput(n, [1, 4], "FP32") for n in ("a", "b")]
+        for tensor in inputs:
+            tensor.set_data_from_numpy(a)
+        answer: list[list[float]] = (
+            client.infer("add_sub", inputs, model_version="8").as_numpy("sum").tolist()
+        )
+        return answer
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            first = [pool.submit(call, i) for i in range(200)]
+            os.kill(replicas[0], signal.SIGKILL)  # while those are in flight
+            later = [pool.submit(call, i) for i in range(200, 400)]
+            answers = [f.result() for f in first + later]  # any failure raises here
+        assert answers == [[[2.0 * i] * 4] for i in range(400)]
+    finally:
+        gateway.call(gateway.gateway.models.unload("add_sub", 8))
+
+
+def replica_processes(fragment: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if fragment in cmdline:
+                found.append(int(entry.name))
+    return sorted(found)
