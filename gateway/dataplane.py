@@ -250,9 +250,12 @@ class DataPlane:
         versions = self.models.versions.get(context.model)
         if versions and all(model.batcher.full() for model in versions.values()):
             # Whichever version it is routed to, it would be refused: before the body is read.
+            full = ", ".join(
+                f"'{m.spec.key}' {m.batcher.max_queue_size}" for m in versions.values()
+            )
             raise QueueFull(
-                f"model '{context.model}' queue is full (every version's queue is at its "
-                f"max_queue_size)"
+                f"model '{context.model}' queue is full: every version's queue holds its "
+                f"max_queue_size of waiting requests ({full})"
             )
         request = await decode()
         if not request.model_version:
