@@ -344,6 +344,9 @@ class Gateway:
             http=HoldingProtocol.watching(self.overload, s.http_head_timeout_s),
             lifespan="off",
             access_log=False,
+            # No X-Forwarded-* rewriting: nothing reads the client address, and the
+            # middleware is a call per request.
+            proxy_headers=False,
             log_level="warning",
             timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
             backlog=4096,
