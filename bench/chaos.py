@@ -8,6 +8,8 @@ saving JSON to bench/results/chaos-<stamp>.json:
   capacity is what 8 closed-loop clients get (hey -c 8), then 256 closed-loop clients
   (hey -c 256) while two probes (a new connection each time, and one kept-alive connection
   that honours Retry-After) time their answers: goodput vs capacity, refusal p99, timeouts;
+  a control probe (a new connection to a route answering 405 at once) shows how much of a
+  new connection's tail is the saturated machine's rather than the refusal's;
 - ``overload-open-http``: requests arriving at twice that capacity whatever the server
   answers (``bench.loadgen open``, kept-alive connections, a new one when none is idle);
 - ``overload-closed-grpc`` / ``overload-open-grpc``: the same over gRPC (h2load, one stream
@@ -193,9 +195,14 @@ def overload(ws: Workspace) -> list[Row]:
                     "--duration", str(d - 1), "--connection", kind)
             for kind in ("new", "kept")
         ]  # fmt: skip
+        # The control: a new connection each time to a route that answers 405 at once,
+        # whose tail is the machine's (connection set-up on saturated cores), not a refusal's.
+        control_probe = loadgen("probe", "--address", address, "--body", str(ws.json_body),
+                                "--duration", str(d - 1), "--path", "/v2/health/ready")  # fmt: skip
         time.sleep(0.5)
         crowd = hey(url, ws.json_body, d, 256)
         new, kept = (finished(p) for p in probes)
+        control = finished(control_probe)
         timeouts = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP" not in n)
         refused = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP 429" in n)
         rows.append(
@@ -212,7 +219,8 @@ def overload(ws: Workspace) -> list[Row]:
                 refusal_p99_ms_kept=p99(kept, "429"),
                 probe_p99_ms_new=p99(new, *new["latency"]),
                 probe_p99_ms_kept=p99(kept, *kept["latency"]),
-                probes={"new": new, "kept": kept},
+                probes={"new": new, "kept": kept, "control": control},
+                control_p99_ms_new=p99(control, *control["latency"]),
                 timeouts=timeouts,
             )
         )

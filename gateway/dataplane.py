@@ -193,6 +193,42 @@ class DataPlane:
             raise failure
         return response
 
+    def refuse_if_full(self, context: RequestContext) -> QueueFull | None:
+        """The early refusal alone, for a transport that can answer it without reading the
+        request (HTTP's connection does): the QueueFull that ``infer`` would raise before
+        decoding, already recorded for the observers, or None (then call ``infer``).
+
+        Only when nothing would be checked before it: no inference token, no rate limit."""
+        versions = self.models.versions.get(context.model)
+        if (
+            not versions
+            or self.auth is not None
+            or self.token_limits is not None
+            or self.models.stopping
+            or not all(model.batcher.full() for model in versions.values())
+            or self.limits_for(context.model) is not None
+        ):
+            return None
+        error = self._queue_full(context.model, versions)
+        total_s = time.perf_counter() - context.received
+        record = RequestRecord(
+            context.model, -1, 0, "", error.http_status,
+            time.time_ns() - int(total_s * 1e9), context.received, context.received,
+            total_s, BatchTiming(), context.trace, SERVER, context.protocol, context.path,
+            error.message, "", 0, None, None,
+        )  # fmt: skip
+        for observe in self.observers:
+            observe(record)
+        return error
+
+    @staticmethod
+    def _queue_full(name: str, versions: Mapping[int, LoadedModel]) -> QueueFull:
+        full = ", ".join(f"'{m.spec.key}' {m.batcher.max_queue_size}" for m in versions.values())
+        return QueueFull(
+            f"model '{name}' queue is full: every version's queue holds its "
+            f"max_queue_size of waiting requests ({full})"
+        )
+
     def check_token(self, headers: Mapping[str, str]) -> str:
         """With ``require_infer_token``: 401/403 unless the headers carry an inference token
         (inference and label feedback alike); the token's name ("" without tokens)."""
@@ -250,13 +286,7 @@ class DataPlane:
         versions = self.models.versions.get(context.model)
         if versions and all(model.batcher.full() for model in versions.values()):
             # Whichever version it is routed to, it would be refused: before the body is read.
-            full = ", ".join(
-                f"'{m.spec.key}' {m.batcher.max_queue_size}" for m in versions.values()
-            )
-            raise QueueFull(
-                f"model '{context.model}' queue is full: every version's queue holds its "
-                f"max_queue_size of waiting requests ({full})"
-            )
+            raise self._queue_full(context.model, versions)
         request = await decode()
         if not request.model_version:
             request.model_version = headers.get(VERSION_HEADER, "")

@@ -341,7 +341,9 @@ class Gateway:
         config = uvicorn.Config(
             app,
             loop="none",
-            http=HoldingProtocol.watching(self.overload, s.http_head_timeout_s),
+            http=HoldingProtocol.watching(
+                self.overload, s.http_head_timeout_s, app.refusal_from_head
+            ),
             lifespan="off",
             access_log=False,
             # No X-Forwarded-* rewriting: nothing reads the client address, and the

@@ -182,6 +182,29 @@ class HttpApp:
                 content_type=_OCTETS,
             )
 
+    def refusal_from_head(self, path: str, headers: dict[str, str]) -> bytes | None:
+        """The whole 429 for an inference request the data plane refuses before its body
+        (every version's queue full), recorded like any request; None: serve it as usual.
+        The connection sends it without running the ASGI app (:mod:`gateway.http.protocol`)."""
+        parts = path.strip("/").split("/")
+        if parts[:2] != ["v2", "models"] or parts[-1] != "infer" or len(parts) not in (4, 6):
+            return None
+        if len(parts) == 6 and (parts[3] != "versions" or not parts[4]):
+            return None
+        context = RequestContext.arrived("http", parts[2], headers, path)
+        error = self.dataplane.refuse_if_full(context)
+        if error is None:
+            return None
+        body = orjson.dumps({"error": error.message})
+        head = [
+            b"HTTP/1.1 429 Too Many Requests",
+            b"content-type: application/json",
+            b"content-length: " + str(len(body)).encode(),
+            *(f"{k}: {v}".encode() for k, v in error.http_headers().items()),
+            _TRACEPARENT + b": " + context.trace.traceparent().encode(),
+        ]
+        return b"\r\n".join(head) + b"\r\n\r\n" + body
+
     async def _feedback(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
         assert self.feedback is not None
         headers = _headers(scope)

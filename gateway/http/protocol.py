@@ -11,13 +11,14 @@ never notices.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.overload import Overload
 
-__all__ = ["REFUSED_KEY", "HoldingProtocol"]
+__all__ = ["REFUSED_KEY", "HoldingProtocol", "Refuse"]
 
 REFUSED_KEY = "turnout.refused"
 """Set in a request's ASGI scope by the app when it refused the request for overload."""
@@ -26,14 +27,26 @@ REFUSED_KEY = "turnout.refused"
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
+Refuse = Callable[[str, dict[str, str]], bytes | None]
+"""Given an inference request's path and headers: the whole refusal to send at once, when
+the data plane refuses it before its body is read; None to serve it as usual."""
+
+
 class HoldingProtocol(HttpToolsProtocol):
     overload: ClassVar[Overload]
     head_timeout_s: ClassVar[float] = 10.0
+    refusers: ClassVar[tuple[Refuse, ...]] = ()  # a tuple: a bare function would bind
 
     @classmethod
-    def watching(cls, overload: Overload, head_timeout_s: float = 10.0) -> type[HoldingProtocol]:
+    def watching(
+        cls, overload: Overload, head_timeout_s: float = 10.0, refuse: Refuse | None = None
+    ) -> type[HoldingProtocol]:
         """The protocol class for one server (uvicorn builds protocols from a class)."""
-        attributes = {"overload": overload, "head_timeout_s": head_timeout_s}
+        attributes = {
+            "overload": overload,
+            "head_timeout_s": head_timeout_s,
+            "refusers": (refuse,) if refuse is not None else (),
+        }
         return type(cls.__name__, (cls,), attributes)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -41,6 +54,7 @@ class HoldingProtocol(HttpToolsProtocol):
         self._release: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head = False
+        self._discarding = False  # the body of a request already refused from its head
 
     # A connection that sends nothing, or half a request head, is closed after
     # head_timeout_s (a 408 for the half head): slow clients cannot hold sockets forever.
@@ -71,6 +85,8 @@ class HoldingProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._refused_from_head():
+            return
         super().on_headers_complete()
         cycle = self.cycle
         scope = cycle.scope
@@ -79,13 +95,59 @@ class HoldingProtocol(HttpToolsProtocol):
             self.on_response_complete()
             if REFUSED_KEY not in scope or self.transport.is_closing():
                 return
-            hold = self.overload.hold()
-            if hold:
-                self.flow.pause_reading()
-                self._release = self.loop.call_later(hold, self._resume)
-                self.overload.held += 1
+            self._hold()
 
         cycle.on_response = on_response
+
+    # A refusal from the head alone skips the ASGI app: no task, no scope, no cycle, about
+    # 100 us less of the event loop per refused request, which under overload is the loop
+    # time admitted requests get back. Only for a request with no response ahead of it on
+    # its connection (HTTP/1.1 answers in order) that keeps the connection alive.
+    def _refused_from_head(self) -> bool:
+        if (
+            not self.refusers
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self.pipeline
+            or self.parser.get_method() != b"POST"
+            or not self.parser.should_keep_alive()
+        ):
+            return False
+        path = self.url.split(b"?", 1)[0].decode("latin-1")
+        if not path.endswith("/infer"):
+            return False
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
+        answer = self.refusers[0](path, headers)
+        if answer is None:
+            return False
+        status_line, _, rest = answer.partition(b"\r\n")
+        defaults = b"".join(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)
+        self.transport.write(status_line + b"\r\n" + defaults + rest)  # date, server, as usual
+        self._discarding = True
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._discarding:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._discarding:
+            super().on_message_complete()
+            return
+        self._discarding = False
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+        self._hold()
+
+    def _hold(self) -> None:
+        hold = self.overload.hold()
+        if hold:
+            self.flow.pause_reading()
+            self._release = self.loop.call_later(hold, self._resume)
+            self.overload.held += 1
 
     def _resume(self) -> None:
         self._release = None

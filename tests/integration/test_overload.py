@@ -1,0 +1,114 @@
+"""Refusing for overload before the body: a request to a model whose every queue is full
+is answered 429 from its head alone, recorded like any request, and its connection stays
+usable (the unread body is skipped, not parsed as the next request). A real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import model_zoo
+import orjson
+import pytest
+from gateways import GatewayThread, local_settings
+
+LAZY = {"max_batch_size": 4, "max_queue_delay_us": 30_000_000, "max_queue_size": 1}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]:
+    root = tmp_path_factory.mktemp("overload-models")
+    model_zoo.write_repository(root, {"lazy": (model_zoo.add_sub, LAZY, [1])})
+    server = GatewayThread(local_settings(root))
+    yield server
+    server.stop()
+
+
+def infer_body(padding: int = 0) -> bytes:
+    row = [1.0, 2.0, 3.0, 4.0]
+    inputs = [{"name": n, "datatype": "FP32", "shape": [1, 4], "data": row} for n in "ab"]
+    return orjson.dumps({"inputs": inputs, "parameters": {"pad": "x" * padding}})
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: str, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    writer.write(head.encode() + body)
+    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    data = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, data
+
+
+def post(path: str, body: bytes) -> str:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+
+
+async def refused_then_served(port: int) -> None:
+    waiting_reader, waiting_writer = await asyncio.open_connection("127.0.0.1", port)
+    body = infer_body()
+    waiting_writer.write(post("/v2/models/lazy/infer", body).encode() + body)  # fills it
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(100):  # until the first request is queued
+            big = infer_body(padding=200_000)
+            status, headers, data = await exchange(
+                reader, writer, post("/v2/models/lazy/versions/1/infer", big), big
+            )
+            if status == 429:
+                break
+            await asyncio.sleep(0.02)
+        assert status == 429, data
+        assert headers["retry-after"] == "1" and "traceparent" in headers and "date" in headers
+        assert "model 'lazy' queue is full" in orjson.loads(data)["error"]
+        assert "'lazy/1' 1" in orjson.loads(data)["error"]
+        # The refused request's 200 kB body was skipped: the next request parses cleanly.
+        status, _, data = await exchange(
+            reader, writer, "GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n"
+        )
+        assert status == 200 and orjson.loads(data) == {"ready": True}
+    finally:
+        writer.close()
+        waiting_writer.close()
+        del waiting_reader
+
+
+def test_a_full_model_is_refused_from_the_head_and_the_connection_lives_on(
+    gateway: GatewayThread,
+) -> None:
+    port = gateway.gateway.http_port
+    plane = gateway.gateway.dataplane
+    from_head: list[object] = []
+    refuse = plane.refuse_if_full
+
+    def counting(context: Any) -> Any:
+        error = refuse(context)
+        if error is not None:
+            from_head.append(error)
+        return error
+
+    plane.refuse_if_full = counting  # type: ignore[method-assign]
+    try:
+        asyncio.run(refused_then_served(port))
+    finally:
+        plane.refuse_if_full = refuse  # type: ignore[method-assign]
+    assert from_head, "the refusal did not come from the head"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    refused = [
+        line
+        for line in text.splitlines()
+        if line.startswith("turnout_requests_total{") and 'model="lazy"' in line
+        and 'status="429"' in line
+    ]  # fmt: skip
+    assert refused and float(refused[0].split()[-1]) >= 1
