@@ -116,6 +116,8 @@ class HoldingProtocol(HttpToolsProtocol):
         if not path.endswith("/infer"):
             return False
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
+        if "expect" in headers:
+            return False  # a client awaiting 100 Continue may never send the body to skip
         answer = self.refusers[0](path, headers)
         if answer is None:
             return False
