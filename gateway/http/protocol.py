@@ -1,11 +1,15 @@
-"""The HTTP/1.1 connection: uvicorn's httptools protocol, held back after an overload refusal.
+"""The HTTP/1.1 connection: uvicorn's httptools protocol, with three things for overload.
 
-While the event loop is overrun by refusals (:class:`gateway.overload.Overload`), a
-connection whose request was refused for overload (429) is not read again for a while: its
-next request waits in the kernel's socket buffer, costing nothing, while the refusal itself
-went out at once. New connections, and connections that were served, are read as before.
-The hold never exceeds the Retry-After the refusal carried, so a client that honours it
-never notices.
+- **Refusal from the head.** As soon as an inference request's head is parsed, the data
+  plane may refuse it (every queue of the model full): the connection writes the whole 429
+  itself, without running the ASGI app, and skips the body as it arrives.
+- **Holding back.** While the event loop is overrun by refusals
+  (:class:`gateway.overload.Overload`), a connection refused for overload (429) is not
+  read again for a while: its next request waits in the kernel's socket buffer, costing
+  nothing, while the refusal itself went out at once. New connections, and connections
+  that were served, are read as before. The hold never exceeds the Retry-After the refusal
+  carried, so a client that honours it never notices.
+- **A head timeout.** A connection that sends no head, or part of one, is closed.
 """
 
 from __future__ import annotations
