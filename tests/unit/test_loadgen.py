@@ -1,0 +1,90 @@
+"""bench/loadgen.py, the chaos bench's clients, against a small asyncio HTTP server: the
+open loop sends what is due and counts every answer by status; a request on a kept-alive
+connection the server closed is sent again; the kept probe waits the Retry-After it is
+sent, the new-connection probe (a new client each time) does not."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bench import loadgen
+
+
+class Server:
+    """Answers every other request 429 (Retry-After: 1), the rest 200; closes a connection
+    after ``close_after`` requests on it, without answering the last (a keep-alive race)."""
+
+    def __init__(self, close_after: int | None = None) -> None:
+        self.close_after = close_after
+        self.counter = itertools.count()
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                if self.close_after is not None and served == self.close_after:
+                    break
+                served += 1
+                self.requests += 1
+                refused = next(self.counter) % 2 == 1
+                status = b"429 Too Many Requests" if refused else b"200 OK"
+                extra = b"retry-after: 1\r\n" if refused else b""
+                writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n" + extra)
+                writer.write(b"\r\n{}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+@pytest.fixture
+async def serving() -> AsyncIterator[tuple[int, Server]]:
+    server = Server()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    yield listener.sockets[0].getsockname()[1], server
+    listener.close()
+
+
+async def test_the_open_loop_sends_what_is_due_and_counts_each_answer(
+    serving: tuple[int, Server],
+) -> None:
+    port, server = serving
+    result = await loadgen.open_loop("127.0.0.1", port, "/x", b"{}", rate=200, duration=0.5)
+    assert result["sent"] == 100
+    assert result["statuses"] == {"200": 50, "429": 50}
+    assert server.requests == 100
+    assert set(result["latency"]) == {"200", "429"}
+
+
+async def test_a_request_on_a_connection_the_server_closed_is_sent_again() -> None:
+    server = Server(close_after=3)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        result = await loadgen.open_loop("127.0.0.1", port, "/x", b"{}", rate=100, duration=0.3)
+    finally:
+        listener.close()
+    assert result["sent"] == 30
+    assert sum(result["statuses"].values()) == 30 and "error" not in result["statuses"]
+
+
+async def test_only_the_kept_probe_waits_its_retry_after(serving: tuple[int, Server]) -> None:
+    port, _ = serving
+    kept = await loadgen.probe("127.0.0.1", port, "/x", b"{}", 0.02, 0.5, kept=True)
+    new = await loadgen.probe("127.0.0.1", port, "/x", b"{}", 0.02, 0.5, kept=False)
+    # The kept client is told to wait 1 s after its first 429: two requests in 0.5 s.
+    assert sum(kept["statuses"].values()) == 2
+    # Each new client is answered and goes on at the probe's own pace.
+    assert sum(new["statuses"].values()) >= 10
+    assert kept["connection"] == "kept" and new["connection"] == "new"
