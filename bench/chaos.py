@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,8 +149,6 @@ def h2load(url: str, body: Path, duration: float, *shape: str) -> dict[str, int]
     command = ["h2load", "-D", f"{duration:g}", *shape, "-t", "1", "-d", str(body)]
     command += ["-H", "content-type: application/grpc", "-H", "te: trailers", url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
-    import re
-
     counts = re.search(
         r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
         r"(\d+) errored, (\d+) timeout",
@@ -253,7 +252,6 @@ def overload(ws: Workspace) -> list[Row]:
         )
         time.sleep(3)
 
-        before = served(http)
         h2load(grpc_url, ws.grpc_body, 2, "-c", "8", "-m", "1")  # warm-up
         before = served(http)
         base = h2load(grpc_url, ws.grpc_body, d, "-c", "8", "-m", "1")
