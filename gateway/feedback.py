@@ -141,7 +141,10 @@ class FeedbackServicer:
         labels = []
         for i, entry in enumerate(request.labels):
             if not entry.HasField("label"):
-                raise InvalidInput(f"'labels[{i}].label' is required")
+                if entry.HasField("reward"):
+                    labels.append({"id": entry.id, "reward": entry.reward})
+                    continue
+                raise InvalidInput(f"'labels[{i}].label' (or a 'reward') is required")
             value = json_format.MessageToDict(entry.label)
             labels.append({"id": entry.id, "label": value})
         answer = await self.forwarder.send(request.model, {"labels": labels})

@@ -209,3 +209,34 @@ def test_sidecar_down_is_503(repository: Path) -> None:
             assert response.status == 200
     finally:
         gateway.stop()
+
+
+def test_rewards_over_grpc_reach_the_sidecar(
+    gateway: GatewayThread, sidecar: MonitorServer
+) -> None:
+    http = httpclient.InferenceServerClient(gateway.http_url)
+    rng = np.random.default_rng(3)
+    result: Any = http.infer(MODEL, _inputs(httpclient, 1, rng), request_id="rw-1")
+    version = result.get_response()["model_version"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        reply = _send_rewards(gateway, [("rw-1", 0.75), ("rw-unknown", 1.0)])
+        if reply.matched:  # once the sidecar holds the request's record
+            break
+        time.sleep(0.05)
+    assert (reply.matched, reply.unmatched) == (1, 1)
+    reward = sidecar.status(MODEL)["models"][MODEL][version]["reward"]
+    assert reward is not None and reward["n"] >= 1 and reward["mean"] == pytest.approx(0.75)
+
+
+def _send_rewards(gateway: GatewayThread, rewards: list[tuple[str, float]]) -> Any:
+    request = _Request(model=MODEL)
+    for key, value in rewards:
+        request.labels.add(id=key, reward=value)
+    with grpc.insecure_channel(gateway.grpc_url) as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE}/SendFeedback",
+            request_serializer=_Request.SerializeToString,
+            response_deserializer=_Response.FromString,
+        )
+        return call(request, timeout=30)
