@@ -221,3 +221,16 @@ def _admin(server: GatewayThread, method: str, body: dict[str, Any] | None = Non
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
+
+
+def test_one_lease_holder_across_gateways(actor_name: str, tmp_path: Path) -> None:
+    """The rollout controller's lease through the actor: one holder at a time across every
+    gateway of the cluster; it renews its own; another takes it only once it lapsed."""
+    first, second = client(tmp_path, actor_name), client(tmp_path, actor_name)
+    assert first.acquire_lease("rollouts", "gateway-a", ttl_s=0.5) == "gateway-a"
+    assert second.acquire_lease("rollouts", "gateway-b", ttl_s=0.5) == "gateway-a"
+    assert first.acquire_lease("rollouts", "gateway-a", ttl_s=0.5) == "gateway-a"  # renewed
+    assert second.acquire_lease("other", "gateway-b", ttl_s=0.5) == "gateway-b"  # by name
+    time.sleep(0.6)  # gateway-a stopped renewing
+    assert second.acquire_lease("rollouts", "gateway-b", ttl_s=5) == "gateway-b"
+    assert first.acquire_lease("rollouts", "gateway-a", ttl_s=5) == "gateway-b"
