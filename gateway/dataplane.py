@@ -193,23 +193,30 @@ class DataPlane:
             raise failure
         return response
 
-    def refuse_if_full(self, context: RequestContext) -> QueueFull | None:
-        """The early refusal alone, for a transport that can answer it without reading the
-        request (HTTP's connection does): the QueueFull that ``infer`` would raise before
-        decoding, already recorded for the observers, or None (then call ``infer``).
+    def saturated(self, model: str) -> bool:
+        """Every loaded version of ``model`` has a full queue: whichever version a request
+        is routed to, it would be refused, so it is refused before its body is read."""
+        versions = self.models.versions.get(model)
+        if not versions:
+            return False
+        return all(m.batcher.full() for m in versions.values())
 
-        Only when nothing would be checked before it: no inference token, no rate limit."""
-        versions = self.models.versions.get(context.model)
-        if (
-            not versions
-            or self.auth is not None
-            or self.token_limits is not None
-            or self.models.stopping
-            or not all(model.batcher.full() for model in versions.values())
-            or self.limits_for(context.model) is not None
-        ):
-            return None
-        error = self._queue_full(context.model, versions)
+    def refusable_from_head(self, model: str) -> bool:
+        """A request to ``model`` may be refused on its head alone, by a transport that
+        answers without reading it (HTTP's connection): the queues are full and nothing is
+        checked before them (no inference token, no rate limit)."""
+        return (
+            self.auth is None
+            and self.token_limits is None
+            and not self.models.stopping
+            and self.saturated(model)
+            and self.limits_for(model) is None
+        )
+
+    def refuse_from_head(self, context: RequestContext) -> QueueFull:
+        """The refusal ``refusable_from_head`` allowed, recorded for the observers as
+        ``infer`` records it; the transport sends it."""
+        error = self._queue_full(context.model)
         total_s = time.perf_counter() - context.received
         record = RequestRecord(
             context.model, -1, 0, "", error.http_status,
@@ -221,8 +228,8 @@ class DataPlane:
             observe(record)
         return error
 
-    @staticmethod
-    def _queue_full(name: str, versions: Mapping[int, LoadedModel]) -> QueueFull:
+    def _queue_full(self, name: str) -> QueueFull:
+        versions = self.models.versions.get(name, {})
         full = ", ".join(f"'{m.spec.key}' {m.batcher.max_queue_size}" for m in versions.values())
         return QueueFull(
             f"model '{name}' queue is full: every version's queue holds its "
@@ -283,10 +290,9 @@ class DataPlane:
                     f"model '{context.model}' is above its rate limit ({limits.rate:g} requests/s)",
                     int(retry),
                 )
-        versions = self.models.versions.get(context.model)
-        if versions and all(model.batcher.full() for model in versions.values()):
+        if self.saturated(context.model):
             # Whichever version it is routed to, it would be refused: before the body is read.
-            raise self._queue_full(context.model, versions)
+            raise self._queue_full(context.model)
         request = await decode()
         if not request.model_version:
             request.model_version = headers.get(VERSION_HEADER, "")

@@ -182,19 +182,23 @@ class HttpApp:
                 content_type=_OCTETS,
             )
 
-    def refusal_from_head(self, path: str, headers: dict[str, str]) -> bytes | None:
+    def refusal_from_head(self, path: str, raw_headers: list[tuple[bytes, bytes]]) -> bytes | None:
         """The whole 429 for an inference request the data plane refuses before its body
         (every version's queue full), recorded like any request; None: serve it as usual.
-        The connection sends it without running the ASGI app (:mod:`gateway.http.protocol`)."""
+        The connection sends it without running the ASGI app (:mod:`gateway.http.protocol`).
+        Asked of every inference request's head, so the common answer (None) is cheap."""
         parts = path.strip("/").split("/")
         if parts[:2] != ["v2", "models"] or parts[-1] != "infer" or len(parts) not in (4, 6):
             return None
         if len(parts) == 6 and (parts[3] != "versions" or not parts[4]):
             return None
-        context = RequestContext.arrived("http", parts[2], headers, path)
-        error = self.dataplane.refuse_if_full(context)
-        if error is None:
+        if not self.dataplane.refusable_from_head(parts[2]):
             return None
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
+        if "expect" in headers:
+            return None  # a client awaiting 100 Continue may never send the body to skip
+        context = RequestContext.arrived("http", parts[2], headers, path)
+        error = self.dataplane.refuse_from_head(context)
         body = orjson.dumps({"error": error.message})
         head = [
             b"HTTP/1.1 429 Too Many Requests",

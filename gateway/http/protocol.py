@@ -31,9 +31,9 @@ REFUSED_KEY = "turnout.refused"
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-Refuse = Callable[[str, dict[str, str]], bytes | None]
-"""Given an inference request's path and headers: the whole refusal to send at once, when
-the data plane refuses it before its body is read; None to serve it as usual."""
+Refuse = Callable[[str, list[tuple[bytes, bytes]]], bytes | None]
+"""Given an inference request's path and raw headers: the whole refusal to send at once,
+when the data plane refuses it before its body is read; None to serve it as usual."""
 
 
 class HoldingProtocol(HttpToolsProtocol):
@@ -119,10 +119,7 @@ class HoldingProtocol(HttpToolsProtocol):
         path = self.url.split(b"?", 1)[0].decode("latin-1")
         if not path.endswith("/infer"):
             return False
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
-        if "expect" in headers:
-            return False  # a client awaiting 100 Continue may never send the body to skip
-        answer = self.refusers[0](path, headers)
+        answer = self.refusers[0](path, self.headers)
         if answer is None:
             return False
         status_line, _, rest = answer.partition(b"\r\n")

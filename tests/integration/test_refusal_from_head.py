@@ -89,7 +89,7 @@ def test_a_full_model_is_refused_from_the_head_and_the_connection_lives_on(
     port = gateway.gateway.http_port
     plane = gateway.gateway.dataplane
     from_head: list[object] = []
-    refuse = plane.refuse_if_full
+    refuse = plane.refuse_from_head
 
     def counting(context: Any) -> Any:
         error = refuse(context)
@@ -97,11 +97,11 @@ def test_a_full_model_is_refused_from_the_head_and_the_connection_lives_on(
             from_head.append(error)
         return error
 
-    plane.refuse_if_full = counting  # type: ignore[method-assign]
+    plane.refuse_from_head = counting  # type: ignore[method-assign]
     try:
         asyncio.run(refused_then_served(port))
     finally:
-        plane.refuse_if_full = refuse  # type: ignore[method-assign]
+        plane.refuse_from_head = refuse  # type: ignore[method-assign]
     assert from_head, "the refusal did not come from the head"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
