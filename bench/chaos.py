@@ -61,12 +61,14 @@ from bench.harness import (
     fmt,
     free_port,
     gateway_config,
+    hey_command,
     infer_json,
     machine_info,
     new_table,
     parse_hey,
     read_counts,
     retry,
+    run_hey,
     running,
     save_results,
     serve_command,
@@ -118,13 +120,6 @@ class Workspace:
         return Server(serve_command(repo, backend, *options), log), http, grpc, state
 
 
-def hey(url: str, body: Path, duration: float, clients: int) -> LoadResult:
-    command = ["hey", "-z", f"{duration:g}s", "-c", str(clients), "-m", "POST"]
-    command += ["-T", "application/json", "-D", str(body), url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
-    return parse_hey(done.stdout)
-
-
 def loadgen(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.loadgen", *args],
@@ -165,6 +160,16 @@ def served(port: int) -> int:
     return counts[0] if counts else 0
 
 
+def under_load(case: str, result: LoadResult, **values: Any) -> Row:
+    """A fault case's row from the hey load it ran under: every failure counts (none of
+    these cases should refuse anything)."""
+    failed = result.errors
+    return row(
+        case, sent=result.requests, ok=result.requests - failed, failed=failed,
+        unexpected=failed, notes=result.notes, **values,
+    )  # fmt: skip
+
+
 def row(case: str, **values: Any) -> Row:
     base: Row = {"case": case, "sent": None, "ok": None, "failed": None, "unexpected": None}
     base.update(values)
@@ -185,8 +190,8 @@ def overload(ws: Workspace) -> list[Row]:
     with running(server):
         server.wait_ready()
         retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
-        hey(url, ws.json_body, 2, 8)  # warm-up
-        capacity = hey(url, ws.json_body, d, 8).rps
+        run_hey(url, ws.json_body, 2, 8)  # warm-up
+        capacity = run_hey(url, ws.json_body, d, 8).rps
         console.print(f"capacity (8 closed-loop HTTP clients): {capacity:.0f} req/s")
 
         probes = [
@@ -199,7 +204,7 @@ def overload(ws: Workspace) -> list[Row]:
         control_probe = loadgen("probe", "--address", address, "--body", str(ws.json_body),
                                 "--duration", str(d - 1), "--path", "/v2/health/ready")  # fmt: skip
         time.sleep(0.5)
-        crowd = hey(url, ws.json_body, d, 256)
+        crowd = run_hey(url, ws.json_body, d, 256)
         new, kept = (finished(p) for p in probes)
         control = finished(control_probe)
         timeouts = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP" not in n)
@@ -329,8 +334,7 @@ class Background:
     """hey in the background, so a fault can be injected while it loads the server."""
 
     def __init__(self, url: str, body: Path, duration: float, clients: int) -> None:
-        command = ["hey", "-z", f"{duration:g}s", "-c", str(clients), "-m", "POST"]
-        command += ["-T", "application/json", "-D", str(body), url]
+        command = hey_command(url, body, duration, clients)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
     def result(self) -> LoadResult:
@@ -380,17 +384,7 @@ def replica_kill(ws: Workspace) -> list[Row]:
 
         recovery = wait_until(two_again, 120)
         result = load.result()
-    return [
-        row(
-            "replica-kill-ray",
-            sent=result.requests,
-            ok=result.requests - result.errors,
-            failed=result.errors,
-            unexpected=result.errors,
-            recovery_s=recovery,
-            notes=result.notes,
-        )
-    ]
+    return [under_load("replica-kill-ray", result, recovery_s=recovery)]
 
 
 def sidecar_kill(ws: Workspace) -> list[Row]:
@@ -427,17 +421,7 @@ def sidecar_kill(ws: Workspace) -> list[Row]:
 
         recovery = wait_until(new_one_applies, 60)
         result = load.result()
-    return [
-        row(
-            "sidecar-kill",
-            sent=result.requests,
-            ok=result.requests - result.errors,
-            failed=result.errors,
-            unexpected=result.errors,
-            recovery_s=recovery,
-            notes=result.notes,
-        )
-    ]
+    return [under_load("sidecar-kill", result, recovery_s=recovery)]
 
 
 def applied_on(port: int) -> int:
@@ -573,7 +557,7 @@ def full_disk(ws: Workspace) -> list[Row]:
                     await admin.close()
 
             status, document = asyncio.run(refused_change())
-            load = hey(f"http://127.0.0.1:{http}{INFER}", ws.json_body, ws.duration, 8)
+            load = run_hey(f"http://127.0.0.1:{http}{INFER}", ws.json_body, ws.duration, 8)
             filler.unlink()
             after, _ = asyncio.run(refused_change())
     finally:

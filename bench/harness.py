@@ -517,9 +517,14 @@ def goodput(rate: float, ok: int, total: int) -> float:
     return rate * ok / total if total else 0.0
 
 
-def run_hey(url: str, body: Path, duration: float, concurrency: int) -> LoadResult:
+def hey_command(url: str, body: Path, duration: float, concurrency: int) -> list[str]:
+    """``hey`` POSTing the JSON ``body`` to ``url`` from ``concurrency`` closed-loop clients."""
     command = ["hey", "-z", f"{duration:g}s", "-c", str(concurrency), "-m", "POST"]
-    command += ["-T", "application/json", "-D", str(body), url]
+    return [*command, "-T", "application/json", "-D", str(body), url]
+
+
+def run_hey(url: str, body: Path, duration: float, concurrency: int) -> LoadResult:
+    command = hey_command(url, body, duration, concurrency)
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
     if done.returncode != 0:
         raise RuntimeError(f"hey exited {done.returncode}: {done.stderr.strip()[-500:]}")

@@ -78,6 +78,10 @@ def _send_grpc(gateway: GatewayThread, model: str, labels: list[tuple[str, Any]]
                 entry.label.list_value.values.add().number_value = item
         else:
             entry.label.number_value = value
+    return _call_send_feedback(gateway, request)
+
+
+def _call_send_feedback(gateway: GatewayThread, request: Any) -> Any:
     with grpc.insecure_channel(gateway.grpc_url) as channel:
         call = channel.unary_unary(
             f"/{SERVICE}/SendFeedback",
@@ -233,10 +237,4 @@ def _send_rewards(gateway: GatewayThread, rewards: list[tuple[str, float]]) -> A
     request = _Request(model=MODEL)
     for key, value in rewards:
         request.labels.add(id=key, reward=value)
-    with grpc.insecure_channel(gateway.grpc_url) as channel:
-        call = channel.unary_unary(
-            f"/{SERVICE}/SendFeedback",
-            request_serializer=_Request.SerializeToString,
-            response_deserializer=_Response.FromString,
-        )
-        return call(request, timeout=30)
+    return _call_send_feedback(gateway, request)
