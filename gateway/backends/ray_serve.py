@@ -141,9 +141,10 @@ class RayBackend(ReplicaBackend):
             raise BackendError(f"model '{spec.key}' failed to deploy on Ray: {exc}") from exc
         self._handles[spec.key] = handle
 
-    def _free(self) -> tuple[dict[str, float], dict[str, float]]:
+    def _free(self, excluding: str = "") -> tuple[dict[str, float], dict[str, float]]:
         """(free, total) per resource: the least of Ray's free view and its total less what
-        turnout has asked for, since a deployment still being placed is not in Ray's view."""
+        turnout has asked for (but ``excluding``'s), since a deployment still being placed
+        is not in Ray's view."""
         import ray
 
         total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -153,7 +154,11 @@ class RayBackend(ReplicaBackend):
             if resource == "GPU" and not total.get(resource):
                 continue  # a CPU cluster: no GPU figures in messages
             known[resource] = total.get(resource, 0.0)
-            ours = sum(asked.get(resource, 0.0) for asked in self._reserved.values())
+            ours = sum(
+                asked.get(resource, 0.0)
+                for key, asked in list(self._reserved.items())  # read from a deploy thread too
+                if key != excluding
+            )
             free[resource] = max(0.0, min(available.get(resource, 0.0), known[resource] - ours))
         return free, known
 
@@ -207,7 +212,7 @@ class RayBackend(ReplicaBackend):
                     if status is not None
                     else []
                 )
-                free, total = self._free_outside(spec.key)
+                free, total = self._free(excluding=spec.key)  # it is withdrawn
                 serve.delete(name, _blocking=False)
                 why = (
                     "failed"
@@ -221,15 +226,6 @@ class RayBackend(ReplicaBackend):
                     + (f"; Ray Serve says: {' '.join(messages)[:600]}" if messages else "")
                 )
             time.sleep(0.2)
-
-    def _free_outside(self, key: str) -> tuple[dict[str, float], dict[str, float]]:
-        """Free resources as if ``key`` had not asked (it is about to be withdrawn)."""
-        asked = self._reserved.pop(key, None)
-        try:
-            return self._free()
-        finally:
-            if asked is not None:
-                self._reserved[key] = asked
 
     async def unload(self, spec: ModelSpec) -> None:
         from ray import serve
