@@ -4,7 +4,8 @@ Systems, started one at a time so they never share the machine's cores:
   a  floor      uvicorn + Starlette calling ONNX Runtime inline (bench.baselines.floor)
   b  ray_naive  Ray Serve proxy + one deployment with @serve.batch (bench.baselines.ray_naive)
   c  turnout    `turnout serve --backend local`
-  d  turnout    `turnout serve --backend ray`
+  d  turnout    `turnout serve --backend ray` (batches over same-node sockets)
+  e  turnout    the same through Serve handles only (`ray_same_node_channel: false`)
 
 HTTP load comes from `hey`, gRPC load (turnout only) from `h2load`. Usage:
   python -m bench.serving [--duration 10] [--concurrency 1 16 64] [--systems a b c d]
@@ -69,6 +70,7 @@ class System:
     grpc: bool
     # Where delta(inference_count)/delta(execution_count) comes from; None: batch is always 1.
     stats_path: str | None
+    env: dict[str, str] | None = None  # added to the server's environment
 
     def command(self, repo: Path, http_port: int, grpc_port: int) -> list[str]:
         if self.key in ("a", "b"):
@@ -86,6 +88,13 @@ SYSTEMS = {
     "b": System("b", "ray_naive", grpc=False, stats_path="/stats"),
     "c": System("c", "turnout local", grpc=True, stats_path=STATS_PATH),
     "d": System("d", "turnout ray", grpc=True, stats_path=STATS_PATH),
+    "e": System(
+        "e",
+        "turnout ray handles",
+        grpc=True,
+        stats_path=STATS_PATH,
+        env={"TURNOUT_RAY_SAME_NODE_CHANNEL": "false"},
+    ),
 }
 
 
@@ -171,7 +180,7 @@ def bench_system(
         command = system.command(workload.repo, http_port, grpc_port)
     except StartError as exc:
         return [Row(system.key, system.name, "-", 0, error=str(exc))]
-    server = Server(command, work / f"server-{system.key}.log")
+    server = Server(command, work / f"server-{system.key}.log", env=system.env)
     console.rule(f"({system.key}) {system.name}")
     console.print(" ".join(command), style="dim")
     with running(server):
@@ -285,49 +294,93 @@ def print_table(rows: list[Row]) -> None:
             console.print(f"[yellow]({row.system}) {row.name} {where}:[/yellow] {row.error}")
 
 
+Rows = dict[tuple[str, int, str], Row]
+Check = Callable[[Rows], tuple[bool, str]]
+
+
 @dataclass
 class Target:
     name: str
-    needs: list[tuple[str, int]]  # (system, concurrency), HTTP rows the check reads
-    check: Callable[[dict[tuple[str, int], Row]], tuple[bool, str]]
+    needs: list[tuple[str, int, str]]  # (system, concurrency, protocol): rows the check reads
+    check: Check
 
 
 def _ratio(num: float | None, den: float | None) -> float:
     return float("nan") if num is None or not den else num / den
 
 
-def _d16_vs_b(r: dict[tuple[str, int], Row]) -> tuple[bool, str]:
-    d, b = r[("d", 16)], r[("b", 16)]
+def _d16_vs_b(r: Rows) -> tuple[bool, str]:
+    d, b = r[("d", 16, "http")], r[("b", 16, "http")]
     ratio = _ratio(d.rps, b.rps)
     ok = ratio >= 5 and d.p99_ms is not None and b.p99_ms is not None and d.p99_ms < b.p99_ms
     return ok, f"{ratio:.2f}x req/s, p99 {fmt(d.p99_ms)} vs {fmt(b.p99_ms)} ms"
 
 
-def _d64_vs_a(r: dict[tuple[str, int], Row]) -> tuple[bool, str]:
-    d, a = r[("d", 64)], r[("a", 64)]
+def _d64_vs_a(r: Rows) -> tuple[bool, str]:
+    d, a = r[("d", 64, "http")], r[("a", 64, "http")]
     ratio = _ratio(d.rps, a.rps)
     ok = ratio >= 0.5 and d.avg_batch is not None and d.avg_batch >= 16
     return ok, f"{ratio:.2f}x req/s of (a), average batch {fmt(d.avg_batch, 1)}"
 
 
-def _c16_vs_a(r: dict[tuple[str, int], Row]) -> tuple[bool, str]:
-    ratio = _ratio(r[("c", 16)].rps, r[("a", 16)].rps)
+def _c16_vs_a(r: Rows) -> tuple[bool, str]:
+    ratio = _ratio(r[("c", 16, "http")].rps, r[("a", 16, "http")].rps)
     return ratio >= 0.8, f"{ratio:.2f}x req/s of (a)"
 
 
-def _d1_latency(r: dict[tuple[str, int], Row]) -> tuple[bool, str]:
-    d, b = r[("d", 1)].p50_ms, r[("b", 1)].p50_ms
+def _d1_latency(r: Rows) -> tuple[bool, str]:
+    d, b = r[("d", 1, "http")].p50_ms, r[("b", 1, "http")].p50_ms
     ok = d is not None and b is not None and d <= b / 2
     return ok, f"p50 {fmt(d)} ms vs (b) {fmt(b)} ms"
 
 
+def _rps_ratio(num: tuple[str, int, str], den: tuple[str, int, str], least: float) -> Check:
+    def check(r: Rows) -> tuple[bool, str]:
+        ratio = _ratio(r[num].rps, r[den].rps)
+        return ratio >= least, f"{ratio:.2f}x ({fmt(r[num].rps, 0)} vs {fmt(r[den].rps, 0)} req/s)"
+
+    return check
+
+
+def _d1_vs_c(r: Rows) -> tuple[bool, str]:
+    d, c = r[("d", 1, "http")].p50_ms, r[("c", 1, "http")].p50_ms
+    ok = d is not None and c is not None and d <= 2 * c
+    return ok, f"p50 {fmt(d)} ms vs (c) {fmt(c)} ms"
+
+
+def _ratio_target(
+    name: str, num: tuple[str, int, str], den: tuple[str, int, str], least: float
+) -> Target:
+    return Target(name, [num, den], _rps_ratio(num, den, least))
+
+
 TARGETS = [
-    Target("(d) HTTP c16: >= 5x req/s of (b), lower p99", [("d", 16), ("b", 16)], _d16_vs_b),
     Target(
-        "(d) HTTP c64: >= 0.5x req/s of (a), avg batch >= 16", [("d", 64), ("a", 64)], _d64_vs_a
+        "(d) HTTP c16: >= 5x req/s of (b), lower p99",
+        [("d", 16, "http"), ("b", 16, "http")],
+        _d16_vs_b,
     ),
-    Target("(c) HTTP c16: >= 0.8x req/s of (a)", [("c", 16), ("a", 16)], _c16_vs_a),
-    Target("(d) HTTP c1: p50 <= half of (b)'s", [("d", 1), ("b", 1)], _d1_latency),
+    Target(
+        "(d) HTTP c64: >= 0.5x req/s of (a), avg batch >= 16",
+        [("d", 64, "http"), ("a", 64, "http")],
+        _d64_vs_a,
+    ),
+    Target("(c) HTTP c16: >= 0.8x req/s of (a)", [("c", 16, "http"), ("a", 16, "http")], _c16_vs_a),
+    Target("(d) HTTP c1: p50 <= half of (b)'s", [("d", 1, "http"), ("b", 1, "http")], _d1_latency),
+    *(
+        _ratio_target(
+            f"(d) HTTP c{c}: >= 0.8x req/s of (c)", ("d", c, "http"), ("c", c, "http"), 0.8
+        )
+        for c in (16, 64)
+    ),
+    Target("(d) HTTP c1: p50 <= 2x (c)'s", [("d", 1, "http"), ("c", 1, "http")], _d1_vs_c),
+    *(
+        _ratio_target(
+            f"({s}) gRPC c{c}: >= 0.9x its HTTP req/s", (s, c, "grpc"), (s, c, "http"), 0.9
+        )
+        for s in ("c", "d")
+        for c in (16, 64)
+    ),
 ]
 
 
@@ -336,12 +389,14 @@ def evaluate_targets(
 ) -> list[dict[str, Any]]:
     verdicts: list[dict[str, Any]] = []
     for target in TARGETS:
-        planned = all(s in systems and c in concurrencies for s, c in target.needs)
-        found = {need: find(rows, need[0], "http", need[1]) for need in target.needs}
+        planned = all(s in systems and c in concurrencies for s, c, _ in target.needs)
+        found = {need: find(rows, need[0], need[2], need[1]) for need in target.needs}
         if not planned:
             verdict, detail = "SKIP", "not measured in this run"
         elif any(row is None or row.rps is None for row in found.values()):
-            missing = [f"({s}) c{c}" for (s, c), row in found.items() if row is None or not row.rps]
+            missing = [
+                f"({s}) {p} c{c}" for (s, c, p), row in found.items() if row is None or not row.rps
+            ]
             verdict, detail = "FAIL", "no result for " + ", ".join(missing)
         else:
             ok, detail = target.check({k: v for k, v in found.items() if v is not None})

@@ -86,6 +86,7 @@ def build_backend(settings: ServerSettings) -> ReplicaBackend:
         address=settings.ray_address,
         namespace=settings.ray_namespace,
         load_timeout_s=settings.ray_load_timeout_s,
+        same_node_channel=settings.ray_same_node_channel,
     )
 
 

@@ -130,6 +130,10 @@ class ServerSettings(BaseSettings):
     """How long a model version's Ray replicas may take to start. Past it the load fails,
     naming the resources asked and free, instead of waiting for placement forever."""
 
+    ray_same_node_channel: bool = True
+    """Send batches to replicas on the gateway's own node over their Unix sockets instead
+    of Serve handles (a Serve call costs milliseconds of CPU); off: handles only."""
+
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest request body (HTTP) or message (gRPC); beyond it: 413/RESOURCE_EXHAUSTED."""
 
