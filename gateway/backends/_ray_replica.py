@@ -26,7 +26,7 @@ from gateway.backends import _wire
 from gateway.backends._onnx import OnnxSession
 from gateway.errors import InvalidInput, TurnoutError
 
-__all__ = ["OnnxReplica", "ReplicaReply"]
+__all__ = ["OnnxReplica", "ReplicaReply", "ReplicaSocket"]
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,22 @@ class _ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     the GIL, and the gateway opens no more connections than it has batches in flight."""
 
     daemon_threads = True
-    replica: OnnxReplica
+    owner: ReplicaSocket
 
 
 class _Batches(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        replica: OnnxReplica = self.server.replica  # type: ignore[attr-defined]
+        owner: ReplicaSocket = self.server.owner  # type: ignore[attr-defined]
         sock: socket.socket = self.request
-        while not replica.closing:
+        owner.connections.add(sock)
+        try:
+            self._serve(owner, sock)
+        finally:
+            owner.connections.discard(sock)
+
+    @staticmethod
+    def _serve(owner: ReplicaSocket, sock: socket.socket) -> None:
+        while not owner.closing:
             try:
                 request = _wire.receive(sock)
             except (OSError, ValueError):
@@ -54,7 +62,7 @@ class _Batches(socketserver.BaseRequestHandler):
                 return
             _, inputs = request
             try:
-                reply = _wire.encode(replica.meta, replica.session.run(inputs))
+                reply = _wire.encode(owner.meta, owner.session.run(inputs))
             except TurnoutError as exc:
                 kind = "invalid" if isinstance(exc, InvalidInput) else "backend"
                 reply = _wire.encode({"error": exc.message, "kind": kind}, {})
@@ -62,6 +70,50 @@ class _Batches(socketserver.BaseRequestHandler):
                 _wire.send(sock, reply)
             except OSError:
                 return
+
+
+class ReplicaSocket:
+    """A replica's Unix socket, ``<directory>/<pid>.sock``, answering batches on threads."""
+
+    def __init__(self, session: OnnxSession, meta: dict[str, str], path: Path) -> None:
+        self.session = session
+        self.meta = meta
+        """Sent with every reply: which replica and device computed it."""
+        self.path = path
+        self.closing = False
+        self.connections: set[socket.socket] = set()
+        path.unlink(missing_ok=True)  # a previous process with this pid left it
+        self._server = _ChannelServer(str(path), _Batches)
+        os.chmod(path, 0o600)
+        self._server.owner = self
+        threading.Thread(
+            target=self._server.serve_forever, name="turnout-channel", daemon=True
+        ).start()
+
+    @classmethod
+    def open(
+        cls, directory: Path, session: OnnxSession, meta: dict[str, str]
+    ) -> ReplicaSocket | None:
+        """The socket, or None (logged) where it cannot be made: Serve calls still work."""
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return cls(session, meta, directory / f"{os.getpid()}.sock")
+        except OSError as exc:
+            log.warning("replica %s serves through Ray only: %s", meta.get("replica"), exc)
+            return None
+
+    def close(self) -> None:
+        """No new connections; each open one ends after the batch it is running (the
+        gateway sends its next batch elsewhere)."""
+        self.closing = True
+        self._server.shutdown()
+        self._server.server_close()
+        for sock in list(self.connections):
+            # A batch being run is still answered; a connection waiting for one sees the end.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 class OnnxReplica:
@@ -86,26 +138,10 @@ class OnnxReplica:
         context = ray.get_runtime_context()
         # Returned with every batch so the gateway can tell which replica and node served it.
         self.identity = f"{context.get_node_id()[:12]}/{os.getpid()}"
-        self.meta = {"replica": self.identity, "device": self.session.device}
-        self.closing = False
-        self._channel: _ChannelServer | None = None
-        self._socket_path: Path | None = None
-        if channel_dir is not None:
-            self._open_channel(Path(channel_dir))
-
-    def _open_channel(self, directory: Path) -> None:
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = directory / f"{os.getpid()}.sock"
-            path.unlink(missing_ok=True)  # a previous process with this pid left it
-            server = _ChannelServer(str(path), _Batches)
-            os.chmod(path, 0o600)
-        except OSError as exc:  # the gateway falls back to Serve calls
-            log.warning("replica %s serves through Ray only: %s", self.identity, exc)
-            return
-        server.replica = self
-        self._channel, self._socket_path = server, path
-        threading.Thread(target=server.serve_forever, name="turnout-channel", daemon=True).start()
+        meta = {"replica": self.identity, "device": self.session.device}
+        self._socket = (
+            ReplicaSocket.open(Path(channel_dir), self.session, meta) if channel_dir else None
+        )
 
     async def __call__(self, inputs: dict[str, np.ndarray[Any, Any]]) -> ReplicaReply:
         outputs = await asyncio.to_thread(self.session.run, inputs)
@@ -115,12 +151,6 @@ class OnnxReplica:
         """Serve's periodic health check: a live session is all a replica needs."""
 
     def __del__(self) -> None:
-        # Serve calls this when it stops the replica: no new connections, and each open one
-        # ends after the batch it is running (the gateway sends its next batch elsewhere).
-        self.closing = True
-        if self._channel is not None:
-            self._channel.shutdown()
-            self._channel.server_close()
-        if self._socket_path is not None:
-            with contextlib.suppress(OSError):
-                self._socket_path.unlink()
+        # Serve calls this when it stops the replica.
+        if self._socket is not None:
+            self._socket.close()

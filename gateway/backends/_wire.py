@@ -40,7 +40,8 @@ def _dtype(name: str) -> np.dtype[Any]:
 def encode(meta: dict[str, Any], tensors: Tensors) -> Frame:
     """Header and metadata in one buffer, then one buffer per non-empty tensor (no copy of
     a contiguous array)."""
-    arrays = [np.ascontiguousarray(value) for value in tensors.values()]
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+    arrays = [v if v.flags.c_contiguous else v.copy(order="C") for v in tensors.values()]
     described = {
         **meta,
         "t": [[name, a.dtype.name, list(a.shape)] for name, a in zip(tensors, arrays, strict=True)],
@@ -63,15 +64,18 @@ def lengths(header: bytes) -> tuple[int, int]:
 def decode(meta_bytes: bytes, payload: bytes | bytearray) -> tuple[dict[str, Any], Tensors]:
     """The metadata and the tensors it describes, as views on ``payload``."""
     meta: dict[str, Any] = json.loads(meta_bytes)
+    described = [
+        (name, _dtype(dtype_name), shape, int(np.prod(shape, dtype=np.int64)))
+        for name, dtype_name, shape in meta.pop("t")
+    ]
+    size = sum(count * dtype.itemsize for _, dtype, _, count in described)
+    if size != len(payload):
+        raise ValueError(f"frame payload holds {len(payload)} bytes, its tensors {size}")
     tensors: Tensors = {}
     offset = 0
-    for name, dtype_name, shape in meta.pop("t"):
-        dtype = _dtype(dtype_name)
-        count = int(np.prod(shape, dtype=np.int64))
+    for name, dtype, shape, count in described:
         tensors[name] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
         offset += count * dtype.itemsize
-    if offset != len(payload):
-        raise ValueError(f"frame payload holds {len(payload)} bytes, its tensors {offset}")
     return meta, tensors
 
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -114,16 +115,20 @@ class Channels:
         """Batches one replica runs at a time; more go to Serve's handle."""
         self._channels: dict[str, Channel] = {}
         self._scanned = 0.0
+        self._turn = 0
 
     def __len__(self) -> int:
         return len(self._channels)
 
     def pick(self) -> Channel | None:
-        """The least busy replica here with room for a batch, if any."""
+        """The least busy replica here with room for a batch, if any; ties in turn."""
         if time.monotonic() - self._scanned > RESCAN_S:
             self.scan()
+        channels = list(self._channels.values())
+        self._turn += 1
         best: Channel | None = None
-        for channel in self._channels.values():
+        for i in range(len(channels)):
+            channel = channels[(self._turn + i) % len(channels)]
             if channel.inflight < self.per_replica and (
                 best is None or channel.inflight < best.inflight
             ):
@@ -141,6 +146,19 @@ class Channels:
                 self._channels.pop(name).close()
         for name in names - self._channels.keys():
             self._channels[name] = Channel(self.directory / name)
+
+    def prune(self) -> None:
+        """Remove the sockets nobody listens on (replicas killed before they could remove
+        theirs), so that a new load starts from the live ones."""
+        for path in self.directory.glob("*.sock"):
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                except ConnectionRefusedError:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                except OSError:
+                    pass
 
     def drop(self, channel: Channel) -> None:
         """Forget a replica whose socket failed (until a scan finds it listening again)."""

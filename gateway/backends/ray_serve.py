@@ -151,6 +151,7 @@ class RayBackend(ReplicaBackend):
         if self._same_node_channel:
             per_replica = cfg.max_inflight_batches or self.default_inflight_batches
             channels = Channels(channel_dir(self._namespace, app_name(spec)), per_replica)
+            channels.prune()
             channels.scan()
             self._channels[spec.key] = channels
 

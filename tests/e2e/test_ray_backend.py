@@ -94,6 +94,22 @@ def test_versions_and_strings_on_ray(ray_gateway: GatewayThread) -> None:
     assert client.infer("strings", [tensor]).as_numpy("echo").tolist() == words.tolist()
 
 
+def test_batches_take_the_replicas_socket_and_bytes_take_serve(ray_gateway: GatewayThread) -> None:
+    backend = ray_gateway.gateway.models.backend
+    client = httpclient.InferenceServerClient(ray_gateway.http_url)
+    x = httpclient.InferInput("input", [1, 16], "FP32")
+    x.set_data_from_numpy(np.ones((1, 16), np.float32))
+    before, served = backend.channel_batches, sum(backend.batches_by_replica.values())
+    for _ in range(5):
+        client.infer("mlp", [x])
+    assert backend.channel_batches == before + 5
+    words = httpclient.InferInput("text", [1, 2], "BYTES")
+    words.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=np.object_))
+    client.infer("strings", [words])  # Python objects: pickled through a Serve handle
+    assert backend.channel_batches == before + 5
+    assert sum(backend.batches_by_replica.values()) == served + 6
+
+
 def test_bad_input_leaves_ray_replicas_serving(ray_gateway: GatewayThread) -> None:
     client = httpclient.InferenceServerClient(ray_gateway.http_url)
     bad = httpclient.InferInput("input", [1, 15], "FP32")

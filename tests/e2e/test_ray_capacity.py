@@ -5,7 +5,9 @@ and leaves nothing behind. A real local Ray started by the gateway (2 CPUs in CI
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import tritonclient.http as httpclient
 from gateways import GatewayThread, local_settings
 from model_zoo import add_sub, write_repository
 
+from gateway.backends.channel import channel_dir
 from gateway.errors import BackendError
 
 VERSIONS = [1, 2, 3, 4, 5]
@@ -104,6 +107,10 @@ def test_a_replica_killed_under_load_fails_no_request(
     gateway.call(gateway.gateway.models.load(dataclasses.replace(spec, config=pair)))
     replicas = replica_processes("ServeReplica:turnout-add_sub-v8")
     assert len(replicas) == 2
+    backend = gateway.gateway.models.backend
+    sockets = channel_dir("turnout", "turnout-add_sub-v8")
+    assert sorted(int(p.stem) for p in sockets.glob("*.sock")) == replicas
+    sent = backend.channel_batches
 
     def call(index: int) -> list[list[float]]:
         client = httpclient.InferenceServerClient(gateway.http_url)
@@ -123,6 +130,21 @@ def test_a_replica_killed_under_load_fails_no_request(
             later = [pool.submit(call, i) for i in range(200, 400)]
             answers = [f.result() for f in first + later]  # any failure raises here
         assert answers == [[[2.0 * i] * 4] for i in range(400)]
+        assert backend.channel_batches > sent  # over the replicas' sockets, not Serve
+        # Serve starts a replacement, which opens its socket; the gateway finds it.
+        deadline = time.monotonic() + 120
+        while len(replica_processes("ServeReplica:turnout-add_sub-v8")) < 2:
+            assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+            time.sleep(0.5)
+        (replacement,) = set(replica_processes("ServeReplica:turnout-add_sub-v8")) - {replicas[1]}
+        while not (sockets / f"{replacement}.sock").exists():
+            assert time.monotonic() < deadline, "the replacement opened no socket"
+            time.sleep(0.2)
+        served_by = collections.Counter[str]()
+        while not any(key.endswith(f"/{replacement}") for key in served_by):
+            assert time.monotonic() < deadline, f"the replacement served nothing: {served_by}"
+            call(0)
+            served_by = backend.batches_by_replica
     finally:
         gateway.call(gateway.gateway.models.unload("add_sub", 8))
 
