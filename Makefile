@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-tools clean
+.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-tools \
+	image-tools base-image image image-cuda image-test clean
 
 install: $(STAMP)
 
@@ -53,9 +54,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not e2e"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway monitor turnout turnout_contract tests bench
-	$(VENV)/bin/ruff format --check gateway monitor turnout turnout_contract tests bench
-	$(VENV)/bin/mypy gateway monitor turnout turnout_contract
+	$(VENV)/bin/ruff check gateway monitor turnout turnout_contract tests bench deploy
+	$(VENV)/bin/ruff format --check gateway monitor turnout turnout_contract tests bench deploy
+	$(VENV)/bin/mypy gateway monitor turnout turnout_contract deploy/image
 
 # Load generators come from Debian: hey (HTTP) and h2load (gRPC, nghttp2-client).
 bench-tools:
@@ -64,6 +65,40 @@ bench-tools:
 
 bench: $(STAMP) bench-tools
 	$(PY) -m bench.serving
+
+# The container image (deploy/Containerfile, docs/deploy.md), built with buildah from a
+# Debian base made here from Debian's packages: no image registry is needed. Slow (minutes,
+# packages from PyPI), so not part of `make test`; `make image-test` smoke-tests the image.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BASE_IMAGE ?= localhost/turnout-base:bookworm
+IMAGE ?= localhost/turnout:$(VERSION)
+ONNXRUNTIME ?= onnxruntime
+# A CA bundle pip trusts during the build (a TLS-intercepting proxy's); mounted, not kept.
+IMAGE_CA ?= /etc/ssl/certs/ca-certificates.crt
+BUILDAH := buildah
+
+image-tools:
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah mmdebstrap >/dev/null)
+
+# Built once; `buildah rmi $(BASE_IMAGE)` makes the next `make image` build it again.
+base-image: image-tools
+	@$(BUILDAH) inspect --type image $(BASE_IMAGE) >/dev/null 2>&1 || deploy/image/base.sh $(BASE_IMAGE)
+
+image: base-image
+	$(BUILDAH) bud --isolation chroot --format docker --layers -f deploy/Containerfile \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg ONNXRUNTIME='$(ONNXRUNTIME)' \
+	  $(if $(wildcard $(IMAGE_CA)),--volume $(IMAGE_CA):/run/build-ca.pem:ro --build-arg PIP_CERT=/run/build-ca.pem) \
+	  -t $(IMAGE) .
+	@$(BUILDAH) images --format '{{.Name}}:{{.Tag}} {{.Size}}' $(IMAGE)
+
+image-cuda:
+	$(MAKE) image ONNXRUNTIME='onnxruntime-gpu[cuda,cudnn]' IMAGE=$(IMAGE)-cuda
+
+# Serves the image's demo models from inside it (buildah run, chroot isolation: the host's
+# network) and sends real requests with tritonclient from the host.
+image-test: $(STAMP) image-tools
+	$(PY) deploy/image/smoke_test.py --image $(IMAGE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-models
