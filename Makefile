@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-tools clean
+.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-peers bench-tools clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ bench-tools:
 
 bench: $(STAMP) bench-tools
 	$(PY) -m bench.serving
+
+# turnout side by side with Triton, KServe, MLServer, LitServe and BentoML; each peer is
+# installed (once) into a venv of its own under bench/.peers/, which downloads ~2 GB.
+bench-peers: $(STAMP) bench-tools
+	$(PY) -m bench.peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-models

@@ -96,7 +96,7 @@ def plot(rows: list[Row], systems: Iterable[System], metric: str, path: Path, ti
     _, ylabel, log_y = PLOTS[metric]
     figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
     concurrencies: set[int] = set()
-    for system in systems:
+    for index, system in enumerate(systems):
         for protocol, style in (("http", "-"), ("grpc", "--")):
             points = sorted(
                 (r.concurrency, getattr(r, metric))
@@ -114,6 +114,7 @@ def plot(rows: list[Row], systems: Iterable[System], metric: str, path: Path, ti
                 [c for c, _ in points],
                 [v for _, v in points],
                 style,
+                color=f"C{index % 10}",  # one colour per system, both protocols
                 marker="o",
                 linewidth=2.6 if turnout else 1.4,
                 label=f"{system.name} ({protocol})",
