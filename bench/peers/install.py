@@ -100,7 +100,8 @@ def _install(peer: Peer, root: Path, log: Path | None) -> str | None:
                 out.write(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}\n")
         if done.returncode != 0:
             last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
-            return f"install failed ({command[2]} exited {done.returncode}): {' '.join(last)}"
+            step = " ".join(Path(c).name for c in command[:3])  # e.g. "python -m pip"
+            return f"install failed ({step} exited {done.returncode}): {' '.join(last)}"
     return None
 
 

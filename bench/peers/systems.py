@@ -80,17 +80,17 @@ def peer_systems(root: Path = PEERS_DIR) -> dict[str, System]:
     )
     return {
         "triton": System(
-            "e",
+            "f",
             "triton (pytriton)",
             peer_launch(triton, V2_READY, root),
             grpc=True,
             stats_path=STATS_PATH,  # Triton's statistics extension
         ),
-        "kserve": System("f", "kserve", peer_launch(kserve, V2_READY, root), grpc=True),
-        "mlserver": System("g", "mlserver", peer_launch(mlserver, V2_READY, root), grpc=True),
-        "litserve": System("h", "litserve", peer_launch(litserve, "/health", root)),
+        "kserve": System("g", "kserve", peer_launch(kserve, V2_READY, root), grpc=True),
+        "mlserver": System("h", "mlserver", peer_launch(mlserver, V2_READY, root), grpc=True),
+        "litserve": System("i", "litserve", peer_launch(litserve, "/health", root)),
         "bentoml": System(
-            "i",
+            "j",
             "bentoml",
             bentoml_launch(root),
             infer_path="/infer",

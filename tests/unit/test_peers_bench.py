@@ -171,31 +171,31 @@ def fake_rows() -> list[Row]:
             row("c", "turnout local", "http", conc, 3000 * scale, 10),
             row("d", "turnout ray", "http", conc, 1800 * scale, 15),
             row("d", "turnout ray", "grpc", conc, 1500 * scale, 18),
-            row("e", "triton (pytriton)", "http", conc, 1000 * scale, 30),
-            row("e", "triton (pytriton)", "grpc", conc, 900 * scale, 35),
-            row("f", "kserve", "http", conc, 800 * scale, 40),
+            row("f", "triton (pytriton)", "http", conc, 1000 * scale, 30),
+            row("f", "triton (pytriton)", "grpc", conc, 900 * scale, 35),
+            row("g", "kserve", "http", conc, 800 * scale, 40),
         ]
-    rows.append(Row("i", "bentoml", "-", 0, error="start failed: exited with code 1"))
+    rows.append(Row("j", "bentoml", "-", 0, error="start failed: exited with code 1"))
     return rows
 
 
 def test_each_row_against_the_best_peer_of_its_protocol() -> None:
     rows = fake_rows()
-    ratios = versus_best_peer(rows, {"e", "f", "i"})
+    ratios = versus_best_peer(rows, {"f", "g", "j"})
     by = {(r.system, r.protocol, r.concurrency): ratios.get(id(r)) for r in rows}
     assert by[("c", "http", 16)] == pytest.approx(3.0)
     assert by[("d", "grpc", 16)] == pytest.approx(1500 / 900)
-    assert by[("e", "http", 64)] == pytest.approx(1.0)
-    assert by[("i", "-", 0)] is None
+    assert by[("f", "http", 64)] == pytest.approx(1.0)
+    assert by[("j", "-", 0)] is None
 
 
 def test_targets_pass_fail_and_skip() -> None:
     rows = fake_rows()
     targets = [Target("d", "ray", 2.0, lower_p99=True), Target("c", "local", 2.5, lower_p99=False)]
-    verdicts = evaluate_targets(rows, targets, {"e", "f"}, [16, 64])
+    verdicts = evaluate_targets(rows, targets, {"f", "g"}, [16, 64])
     assert [v["verdict"] for v in verdicts] == ["FAIL", "FAIL", "PASS", "PASS"]
-    assert verdicts[0]["detail"].startswith("1.80x of (e) triton (pytriton)")
-    skipped = evaluate_targets(rows, [Target("z", "absent", 2.0, False)], {"e"}, [16])
+    assert verdicts[0]["detail"].startswith("1.80x of (f) triton (pytriton)")
+    skipped = evaluate_targets(rows, [Target("z", "absent", 2.0, False)], {"f"}, [16])
     assert skipped[0]["verdict"] == "SKIP"
     no_peer = evaluate_targets(rows, targets[:1], set(), [16])
     assert no_peer[0] == {
@@ -224,7 +224,7 @@ def test_report_writes_the_json_and_both_plots(
     assert path.name.startswith("peers-") and (tmp_path / "peers-latest.json").exists()
     assert document["settings"]["systems"]["bentoml"]["http_request"].startswith("POST /infer")
     assert set(document["peers"]) == {"triton", "kserve", "bentoml"}
-    unavailable = [r for r in document["results"] if r["system"] == "i"]
+    unavailable = [r for r in document["results"] if r["system"] == "j"]
     assert unavailable[0]["error"] == "unavailable: start failed: exited with code 1"
     local16 = next(r for r in document["results"] if (r["system"], r["concurrency"]) == ("c", 16))
     assert local16["ratio_best_peer"] == pytest.approx(3.0) and local16["ratio_a"] == pytest.approx(
