@@ -101,7 +101,8 @@ def _install(peer: Peer, root: Path, log: Path | None) -> str | None:
         if done.returncode != 0:
             last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
             step = " ".join(Path(c).name for c in command[:3])  # e.g. "python -m pip"
-            return f"install failed ({step} exited {done.returncode}): {' '.join(last)}"
+            why = f"install failed ({step} exited {done.returncode})"
+            return f"{why}: {last[0]}" if last else why
     return None
 
 
