@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-tools \
-	image-tools base-image image image-cuda image-test clean
+.PHONY: install generate check-generated demo test test-fast test-tools lint bench bench-peers \
+	bench-tools image-tools base-image image image-cuda image-test clean
 
 install: $(STAMP)
 
@@ -65,6 +65,11 @@ bench-tools:
 
 bench: $(STAMP) bench-tools
 	$(PY) -m bench.serving
+
+# turnout side by side with Triton, KServe, MLServer, LitServe and BentoML; each peer is
+# installed (once) into a venv of its own under bench/.peers/, which downloads ~2 GB.
+bench-peers: $(STAMP) bench-tools
+	$(PY) -m bench.peers
 
 # The container image (deploy/Containerfile, docs/deploy.md), built with buildah from a
 # Debian base made here from Debian's packages: no image registry is needed. Slow (minutes,

@@ -206,6 +206,9 @@ def free_port() -> int:
         return port
 
 
+_READY_LINE = re.compile(r"^(turnout|floor|ray_naive) ready\b")
+
+
 class Server:
     """One system under test as a subprocess with its output in a log file.
 
@@ -214,11 +217,18 @@ class Server:
     """
 
     def __init__(
-        self, command: list[str], log_path: Path, env: dict[str, str] | None = None
+        self,
+        command: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        ready_url: str | None = None,
     ) -> None:
         self.command = command
         self.log_path = log_path
         self.env = env  # added to this process's environment
+        # A server that prints no `<name> ready` line (another project's) is ready once this
+        # URL answers 200.
+        self.ready_url = ready_url
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -249,15 +259,24 @@ class Server:
         """
         assert self.proc is not None
         started = time.monotonic()
-        ready = re.compile(r"^(turnout|floor|ray_naive) ready\b")
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise StartError(f"exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            text = self.log_path.read_text(errors="replace")
-            if any(ready.search(line) for line in text.splitlines()):
+            if self._is_ready():
                 return time.monotonic() - started
             time.sleep(0.2)
-        raise StartError(f"no 'ready' line after {timeout:.0f} s:\n{self.log_tail()}")
+        waited_for = f"{self.ready_url} answering 200" if self.ready_url else "'ready' line"
+        raise StartError(f"no {waited_for} after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _is_ready(self) -> bool:
+        if self.ready_url is not None:
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
+                    return bool(response.status == 200)
+            except (OSError, ValueError):
+                return False
+        text = self.log_path.read_text(errors="replace")
+        return any(_READY_LINE.search(line) for line in text.splitlines())
 
     def stop(self) -> None:
         if self.proc is None:
@@ -352,8 +371,12 @@ def infer_http(
         headers={"content-type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        answer = orjson.loads(response.read())
-    out = next(o for o in answer["outputs"] if o["name"] == output_name)
+        return oip_output(response.read(), output_name)
+
+
+def oip_output(answer: bytes, output_name: str = OUTPUT_NAME) -> np.ndarray:
+    """The output named in an OIP JSON infer response, as a float32 array."""
+    out = next(o for o in orjson.loads(answer)["outputs"] if o["name"] == output_name)
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 

@@ -14,12 +14,14 @@ HTTP load comes from `hey`, gRPC load (turnout only) from `h2load`. Usage:
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,16 +40,18 @@ from bench.harness import (
     Workload,
     argument_parser,
     check_grpc,
-    check_http,
+    check_output,
     console,
     exit_on_sigterm,
     exit_status,
     fmt,
     free_port,
     goodput,
+    infer_json,
     infer_request,
     machine_info,
     new_table,
+    oip_output,
     prepare_workload,
     print_verdict,
     read_counts,
@@ -63,37 +67,66 @@ GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 WARMUP_S = 2
 
 
+def model_file(repo: Path) -> str:
+    return str(repo / MODEL_NAME / "1" / "model.onnx")
+
+
+Launch = Callable[[Path, int, int, Path], Server]
+"""(model repository, HTTP port, gRPC port, log file) -> the system's Server, not started yet;
+raises StartError when the system cannot run here."""
+
+
 @dataclass(frozen=True)
 class System:
+    """One system under test: how it starts, which HTTP requests it takes, what it speaks."""
+
     key: str
     name: str
-    grpc: bool
-    # Where delta(inference_count)/delta(execution_count) comes from; None: batch is always 1.
-    stats_path: str | None
-    env: dict[str, str] | None = None  # added to the server's environment
+    launch: Launch
+    grpc: bool = False  # OIP v2 gRPC on the gRPC port
+    # Where delta(inference_count)/delta(execution_count) comes from; None: not known.
+    stats_path: str | None = None
+    unbatched: bool = False  # runs every request on its own: the batch is always 1
+    infer_path: str = INFER_PATH
+    http_body: Callable[[np.ndarray], bytes] = infer_json
+    http_answer: Callable[[bytes], np.ndarray] = oip_output
+    request_format: str = "OIP v2 JSON"
 
-    def command(self, repo: Path, http_port: int, grpc_port: int) -> list[str]:
-        if self.key in ("a", "b"):
-            module = "bench.baselines." + self.name  # the baselines' names are their modules
-            model = str(repo / MODEL_NAME / "1" / "model.onnx")
-            return [sys.executable, "-m", module, "--model", model, "--port", str(http_port)]
-        backend = "local" if self.key == "c" else "ray"
+
+def baseline(module: str) -> Launch:
+    """A hand-written baseline, ``python -m bench.baselines.MODULE``."""
+
+    def launch(repo: Path, http_port: int, grpc_port: int, log: Path) -> Server:
+        command = [sys.executable, "-m", f"bench.baselines.{module}", "--model", model_file(repo)]
+        return Server([*command, "--port", str(http_port)], log)
+
+    return launch
+
+
+def turnout(backend: str, env: dict[str, str] | None = None) -> Launch:
+    """``turnout serve --backend BACKEND``, the serving path alone, ``env`` added to its
+    environment."""
+
+    def launch(repo: Path, http_port: int, grpc_port: int, log: Path) -> Server:
         ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-        # The serving path alone; the monitor's cost is measured by bench/monitor_cost.py.
-        return serve_command(repo, backend, "--host", "127.0.0.1", *ports, "--no-monitor")
+        # The monitor's cost is measured by bench/monitor_cost.py.
+        options = ["--host", "127.0.0.1", *ports, "--no-monitor"]
+        return Server(serve_command(repo, backend, *options), log, env=env)
+
+    return launch
 
 
 SYSTEMS = {
-    "a": System("a", "floor", grpc=False, stats_path=None),
-    "b": System("b", "ray_naive", grpc=False, stats_path="/stats"),
-    "c": System("c", "turnout local", grpc=True, stats_path=STATS_PATH),
-    "d": System("d", "turnout ray", grpc=True, stats_path=STATS_PATH),
+    "a": System("a", "floor", baseline("floor"), unbatched=True),
+    "b": System("b", "ray_naive", baseline("ray_naive"), stats_path="/stats"),
+    "c": System("c", "turnout local", turnout("local"), grpc=True, stats_path=STATS_PATH),
+    "d": System("d", "turnout ray", turnout("ray"), grpc=True, stats_path=STATS_PATH),
     "e": System(
         "e",
         "turnout ray handles",
+        turnout("ray", {"TURNOUT_RAY_SAME_NODE_CHANNEL": "false"}),
         grpc=True,
         stats_path=STATS_PATH,
-        env={"TURNOUT_RAY_SAME_NODE_CHANNEL": "false"},
     ),
 }
 
@@ -171,32 +204,47 @@ def parse_h2load(text: str, log: Path) -> LoadResult:
 # ---------------------------------------------------------------------------------- one system
 
 
+def check_http_answer(system: System, port: int, x: np.ndarray, expected: np.ndarray) -> None:
+    """POST one request in ``system``'s HTTP format; its answer must be ONNX Runtime's."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{system.infer_path}",
+        data=system.http_body(x),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        check_output(system.http_answer(response.read()), expected)
+
+
 def bench_system(
     system: System, workload: Workload, work: Path, duration: float, concurrencies: list[int]
 ) -> list[Row]:
+    """Start ``system`` alone, check its answers, load it at each concurrency, stop it."""
     http_port, grpc_port = free_port(), free_port()
     rows: list[Row] = []
     try:
-        command = system.command(workload.repo, http_port, grpc_port)
+        server = system.launch(
+            workload.repo, http_port, grpc_port, work / f"server-{system.key}.log"
+        )
     except StartError as exc:
         return [Row(system.key, system.name, "-", 0, error=str(exc))]
-    server = Server(command, work / f"server-{system.key}.log", env=system.env)
     console.rule(f"({system.key}) {system.name}")
-    console.print(" ".join(command), style="dim")
+    console.print(" ".join(server.command), style="dim")
     with running(server):
         try:
             took = server.wait_ready()
             console.print(f"ready after {took:.1f} s")
             x, expected = workload.x, workload.expected
-            retry(lambda: check_http(http_port, x, expected), "HTTP correctness check")
+            check = functools.partial(check_http_answer, system, http_port, x, expected)
+            retry(check, "HTTP correctness check")
             if system.grpc:
                 retry(lambda: check_grpc(grpc_port, x, expected), "gRPC correctness check")
         except StartError as exc:
             console.print(f"[red]({system.key}) {system.name} did not start: {exc}")
             return [Row(system.key, system.name, "-", 0, error=f"start failed: {exc}")]
 
-        http_file, grpc_file = work / "body.json", work / "body.grpc"
-        http_url = f"http://127.0.0.1:{http_port}{INFER_PATH}"
+        http_file, grpc_file = work / f"body-{system.key}.json", work / "body.grpc"
+        http_file.write_bytes(system.http_body(x))
+        http_url = f"http://127.0.0.1:{http_port}{system.infer_path}"
         grpc_url = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}"
         loads: list[tuple[str, Callable[[float, int], LoadResult]]] = [
             ("http", lambda d, c: run_hey(http_url, http_file, d, c))
@@ -222,8 +270,8 @@ def bench_system(
                 after = read_counts(http_port, system.stats_path) if system.stats_path else None
                 row.rps, row.p50_ms, row.p99_ms = result.rps, result.p50_ms, result.p99_ms
                 row.requests, row.errors = result.requests, result.errors
-                if system.stats_path is None:
-                    row.avg_batch = 1.0  # the floor runs every request on its own
+                if system.unbatched:
+                    row.avg_batch = 1.0
                 elif before is not None and after is not None and after[1] > before[1]:
                     row.avg_batch = (after[0] - before[0]) / (after[1] - before[1])
                 if result.notes:
@@ -235,6 +283,23 @@ def bench_system(
                 )
                 rows.append(row)
     return rows
+
+
+def measure_systems(
+    systems: list[System], duration: float, concurrencies: list[int]
+) -> tuple[list[Row], dict[str, Any]]:
+    """Each system alone, one after the other, on one MLP workload; the rows of all of them
+    and turnout's model config."""
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="turnout-bench-") as tmp:
+        work = Path(tmp)
+        workload = prepare_workload(work)
+        (work / "body.grpc").write_bytes(grpc_body(workload.x))  # bench_system reads it
+        config = workload.repo / MODEL_NAME / "config.yaml"
+        turnout_config = yaml.safe_load(config.read_text())
+        for system in systems:
+            rows += bench_system(system, workload, work, duration, concurrencies)
+    return rows, turnout_config
 
 
 # ------------------------------------------------------------------------------ report, targets
@@ -257,21 +322,20 @@ def add_ratios(rows: list[Row]) -> None:
                 setattr(row, attr, row.rps / ref.rps)
 
 
-def print_table(rows: list[Row]) -> None:
-    columns = (
-        "system",
-        "protocol",
-        "conc",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "avg batch",
-        "errors",
-        "x (a)",
-        "x (b)",
-        "note",
-    )
-    title = "Serving benchmark (MLP 256-1024-1024-10, one row per request)"
+TITLE = "Serving benchmark (MLP 256-1024-1024-10, one row per request)"
+RatioColumn = tuple[str, Callable[[Row], float | None]]
+VERSUS_BASELINES: list[RatioColumn] = [
+    ("x (a)", lambda r: r.ratio_a),
+    ("x (b)", lambda r: r.ratio_b),
+]
+
+
+def print_table(
+    rows: list[Row], title: str = TITLE, ratios: list[RatioColumn] = VERSUS_BASELINES
+) -> None:
+    """One line per row, a req/s ratio column per entry of ``ratios``; then the rows' notes."""
+    columns = ["system", "protocol", "conc", "req/s", "p50 ms", "p99 ms", "avg batch", "errors"]
+    columns += [name for name, _ in ratios] + ["note"]
     table = new_table(title, columns, left=("system", "note"))
     for row in rows:
         table.add_row(
@@ -283,8 +347,7 @@ def print_table(rows: list[Row]) -> None:
             fmt(row.p99_ms),
             fmt(row.avg_batch, 1),
             str(row.errors),
-            fmt(row.ratio_a),
-            fmt(row.ratio_b),
+            *(fmt(ratio(row)) for _, ratio in ratios),
             (row.error or "").split("\n", 1)[0][:50],
         )
     console.print(table)
@@ -429,16 +492,8 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_on_sigterm()
 
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="turnout-bench-") as tmp:
-        work = Path(tmp)
-        workload = prepare_workload(work)  # writes work/body.json, which bench_system reads
-        (work / "body.grpc").write_bytes(grpc_body(workload.x))
-        config = workload.repo / MODEL_NAME / "config.yaml"
-        turnout_config = yaml.safe_load(config.read_text())
-        for key in args.systems:
-            rows += bench_system(SYSTEMS[key], workload, work, args.duration, args.concurrency)
-
+    systems = [SYSTEMS[key] for key in args.systems]
+    rows, turnout_config = measure_systems(systems, args.duration, args.concurrency)
     add_ratios(rows)
     print_table(rows)
     verdicts = evaluate_targets(rows, args.systems, args.concurrency)
