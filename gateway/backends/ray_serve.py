@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -39,6 +40,11 @@ def app_name(spec: ModelSpec) -> str:
 # cores): c1 p50 5.2 -> 3.8 ms, c16 1514 -> 1669 req/s. Set either variable to override.
 ROUTER_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+_DEPLOYING = threading.Lock()
+"""Serve's deployment API is not thread-safe: one application at a time per process (tests
+and embedders run several gateways in one)."""
 
 
 def replica_env() -> dict[str, str]:
@@ -73,8 +79,9 @@ def _resources(amounts: dict[str, float]) -> str:
 
 class RayBackend(ReplicaBackend):
     name = "ray"
-    # Each Serve call costs milliseconds of CPU: one call per replica at a time fills
-    # batches twice as full, which served 1.3-1.4x the req/s at c16-c64 on 2 cores (bench/).
+    # One batch per replica at a time fills batches twice as full: through handles (each
+    # call costs milliseconds of CPU) 1.3-1.4x the req/s at c16-c64 on 2 cores, over the
+    # same-node socket 1.9-2x (docs/configuration.md, max_inflight_batches).
     default_inflight_batches = 1
 
     def __init__(
@@ -96,8 +103,6 @@ class RayBackend(ReplicaBackend):
         Ray's view of free resources lags behind a deployment that is still placing."""
         self._handles: dict[str, Any] = {}
         self._started_ray = False
-        # Serve's deployment API is not thread-safe: deploy one application at a time.
-        self._deploy_lock = asyncio.Lock()
         self.batches_by_replica: collections.Counter[str] = collections.Counter()
         self.replica_retries = 0
         """Batches sent again because their replica died."""
@@ -136,11 +141,11 @@ class RayBackend(ReplicaBackend):
             # missing CUDA provider is known now rather than after a replica crash loop.
             select_providers("cuda")
         asked = replica_resources(spec)
-        self._check_capacity(spec, asked)
+        if not await asyncio.to_thread(self._running_elsewhere, spec):
+            self._check_capacity(spec, asked)
         self._reserved[spec.key] = asked
         try:
-            async with self._deploy_lock:
-                handle = await asyncio.to_thread(self._deploy, spec)
+            handle = await asyncio.to_thread(self._deploy, spec)
         except BackendError:
             self._reserved.pop(spec.key, None)
             raise
@@ -176,6 +181,16 @@ class RayBackend(ReplicaBackend):
             free[resource] = max(0.0, min(available.get(resource, 0.0), known[resource] - ours))
         return free, known
 
+    def _running_elsewhere(self, spec: ModelSpec) -> bool:
+        """Whether another gateway of this cluster already runs ``spec``'s application:
+        deploying it again reuses its replicas, so it needs no free resources."""
+        from ray import serve
+
+        if self._started_ray:
+            return False
+        status = serve.status().applications.get(app_name(spec))
+        return status is not None and str(status.status).endswith("RUNNING")
+
     def _check_capacity(self, spec: ModelSpec, asked: dict[str, float]) -> None:
         """Serve waits forever for replicas it cannot place: refuse them up front instead."""
         free, total = self._free()
@@ -189,6 +204,10 @@ class RayBackend(ReplicaBackend):
                 )
 
     def _deploy(self, spec: ModelSpec) -> Any:
+        with _DEPLOYING:
+            return self._deploy_alone(spec)
+
+    def _deploy_alone(self, spec: ModelSpec) -> Any:
         from ray import serve
         from ray.serve import api as serve_api
 
@@ -334,15 +353,10 @@ class RayBackend(ReplicaBackend):
             await serve.shutdown_async()  # type: ignore[no-untyped-call]
             await asyncio.to_thread(ray.shutdown)
             return
+        # A cluster this gateway joined: its applications stay, since every gateway of the
+        # cluster serves the same ones (a rolling update must not take the replicas away
+        # from the others); an unload through the admin API deletes one.
         handles, self._handles = self._handles, {}
         self._reserved.clear()
         for handle in handles.values():
             await handle.shutdown_async()
-        await asyncio.to_thread(self._delete_applications, list(handles))
-
-    @staticmethod
-    def _delete_applications(keys: list[str]) -> None:
-        from ray import serve
-
-        for key in keys:
-            serve.delete(f"turnout-{key.replace('/', '-v')}")

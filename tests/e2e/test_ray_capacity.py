@@ -56,6 +56,31 @@ def test_five_versions_with_default_settings_load_on_two_cpus(gateway: GatewayTh
     assert sum(r["CPU"] for r in backend._reserved.values()) == pytest.approx(1.25)
 
 
+def test_a_second_gateway_shares_the_applications_and_stopping_it_takes_none_away(
+    gateway: GatewayThread, repository: Path
+) -> None:
+    second = GatewayThread(local_settings(repository, backend="ray"))
+    try:
+        # All five versions already run: loading them again needs no free CPU.
+        assert httpclient.InferenceServerClient(second.http_url).is_server_ready()
+        assert _add(second, 5) == [[2.0] * 4]
+    finally:
+        second.stop()
+    for version in VERSIONS:
+        assert _add(gateway, version) == [[2.0] * 4]
+
+
+def _add(server: GatewayThread, version: int) -> list[list[float]]:
+    client = httpclient.InferenceServerClient(server.http_url)
+    inputs = [httpclient.InferInput(n, [1, 4], "FP32") for n in ("a", "b")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    result: list[list[float]] = (
+        client.infer("add_sub", inputs, model_version=str(version)).as_numpy("sum").tolist()
+    )
+    return result
+
+
 def test_replicas_that_cannot_fit_are_refused_before_ray_is_asked(
     gateway: GatewayThread, repository: Path
 ) -> None:

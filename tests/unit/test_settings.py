@@ -47,6 +47,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "ray_address": None,
         "ray_namespace": "turnout",
         "ray_load_timeout_s": 120.0,
+        "ray_same_node_channel": True,
         "max_request_bytes": 64 * 1024 * 1024,
         "grpc_max_concurrent_streams": None,
         "overload_hold_ms": 500,
