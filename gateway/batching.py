@@ -65,6 +65,8 @@ class BatchStats:
     compute_ns: int = 0  # summed over successful batches
     batch_sizes: dict[int, int] = field(default_factory=dict)
     failed_batches: int = 0  # backend calls that raised
+    arrived_rows: int = 0  # rows queued (the autoscaler's arrival rate)
+    batched_requests: int = 0  # requests that left the queue in a batch (queue_ns's count)
 
 
 class Batcher:
@@ -89,8 +91,8 @@ class Batcher:
         self._delay_s = config.max_queue_delay_us / 1e6 if self._batchable else 0.0
         self._preferred = sorted(set(config.preferred_batch_sizes)) if self._batchable else []
         self._max_queue = config.max_queue_size
-        per_replica = config.max_inflight_batches or DEFAULT_INFLIGHT_BATCHES
-        self._slots_total = max(1, replicas * per_replica)
+        self._per_replica = config.max_inflight_batches or DEFAULT_INFLIGHT_BATCHES
+        self._slots_total = max(1, replicas * self._per_replica)
         self.default_timeout_s = config.default_timeout_us / 1e6
         self.stats = BatchStats()
         self._queue: deque[_Pending] = deque()
@@ -118,6 +120,13 @@ class Batcher:
     @property
     def inflight_batches(self) -> int:
         return self._inflight
+
+    def set_replicas(self, replicas: int) -> None:
+        """The version now has ``replicas`` (scaled): as many batches may be in flight; with
+        none, one, which waits for the replica that its arrival starts."""
+        self._slots_total = max(1, replicas * self._per_replica)
+        if self._loop is not None:
+            self._dispatch()
 
     def full(self) -> bool:
         """No room in the queue: a request now would be refused (those that timed out
@@ -166,6 +175,7 @@ class Batcher:
             timing.enqueued = enqueued
         self._queue.append(pending)
         self._queued_rows += rows
+        self.stats.arrived_rows += rows
         if not self._dispatch_due:
             # At the end of this loop turn, so requests that arrived together batch together.
             self._dispatch_due = True
@@ -328,6 +338,7 @@ class Batcher:
                     timing.batch_id = batch_id
                     timing.placement = placement
             self.stats.queue_ns += queue_ns
+            self.stats.batched_requests += len(batch)
             self._inflight -= 1
             self._dispatch()
 

@@ -75,6 +75,18 @@ class ServingState(Protocol):
     @property
     def overload(self) -> Overload: ...
 
+    def replicas(self) -> list[tuple[str, int, int, int, float]]:
+        """(model, version, replicas running, starts from zero, last start's seconds)."""
+        ...
+
+    def desired_replicas(self) -> dict[tuple[str, int], int]:
+        """(model, version) -> replicas the autoscaler last estimated it needs."""
+        ...
+
+    def scaling_decisions(self) -> dict[tuple[str, int, str], int]:
+        """(model, version, ``up``/``down``) -> replica count changes applied."""
+        ...
+
 
 class _Histogram:
     __slots__ = ("counts", "total")
@@ -131,6 +143,7 @@ class GatewayCollector(Collector):
         yield from self._records()
         yield from self._rate_limits()
         yield from self._overload()
+        yield from self._replicas()
         yield from self._policy()
         info = InfoMetricFamily("turnout_gateway", "The gateway's build")
         info.add_metric([], {"version": __version__, "backend": self.state.backend_name})
@@ -270,6 +283,43 @@ class GatewayCollector(Collector):
             "Times the event loop was overrun by refusals and refused connections were held",
             value=overload.storms,
         )
+
+    def _replicas(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(
+            "turnout_replicas", "Replicas running for a version", labels=["model", "version"]
+        )
+        desired = GaugeMetricFamily(
+            "turnout_replicas_desired",
+            "Replicas the autoscaler last estimated an autoscaled version needs",
+            labels=["model", "version"],
+        )
+        decisions = CounterMetricFamily(
+            "turnout_scaling_decisions",
+            "Replica count changes the autoscaler applied, by direction",
+            labels=["model", "version", "direction"],
+        )
+        cold = CounterMetricFamily(
+            "turnout_cold_starts",
+            "Starts of a version scaled to zero (requests waited at the gateway)",
+            labels=["model", "version"],
+        )
+        cold_s = GaugeMetricFamily(
+            "turnout_cold_start_seconds",
+            "How long the last start from zero replicas took",
+            labels=["model", "version"],
+            unit="seconds",
+        )
+        for name, version, count, starts, took in self.state.replicas():
+            labels = [name, str(version)]
+            running.add_metric(labels, count)
+            cold.add_metric(labels, starts)
+            if starts:
+                cold_s.add_metric(labels, took)
+        for (name, version), count in sorted(self.state.desired_replicas().items()):
+            desired.add_metric([name, str(version)], count)
+        for (name, version, direction), count in sorted(self.state.scaling_decisions().items()):
+            decisions.add_metric([name, str(version), direction], count)
+        yield from (running, desired, decisions, cold, cold_s)
 
     def _policy(self) -> Iterator[Metric]:
         revision = GaugeMetricFamily(

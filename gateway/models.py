@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,6 +31,13 @@ class LoadedModel:
     batcher: Batcher
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+    replicas: int = 1
+    """Replicas running now (the autoscaler changes it; 0: scaled to zero)."""
+    cold_starts: int = 0
+    cold_start_s: float = 0.0
+    """How long the last start from zero replicas took."""
+    waking: asyncio.Future[None] | None = None
+    """The start from zero in progress, which every batch waits for."""
 
 
 class ModelTable:
@@ -60,8 +68,11 @@ class ModelTable:
             spec = dataclasses.replace(spec, config=config)
         await self.backend.load(spec)
         backend = self.backend
+        loaded: LoadedModel | None = None
 
         async def run_batch(inputs: Tensors) -> tuple[Tensors, Placement]:
+            if loaded is not None and loaded.replicas == 0:
+                await self._wake(loaded)
             return await backend.infer(spec, inputs)
 
         batcher = Batcher(
@@ -77,12 +88,51 @@ class ModelTable:
             batcher=batcher,
             inputs={t.name: t for t in spec.inputs},
             outputs={t.name: t for t in spec.outputs},
+            replicas=spec.config.num_replicas,
         )
         versions = self.versions.setdefault(spec.name, {})
         versions[spec.version] = loaded
         self.versions[spec.name] = dict(sorted(versions.items()))
         log.info("loaded %s (%s, batch %s)", spec.key, backend.name, batcher.max_batch_size)
         return loaded
+
+    async def scale(self, loaded: LoadedModel, replicas: int) -> None:
+        """Run ``loaded`` on ``replicas`` replicas; its batcher follows once they serve."""
+        if replicas == loaded.replicas:
+            return
+        if replicas < loaded.replicas:
+            loaded.batcher.set_replicas(replicas)  # fewer batches in flight first
+        try:
+            await self.backend.scale(loaded.spec, replicas)
+        except BaseException:
+            loaded.batcher.set_replicas(loaded.replicas)
+            raise
+        loaded.replicas = replicas
+        loaded.batcher.set_replicas(replicas)
+        log.info("%s now runs %d replica(s)", loaded.spec.key, replicas)
+
+    async def _wake(self, loaded: LoadedModel) -> None:
+        """A batch for a version scaled to zero: start one replica (or ``min_replicas``),
+        once, while the batch and those after it wait at the gateway."""
+        if loaded.waking is None:
+            loaded.waking = asyncio.get_running_loop().create_future()
+            scaling = loaded.spec.config.autoscaling
+            started = time.perf_counter()
+            try:
+                await self.scale(loaded, max(1, scaling.min_replicas if scaling else 1))
+            except BaseException as exc:
+                loaded.waking.set_exception(exc)
+                loaded.waking.exception()  # retrieved: the batch below raises it
+            else:
+                loaded.cold_starts += 1
+                loaded.cold_start_s = time.perf_counter() - started
+                log.info("%s started from zero in %.2f s", loaded.spec.key, loaded.cold_start_s)
+                loaded.waking.set_result(None)
+            finally:
+                waking, loaded.waking = loaded.waking, None
+            await waking
+        else:
+            await asyncio.shield(loaded.waking)
 
     async def unload(self, model: str, version: int) -> None:
         loaded = self.versions.get(model, {}).pop(version, None)

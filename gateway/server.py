@@ -37,6 +37,7 @@ from gateway.admin.rollout import RolloutAdmin
 from gateway.admin.rollout_grpc import RolloutServicer
 from gateway.admin.traffic import TrafficAdmin
 from gateway.auth import Token, TokenAuth, load_or_create_tokens
+from gateway.autoscaler import Autoscaler
 from gateway.backends.base import ReplicaBackend
 from gateway.batching import Batcher
 from gateway.dataplane import DataPlane, Observer
@@ -173,12 +174,31 @@ class ServingView:
     """What the metrics collector reads at scrape time, from the gateway's live parts."""
 
     def __init__(
-        self, models: ModelTable, dataplane: DataPlane, router: PolicyRouter, overload: Overload
+        self,
+        models: ModelTable,
+        dataplane: DataPlane,
+        router: PolicyRouter,
+        overload: Overload,
+        autoscaler: Autoscaler,
     ) -> None:
         self._models = models
         self._dataplane = dataplane
         self._router = router
         self.overload = overload
+        self._autoscaler = autoscaler
+
+    def desired_replicas(self) -> dict[tuple[str, int], int]:
+        return self._autoscaler.desired()
+
+    def scaling_decisions(self) -> dict[tuple[str, int, str], int]:
+        return dict(self._autoscaler.decisions)
+
+    def replicas(self) -> list[tuple[str, int, int, int, float]]:
+        """(model, version, replicas running, starts from zero, last start's seconds)."""
+        return [
+            (m.spec.name, m.spec.version, m.replicas, m.cold_starts, m.cold_start_s)
+            for m in self._models.loaded()
+        ]
 
     @property
     def backend_name(self) -> str:
@@ -231,6 +251,7 @@ class Gateway:
             self.backend,
             drain_timeout_s=settings.drain_timeout_s,
         )
+        self.autoscaler = Autoscaler(self.models)
         self.request_metrics = RequestMetrics()
         self.evidence = Evidence()
         recorders: list[Observer] = [] if self.emitter is None else [self.emitter.observe]
@@ -261,7 +282,9 @@ class Gateway:
         )
         self.metrics = gateway_registry(
             GatewayCollector(
-                ServingView(self.models, self.dataplane, self.router, self.overload),
+                ServingView(
+                    self.models, self.dataplane, self.router, self.overload, self.autoscaler
+                ),
                 self.request_metrics,
                 self.emitter,
             )
@@ -278,6 +301,7 @@ class Gateway:
         )
         self.metrics.register(RolloutCollector(self.store, self.controller))
         self._controller_task: asyncio.Task[None] | None = None
+        self._autoscaler_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self.certificates = (
             Certificates(
@@ -322,6 +346,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._watch_task = loop.create_task(self.store.watch())
         self._controller_task = loop.create_task(self.controller.run())
+        self._autoscaler_task = loop.create_task(self.autoscaler.run())
         if self.certificates is not None:
             self._tls_task = loop.create_task(self.certificates.watch())
         self.overload.start()
@@ -386,9 +411,11 @@ class Gateway:
             stops.append(self._http_task)
         await asyncio.gather(*stops, return_exceptions=True)
         self.overload.stop()
-        for task in (self._watch_task, self._controller_task, self._tls_task):
+        tasks = (self._watch_task, self._controller_task, self._tls_task, self._autoscaler_task)
+        for task in tasks:
             if task is not None:
                 task.cancel()
+        await self.autoscaler.stop()
         await self.models.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -17,6 +17,7 @@ from turnout_contract.address import default_state_dir
 from turnout_contract.settings import SettingsError, error_key, load_layered, read_yaml
 
 __all__ = [
+    "AutoscalingConfig",
     "ModelConfig",
     "ServerSettings",
     "SettingsError",
@@ -24,6 +25,45 @@ __all__ = [
     "load_model_config",
     "load_settings",
 ]
+
+
+class AutoscalingConfig(BaseModel):
+    """Replicas of each version between ``min_replicas`` and ``max_replicas``, from the
+    gateway's own queue (docs/autoscaling.md has the estimate and its assumptions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas; 0 lets an idle version scale to zero (the first request after
+    waits at the gateway while a replica starts)."""
+
+    max_replicas: int = Field(default=4, ge=1)
+    """Most replicas."""
+
+    target_queue_delay_ms: float = Field(default=20.0, gt=0)
+    """The mean time a request may wait for a replica: the fewest replicas whose predicted
+    queue delay stays under it are asked for."""
+
+    window_s: float = Field(default=5.0, gt=0)
+    """Arrivals and service times are measured over this many seconds."""
+
+    scale_up_cooldown_s: float = Field(default=10.0, ge=0)
+    """After a change, no scale-up for this long (the new replicas take load first)."""
+
+    scale_down_delay_s: float = Field(default=30.0, ge=0)
+    """A scale-down happens only after fewer replicas would have sufficed, with half the
+    target to spare, for this long without a break."""
+
+    scale_to_zero_after_s: float = Field(default=300.0, gt=0)
+    """With ``min_replicas: 0``, a version without requests for this long scales to zero."""
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _check_range(cls, most: int, info: ValidationInfo) -> int:
+        least = info.data.get("min_replicas")
+        if least is not None and most < least:
+            raise ValueError(f"{most} is below min_replicas ({least})")
+        return most
 
 
 class ModelConfig(BaseModel):
@@ -59,7 +99,11 @@ class ModelConfig(BaseModel):
     milliseconds of CPU and fewer, fuller calls serve more: see docs/configuration.md)."""
 
     num_replicas: int = Field(default=1, ge=1)
-    """Replicas of each version (Ray backend: Serve replicas; local: concurrent sessions)."""
+    """Replicas of each version (Ray backend: Serve replicas; local: concurrent sessions);
+    with ``autoscaling``, the count it starts from."""
+
+    autoscaling: AutoscalingConfig | None = None
+    """Scale replicas from the gateway's queue; unset: ``num_replicas``, fixed."""
 
     num_cpus: float | None = Field(default=None, ge=0)
     """CPUs Ray reserves for each replica. Unset: a quarter CPU per ONNX Runtime thread
@@ -78,6 +122,21 @@ class ModelConfig(BaseModel):
 
     inter_op_threads: int = Field(default=1, ge=0)
     """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _check_start(
+        cls, scaling: AutoscalingConfig | None, info: ValidationInfo
+    ) -> AutoscalingConfig | None:
+        start = info.data.get("num_replicas")
+        if scaling is None or start is None:
+            return scaling
+        if not max(1, scaling.min_replicas) <= start <= scaling.max_replicas:
+            raise ValueError(
+                f"num_replicas ({start}) must lie between min_replicas (or 1) and "
+                f"max_replicas ({scaling.min_replicas}..{scaling.max_replicas})"
+            )
+        return scaling
 
     @field_validator("preferred_batch_sizes")
     @classmethod

@@ -43,6 +43,9 @@ class LocalBackend(ReplicaBackend):
         )
 
     async def load(self, spec: ModelSpec) -> None:
+        self._models[spec.key] = _Replicas(await self._sessions(spec, spec.config.num_replicas))
+
+    async def _sessions(self, spec: ModelSpec, count: int) -> list[OnnxSession]:
         cfg = spec.config
 
         def build() -> list[OnnxSession]:
@@ -53,16 +56,22 @@ class LocalBackend(ReplicaBackend):
                     intra_op_threads=cfg.intra_op_threads,
                     inter_op_threads=cfg.inter_op_threads,
                 )
-                for _ in range(cfg.num_replicas)
+                for _ in range(count)
             ]
 
         try:
-            sessions = await asyncio.get_running_loop().run_in_executor(self._executor, build)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, build)
         except BackendError:
             raise
         except Exception as exc:
             raise BackendError(f"model '{spec.key}' failed to load: {exc}") from exc
-        self._models[spec.key] = _Replicas(sessions)
+
+    async def scale(self, spec: ModelSpec, replicas: int) -> None:
+        current = self._models.get(spec.key)
+        sessions = current.sessions if current is not None else []
+        if replicas > len(sessions):
+            sessions = sessions + await self._sessions(spec, replicas - len(sessions))
+        self._models[spec.key] = _Replicas(sessions[:replicas])
 
     async def unload(self, spec: ModelSpec) -> None:
         self._models.pop(spec.key, None)
@@ -71,6 +80,8 @@ class LocalBackend(ReplicaBackend):
         replicas = self._models.get(spec.key)
         if replicas is None:
             raise ModelNotReady(f"model '{spec.name}' version {spec.version} is not loaded")
+        if not replicas.sessions:
+            raise ModelNotReady(f"model '{spec.name}' version {spec.version} has no replicas")
         session, placement = replicas.pick()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, session.run, inputs), placement

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
 import threading
@@ -60,17 +61,30 @@ CPU_PER_THREAD = 0.25
 """What an unset ``num_cpus`` reserves per ONNX Runtime thread of a replica."""
 
 
-def replica_resources(spec: ModelSpec) -> dict[str, float]:
-    """What all replicas of ``spec`` ask Ray for, by resource."""
+def replica_resources(spec: ModelSpec, replicas: int | None = None) -> dict[str, float]:
+    """What ``replicas`` (default: ``num_replicas``) replicas of ``spec`` ask Ray for."""
     cfg = spec.config
+    count = cfg.num_replicas if replicas is None else replicas
     per_replica = cfg.num_cpus
     if per_replica is None:
         threads = cfg.intra_op_threads
         per_replica = 1.0 if threads == 0 else CPU_PER_THREAD * threads
-    asked = {"CPU": per_replica * cfg.num_replicas}
+    asked = {"CPU": per_replica * count}
     if cfg.num_gpus:
-        asked["GPU"] = cfg.num_gpus * cfg.num_replicas
+        asked["GPU"] = cfg.num_gpus * count
     return asked
+
+
+def code_version(spec: ModelSpec) -> str:
+    """What Serve compares to tell a change of replica count (kept replicas) from a change
+    of code (replaced replicas): the model file and the session's settings."""
+    stat = spec.path.stat()
+    cfg = spec.config
+    facts = (
+        *(spec.path.resolve(), stat.st_size, stat.st_mtime_ns, cfg.device),
+        *(cfg.intra_op_threads, cfg.inter_op_threads, cfg.num_cpus, cfg.num_gpus),
+    )
+    return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 
 def _resources(amounts: dict[str, float]) -> str:
@@ -145,7 +159,7 @@ class RayBackend(ReplicaBackend):
             self._check_capacity(spec, asked)
         self._reserved[spec.key] = asked
         try:
-            handle = await asyncio.to_thread(self._deploy, spec)
+            handle = await asyncio.to_thread(self._deploy, spec, cfg.num_replicas)
         except BackendError:
             self._reserved.pop(spec.key, None)
             raise
@@ -153,12 +167,50 @@ class RayBackend(ReplicaBackend):
             self._reserved.pop(spec.key, None)
             raise BackendError(f"model '{spec.key}' failed to deploy on Ray: {exc}") from exc
         self._handles[spec.key] = handle
+        self._open_channels(spec)
+
+    def _open_channels(self, spec: ModelSpec) -> None:
         if self._same_node_channel:
-            per_replica = cfg.max_inflight_batches or self.default_inflight_batches
+            per_replica = spec.config.max_inflight_batches or self.default_inflight_batches
             channels = Channels(channel_dir(self._namespace, app_name(spec)), per_replica)
             channels.prune()
             channels.scan()
             self._channels[spec.key] = channels
+
+    async def scale(self, spec: ModelSpec, replicas: int) -> None:
+        """A new replica count for the version's Serve deployment. Its code version is
+        stable (``code_version``), so Serve keeps the running replicas and starts or stops
+        only the difference; 0 deletes the application (a cold start brings it back)."""
+        key = spec.key
+        if replicas == 0:
+            self._reserved.pop(key, None)
+            await self._withdraw(spec)
+            return
+        asked = replica_resources(spec, replicas)
+        before = self._reserved.get(key, {})
+        free, total = self._free()  # what this version holds already is not free
+        for resource, needed in asked.items():
+            if needed - before.get(resource, 0.0) > free.get(resource, 0.0) + 1e-9:
+                raise BackendError(
+                    f"model '{key}' cannot scale to {replicas} replica(s): they need "
+                    f"{_resources(asked)}, it holds {_resources(before)} and the Ray cluster "
+                    f"has {_resources(free)} free of {_resources(total)}"
+                )
+        self._reserved[key] = asked
+        try:
+            handle = await asyncio.to_thread(self._deploy, spec, replicas, not before)
+        except Exception:
+            if before:
+                self._reserved[key] = before
+            else:
+                self._reserved.pop(key, None)
+            raise
+        old = self._handles.get(key)
+        self._handles[key] = handle
+        if old is not None and old is not handle:
+            await old.shutdown_async()
+        if key not in self._channels:
+            self._open_channels(spec)
 
     def _free(self, excluding: str = "") -> tuple[dict[str, float], dict[str, float]]:
         """(free, total) per resource: the least of Ray's free view and its total less what
@@ -203,11 +255,13 @@ class RayBackend(ReplicaBackend):
                     "or num_replicas in its config.yaml, or add nodes"
                 )
 
-    def _deploy(self, spec: ModelSpec) -> Any:
+    def _deploy(self, spec: ModelSpec, replicas: int, fresh: bool = True) -> Any:
         with _DEPLOYING:
-            return self._deploy_alone(spec)
+            return self._deploy_alone(spec, replicas, fresh)
 
-    def _deploy_alone(self, spec: ModelSpec) -> Any:
+    def _deploy_alone(self, spec: ModelSpec, replicas: int, fresh: bool) -> Any:
+        """Deploy ``replicas`` replicas and wait until they run. On failure a ``fresh``
+        application is deleted; a running one (a scale) stays as it was."""
         from ray import serve
         from ray.serve import api as serve_api
 
@@ -217,26 +271,30 @@ class RayBackend(ReplicaBackend):
         deployment: Any = serve.deployment(
             OnnxReplica,
             name=f"{spec.name}-v{spec.version}",
-            num_replicas=cfg.num_replicas,
+            num_replicas=replicas,
             # The gateway already caps in-flight batches; headroom here keeps Serve's router
             # from probing replica queue lengths before calls it would have to hold anyway.
             max_ongoing_requests=(cfg.max_inflight_batches or self.default_inflight_batches) * 4,
             ray_actor_options={
-                "num_cpus": replica_resources(spec).get("CPU", 0.0) / cfg.num_replicas,
+                "num_cpus": replica_resources(spec, 1).get("CPU", 0.0),
                 "num_gpus": cfg.num_gpus,
                 "runtime_env": {"env_vars": replica_env()},
             },
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
+        # Private: Serve offers no public way to name a code version any more, and without
+        # one every deploy (a scale included) replaces all replicas.
+        deployment._version = code_version(spec)
         name = app_name(spec)
         sockets = channel_dir(self._namespace, name) if self._same_node_channel else None
-        app = deployment.bind(
+        app_args = (
             str(spec.path.resolve()),
             cfg.device,
             cfg.intra_op_threads,
             cfg.inter_op_threads,
             str(sockets) if sockets is not None else None,
         )
+        app = deployment.bind(*app_args)
         handle = serve_api._run(app, _blocking=False, name=name, route_prefix=None)
         deadline = time.monotonic() + self.load_timeout_s
         while True:
@@ -251,19 +309,51 @@ class RayBackend(ReplicaBackend):
                     else []
                 )
                 free, total = self._free(excluding=spec.key)  # it is withdrawn
-                serve.delete(name, _blocking=False)
+                if fresh:
+                    serve.delete(name, _blocking=False)
+                else:  # back to the replicas that served, which Serve kept running
+                    handle.shutdown()  # type: ignore[no-untyped-call]
+                    deployment = deployment.options(num_replicas=self._running_count(name))
+                    deployment._version = code_version(spec)
+                    serve_api._run(deployment.bind(*app_args), name=name, route_prefix=None)
                 why = (
                     "failed"
                     if state.endswith("DEPLOY_FAILED")
                     else (f"did not start within {self.load_timeout_s:g} s (ray_load_timeout_s)")
                 )
                 raise BackendError(
-                    f"model '{spec.key}': its {cfg.num_replicas} Ray replica(s) {why}; they "
-                    f"ask {_resources(replica_resources(spec))}, the cluster has "
+                    f"model '{spec.key}': its {replicas} Ray replica(s) {why}; they "
+                    f"ask {_resources(replica_resources(spec, replicas))}, the cluster has "
                     f"{_resources(free)} free of {_resources(total)}"
                     + (f"; Ray Serve says: {' '.join(messages)[:600]}" if messages else "")
                 )
             time.sleep(0.2)
+
+    @staticmethod
+    def _running_count(name: str) -> int:
+        from ray import serve
+
+        status = serve.status().applications.get(name)
+        if status is None:
+            return 1
+        running = 0
+        for deployment in status.deployments.values():
+            for state, count in deployment.replica_states.items():
+                if str(state).endswith("RUNNING"):
+                    running += int(count)
+        return max(1, running)
+
+    async def _withdraw(self, spec: ModelSpec) -> None:
+        """Delete the version's application, keeping the version known (scaled to zero)."""
+        from ray import serve
+
+        handle = self._handles.pop(spec.key, None)
+        channels = self._channels.pop(spec.key, None)
+        if channels is not None:
+            channels.close()
+        if handle is not None:
+            await handle.shutdown_async()
+            await asyncio.to_thread(serve.delete, app_name(spec))
 
     async def unload(self, spec: ModelSpec) -> None:
         from ray import serve

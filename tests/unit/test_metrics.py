@@ -37,6 +37,15 @@ class FakeState:
     def rate_limited(self) -> dict[tuple[str, str], int]:
         return {("model", "m"): 3}
 
+    def replicas(self) -> list[tuple[str, int, int, int, float]]:
+        return [("m", 1, 2, 0, 0.0), ("m", 2, 1, 3, 2.5)]
+
+    def desired_replicas(self) -> dict[tuple[str, int], int]:
+        return {("m", 1): 3}
+
+    def scaling_decisions(self) -> dict[tuple[str, int, str], int]:
+        return {("m", 1, "up"): 2, ("m", 1, "down"): 1}
+
 
 def record(version: int, status: int, total_s: float, arm: str = "primary") -> RequestRecord:
     return RequestRecord(
@@ -88,3 +97,18 @@ def test_scrape_time_families_come_from_the_serving_state() -> None:
     assert value("turnout_event_loop_lag_seconds") == 0.025
     assert value("turnout_overload_held_connections") == 40
     assert value("turnout_overload_storms_total") == 2
+
+
+def test_replicas_scaling_decisions_and_cold_starts_are_exported() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(FakeState(), RequestMetrics()))
+    value = registry.get_sample_value
+    assert value("turnout_replicas", {"model": "m", "version": "1"}) == 2
+    assert value("turnout_replicas", {"model": "m", "version": "2"}) == 1
+    assert value("turnout_replicas_desired", {"model": "m", "version": "1"}) == 3
+    assert value("turnout_replicas_desired", {"model": "m", "version": "2"}) is None
+    up = {"model": "m", "version": "1", "direction": "up"}
+    assert value("turnout_scaling_decisions_total", up) == 2
+    assert value("turnout_cold_starts_total", {"model": "m", "version": "2"}) == 3
+    assert value("turnout_cold_start_seconds", {"model": "m", "version": "2"}) == 2.5
+    assert value("turnout_cold_start_seconds", {"model": "m", "version": "1"}) is None
