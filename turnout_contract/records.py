@@ -32,7 +32,7 @@ Frame layout (``FORMAT_VERSION`` 3)::
         "parent_id": [str hex16 or ""], "tracestate": [str],
         "kind": ["server" | "shadow"], "protocol": ["http" | "grpc" | ""],
         "path": [str], "error": [str], "replica": [str], "device": [str],
-        "request_id": [str]},
+        "request_id": [str]},   # a text column whose rows all agree: {"all": str}
      "tensors": [{"inputs": {name: array [rows, ...]},      # one part per backend call
                   "outputs": {name: array [rows, ...]}}],   # (the rows the frame needs)
      "sampled": int64 [rows of all parts, in order]: the record (0..n-1) each row belongs
@@ -439,7 +439,10 @@ def encode_frame(batch: RecordBatch) -> bytes:
             text = [""] * rows
         elif not isinstance(text, list) or (text and not isinstance(text[0], str)):
             text = [str(v) for v in text]
-        columns[name] = text
+        if len(text) > 1 and text.count(text[0]) == len(text):
+            columns[name] = {"all": text[0]}  # most are: one arm, path, replica, no error
+        else:
+            columns[name] = text
     parts = batch.parts
     if not parts and (batch.inputs or batch.outputs):
         parts = [(batch.inputs, batch.outputs)]
@@ -493,9 +496,10 @@ def decode_frame(payload: bytes) -> RecordBatch:
         columns: dict[str, Any] = {
             name: _unpack_array(raw_columns[name]) for name in NUMERIC_COLUMNS
         }
-        for name in TEXT_COLUMNS:
-            columns[name] = list(raw_columns[name])
         rows = int(frame["n"])
+        for name in TEXT_COLUMNS:
+            text = raw_columns[name]
+            columns[name] = [str(text["all"])] * rows if isinstance(text, dict) else list(text)
         if any(len(v) != rows for v in columns.values()):
             raise ValueError("record columns disagree on the row count")
         parts = (
