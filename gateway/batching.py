@@ -6,7 +6,10 @@ every replica slot is busy requests keep queueing, so under load batches fill by
 themselves and the delay only matters when the server is idle.
 
 Rows are stacked along the first dimension and split back by offset. Requests whose inner
-shapes or dtypes differ cannot share a call; they wait for the next batch, in order.
+shapes or dtypes differ cannot share a call; they wait for the next batch, in order. A call
+that succeeded leaves its stacked inputs and outputs in one
+:class:`turnout_contract.records.BatchTensors`, which the timing of every request it carried
+points to (with the request's first row): the record emitter samples tensors per call.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from gateway.errors import (
     TurnoutError,
 )
 from gateway.settings import ModelConfig
-from turnout_contract.records import BatchTiming, Placement, Tensors
+from turnout_contract.records import BatchTensors, BatchTiming, Placement, Tensors
 
 __all__ = ["BatchAnswer", "BatchStats", "BatchTiming", "Batcher", "RunBatch", "Tensors"]
 
@@ -86,6 +89,7 @@ class Batcher:
     ) -> None:
         self.name = name
         self._run_batch = run_batch
+        self._batch_axis = batchable
         self._batchable = batchable and config.max_batch_size > 0
         self._max_rows = config.max_batch_size if self._batchable else 1
         self._delay_s = config.max_queue_delay_us / 1e6 if self._batchable else 0.0
@@ -282,23 +286,26 @@ class Batcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        inputs = _stack(batch)
         try:
-            answer = await self._run_batch(_stack(batch))
+            answer = await self._run_batch(inputs)
         except Exception as exc:
-            self._finish(batch, started, None, exc)
+            self._finish(batch, started, inputs, None, exc)
         else:
-            self._finish(batch, started, answer, None)
+            self._finish(batch, started, inputs, answer, None)
 
     def _finish(
         self,
         batch: list[_Pending],
         started: float,
+        inputs: Tensors,
         answer: BatchAnswer | None,
         error: BaseException | None,
     ) -> None:
         """Answer the batch's requests (or fail them), count it, and start the next one."""
         rows = sum(p.rows for p in batch)
         placement: Placement | None = None
+        tensors: BatchTensors | None = None
         try:
             if error is not None:
                 raise error
@@ -308,6 +315,7 @@ class Batcher:
             else:
                 outputs = answer
             self._deliver(batch, rows, outputs)
+            tensors = self._tensors(inputs, outputs, rows)
         except TurnoutError as exc:
             self.stats.failed_batches += 1
             self._fail(batch, exc)
@@ -326,6 +334,7 @@ class Batcher:
             finished = time.perf_counter()
             queue_ns = 0
             batch_id = 0
+            row = 0
             for p in batch:
                 queue_ns += int((started - p.enqueued) * 1e9)
                 timing = p.timing
@@ -337,6 +346,9 @@ class Batcher:
                     timing.batch_size = rows
                     timing.batch_id = batch_id
                     timing.placement = placement
+                    timing.row = row
+                    timing.tensors = tensors
+                row += p.rows
             self.stats.queue_ns += queue_ns
             self.stats.batched_requests += len(batch)
             self._inflight -= 1
@@ -359,6 +371,18 @@ class Batcher:
             end = offset + pending.rows
             self._resolve(pending, {name: value[offset:end] for name, value in outputs.items()})
             offset = end
+
+    def _tensors(self, inputs: Tensors, outputs: Tensors, rows: int) -> BatchTensors | None:
+        """The call's tensors for its records: a model without a batch axis gets its one
+        request's tensors as one row; outputs that do not have a row per input row, none."""
+        if not self._batch_axis:
+            return BatchTensors(
+                {k: v[None] for k, v in inputs.items()}, {k: v[None] for k, v in outputs.items()}, 1
+            )
+        for value in outputs.values():
+            if value.ndim == 0 or value.shape[0] != rows:
+                return None
+        return BatchTensors(inputs, outputs, rows)
 
     def _resolve(self, pending: _Pending, outputs: Tensors) -> None:
         if not pending.future.done():

@@ -103,10 +103,7 @@ class DataPlane:
         version = -1  # -1: no version chosen; 0: the chosen version is not loaded
         decision: Decision | None = None
         timing = BatchTiming()
-        tensors: Tensors | None = None
-        results: Tensors | None = None
         rows = 0
-        batchable = True
         counted = False
         entered = context.received
         request_id = ""
@@ -131,7 +128,6 @@ class DataPlane:
                     f"{', '.join(str(v) for v in versions)})"
                 )
             version = decision.version
-            batchable = model.spec.batchable
             tensors, rows = _validate_inputs(model, request)
             wanted = _requested_outputs(model, request)
             if decision.fault is not None:
@@ -162,10 +158,6 @@ class DataPlane:
             if counted:
                 self.in_flight[name] -= 1
         total_s = time.perf_counter() - context.received
-        if failure is None and not batchable and tensors is not None and results is not None:
-            # A model without a batch axis: the whole tensor is the request's one row.
-            tensors = {k: v[None] for k, v in tensors.items()}
-            results = {k: v[None] for k, v in results.items()}
         record = RequestRecord(
             name if counted or name in self.models.versions else UNKNOWN_MODEL,
             version,
@@ -183,9 +175,7 @@ class DataPlane:
             context.path,
             error,
             request_id,
-            rows,
-            tensors if failure is None else None,
-            results if failure is None else None,
+            rows if failure is None else 0,  # its rows, in its batch's tensors (timing)
         )
         for observe in self.observers:
             observe(record)
@@ -222,7 +212,7 @@ class DataPlane:
             context.model, -1, 0, "", error.http_status,
             time.time_ns() - int(total_s * 1e9), context.received, context.received,
             total_s, BatchTiming(), context.trace, SERVER, context.protocol, context.path,
-            error.message, "", 0, None, None,
+            error.message, "",
         )  # fmt: skip
         for observe in self.observers:
             observe(record)

@@ -5,14 +5,20 @@ call) once its outcome is known, hands it to its observers (metrics, the record 
 and the emitter turns queued records into columns with :meth:`RecordBatch.from_records`:
 the schema below is written once, here.
 
+A record holds scalars only. Tensors are recorded per backend call: the batcher keeps the
+call's stacked inputs and outputs in one :class:`BatchTensors`, which every request it
+carried points to from its :class:`BatchTiming` (with the request's first row in it). A
+frame carries each call's tensors once, as a part: the rows of the calls its sampled
+records came from, and ``sampled`` names the record of each row.
+
 One frame carries the requests of one (model, version) that the gateway collected since its
 last flush, column by column, so the sidecar can feed numpy arrays straight into its
 kernels. Frames are msgpack maps; arrays travel as raw little-endian bytes with their dtype
 and shape. A frame fits one Unix datagram (the gateway splits larger batches).
 
-Frame layout (``FORMAT_VERSION`` 2)::
+Frame layout (``FORMAT_VERSION`` 3)::
 
-    {"v": 2, "model": str, "version": int,
+    {"v": 3, "model": str, "version": int,
      "n": rows,
      "columns": {               # one entry per request, all of length n
         "revision": int64, "arm": [str], "status": int16 (HTTP-style code),
@@ -26,13 +32,19 @@ Frame layout (``FORMAT_VERSION`` 2)::
         "parent_id": [str hex16 or ""], "tracestate": [str],
         "kind": ["server" | "shadow"], "protocol": ["http" | "grpc" | ""],
         "path": [str], "error": [str], "replica": [str], "device": [str],
-        "request_id": [str]},
-     "sampled": int64 row indices whose tensors are included (subset of 0..n-1),
-     "inputs":  {name: array [len(sampled), ...]},     # features of sampled rows
-     "outputs": {name: array [len(sampled), ...]},
+        "request_id": [str]},   # a text column whose rows all agree: {"all": str}
+     "tensors": [{"inputs": {name: array [rows, ...]},      # one part per backend call
+                  "outputs": {name: array [rows, ...]}}],   # (the rows the frame needs)
+     "sampled": int64 [rows of all parts, in order]: the record (0..n-1) each row belongs
+                to; -1: a row of the call whose request has no record here (it failed, or
+                its record went in another frame),
      "emitter": {"source": str, counter: int, ...}}   # optional: the gateway's cumulative
                                                       # drop counters, which the sidecar
                                                       # exports (frames it never got included)
+
+:func:`decode_frame` joins the parts and keeps the rows that belong to a record of the
+frame, in record order, so a decoded :class:`RecordBatch` is what version 2 carried
+(which it still reads): ``inputs``/``outputs`` with one row per entry of ``sampled``.
 
 A ``shadow`` record is the mirrored call to a shadow version: its span's parent is the
 primary request's server span, and its arm is ``shadow``.
@@ -55,6 +67,7 @@ __all__ = [
     "SERVER",
     "SHADOW",
     "TEXT_COLUMNS",
+    "BatchTensors",
     "BatchTiming",
     "Placement",
     "RecordBatch",
@@ -79,6 +92,27 @@ class Placement:
     device: str
 
 
+class BatchTensors:
+    """One successful backend call's inputs and outputs, first axis its ``rows``.
+
+    Built once per call by the batcher and shared by the timings of every request the call
+    carried (a model without a batch axis gets one: its tensors as one row). ``sample`` is
+    the record emitter's: whether the call's rows ride along to the monitor (None: not
+    decided yet), decided once per call against its sampling budget.
+    """
+
+    __slots__ = ("inputs", "outputs", "rows", "sample")
+
+    def __init__(self, inputs: Tensors, outputs: Tensors, rows: int) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.rows = rows
+        self.sample: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"BatchTensors(rows={self.rows}, inputs={list(self.inputs)})"
+
+
 @dataclass(slots=True)
 class BatchTiming:
     """Where one request's time went; filled by the batcher when its batch ends."""
@@ -89,6 +123,8 @@ class BatchTiming:
     enqueued: float = 0.0  # perf_counter() when it was queued (0: never queued)
     batch_id: int = 0  # the call's id, shared by every request it carried (trace links)
     placement: Placement | None = None  # the replica that ran it, when the backend says
+    row: int = 0  # the request's first row in its call
+    tensors: BatchTensors | None = None  # the call's tensors, when it succeeded
 
 
 _NO_TIMING: Final = BatchTiming()
@@ -102,24 +138,24 @@ class RequestRecord:
     ``trace`` are read when records are turned into columns: nobody changes them after.
     ``version`` is -1 when no version was chosen (unknown model, refused selection) and 0
     when the chosen one is not loaded; only records with ``version >= 0`` reach the monitor.
-    ``inputs``/``outputs`` (first axis: the request's ``rows``) are set for successful
-    requests; the emitter keeps them only while its sampling budget allows.
+    A record holds no tensors of its own: a request that succeeded (``rows`` > 0) finds its
+    rows in its batch's (:meth:`outputs`); ``sampled`` is set by the record emitter when
+    they ride along to the monitor.
     """
 
     __slots__ = (
         "arm",
         "entered",
         "error",
-        "inputs",
         "kind",
         "model",
-        "outputs",
         "path",
         "protocol",
         "received",
         "request_id",
         "revision",
         "rows",
+        "sampled",
         "start_ns",
         "status",
         "timing",
@@ -147,8 +183,6 @@ class RequestRecord:
         error: str,
         request_id: str,
         rows: int = 0,
-        inputs: Tensors | None = None,
-        outputs: Tensors | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -176,8 +210,27 @@ class RequestRecord:
         self.error = error
         self.request_id = request_id
         self.rows = rows
-        self.inputs = inputs
-        self.outputs = outputs
+        """The request's rows in its batch's tensors; 0 when it has none there (it failed,
+        or it is a shadow call, whose rows the monitor does not sample)."""
+        self.sampled = False
+        """Set by the record emitter: its rows go to the monitor with the record."""
+
+    def batch_tensors(self) -> BatchTensors | None:
+        """The tensors of the backend call that answered it (None: it has no rows there)."""
+        timing = self.timing
+        if self.rows <= 0 or self.status != 200 or timing is None:
+            return None
+        return timing.tensors
+
+    def outputs(self) -> Tensors | None:
+        """The request's own rows of its batch's outputs (views), or None."""
+        tensors = self.batch_tensors()
+        if tensors is None:
+            return None
+        assert self.timing is not None
+        row = self.timing.row
+        end = row + self.rows
+        return {name: value[row:end] for name, value in tensors.outputs.items()}
 
     def __repr__(self) -> str:
         return (
@@ -186,7 +239,8 @@ class RequestRecord:
         )
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS: Final = (2, 3)
 NUMERIC_COLUMNS = {
     "revision": np.int64,
     "status": np.int16,
@@ -215,9 +269,19 @@ TEXT_COLUMNS = (
     "request_id",
 )
 
+_SignatureKey = tuple[tuple[str, str, tuple[int, ...]], ...]
+
 
 @dataclass(slots=True)
 class RecordBatch:
+    """The records of one (model, version) as columns, and the tensor rows sampled with them.
+
+    ``inputs``/``outputs`` hold one row per entry of ``sampled`` (the record it belongs to).
+    A batch built by :meth:`from_records` holds its tensors as ``parts`` instead (each
+    backend call's rows, not joined; ``sampled`` has one entry per row of the parts, -1
+    for rows of no record here): :func:`encode_frame` sends them as they are.
+    """
+
     model: str
     version: int
     columns: dict[str, Any]
@@ -226,6 +290,7 @@ class RecordBatch:
     outputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     emitter: dict[str, Any] = field(default_factory=dict)
     """The sending gateway's ``source`` id and cumulative counters (records_dropped, ...)."""
+    parts: list[tuple[Tensors, Tensors]] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -235,11 +300,13 @@ class RecordBatch:
     def from_records(
         cls, model: str, version: int, records: Sequence[RequestRecord]
     ) -> RecordBatch:
-        """The columns of ``records`` (all of one model and version) and their sampled tensors.
+        """The columns of ``records`` (all of one model and version) and their batches' rows.
 
         Column-wise, with as few container objects per record as possible: every one this
-        allocates is work for the garbage collector of a process with a large heap. Raises
-        ValueError when sampled tensors of different inner shapes cannot be stacked.
+        allocates is work for the garbage collector of a process with a large heap. Each
+        backend call that a sampled record came from is one part: the slice of its rows
+        from the first to the last row the records here need (views). Raises ValueError
+        when the parts' inner shapes or dtypes differ (they could not be joined).
         """
         n = len(records)
         enqueue_s = [0.0] * n
@@ -282,29 +349,57 @@ class RecordBatch:
             "device": device,
             "request_id": [r.request_id for r in records],
         }
-        sampled = [i for i in range(n) if records[i].inputs is not None]
-        if sampled:
-            first = records[sampled[0]]
-            assert first.inputs is not None and first.outputs is not None
-            inputs = {
-                k: _stack([_tensor(records[i].inputs, k) for i in sampled]) for k in first.inputs
-            }
-            outputs = {
-                k: _stack([_tensor(records[i].outputs, k) for i in sampled]) for k in first.outputs
-            }
-            indices = np.repeat(np.asarray(sampled, np.int64), [records[i].rows for i in sampled])
-        else:
-            inputs, outputs, indices = {}, {}, np.zeros(0, np.int64)
-        return cls(model, version, columns, indices, inputs, outputs)
+        picked = [i for i in range(n) if records[i].sampled and batch[i].tensors is not None]
+        if not picked:
+            return cls(model, version, columns)
+        # Per backend call: the rows the records here need, [low, high). A call's records
+        # mostly come one after the other, so the last call is checked first.
+        spans: dict[int, list[Any]] = {}
+        current: BatchTensors | None = None
+        span: list[Any] = []
+        for index in picked:
+            tensors = batch[index].tensors
+            low = batch[index].row
+            high = low + records[index].rows
+            if tensors is not current:
+                current = tensors
+                found = spans.get(id(tensors))
+                if found is None:
+                    spans[id(tensors)] = span = [tensors, low, high, 0]
+                    continue
+                span = found
+            if low < span[1]:
+                span[1] = low
+            if high > span[2]:
+                span[2] = high
+        parts: list[tuple[Tensors, Tensors]] = []
+        signature: _SignatureKey | None = None
+        offset = 0
+        for span in spans.values():
+            tensors, low, high = span[0], span[1], span[2]
+            span[3] = offset - low  # a row of the frame = the call's row + this
+            part = (
+                {k: v[low:high] for k, v in tensors.inputs.items()},
+                {k: v[low:high] for k, v in tensors.outputs.items()},
+            )
+            part_signature = _signature(part)
+            if signature is None:
+                signature = part_signature
+            elif part_signature != signature:
+                raise ValueError("sampled tensors differ in names, dtypes or inner shapes")
+            parts.append(part)
+            offset += high - low
+        counts = np.array([records[i].rows for i in picked], np.int64)
+        starts = np.array([batch[i].row + spans[id(batch[i].tensors)][3] for i in picked], np.int64)
+        frame_rows = np.full(offset, -1, np.int64)
+        before = np.cumsum(counts) - counts
+        positions = np.repeat(starts - before, counts) + np.arange(int(counts.sum()))
+        frame_rows[positions] = np.repeat(np.array(picked, np.int64), counts)
+        return cls(model, version, columns, frame_rows, parts=parts)
 
 
-def _tensor(tensors: Tensors | None, name: str) -> np.ndarray[Any, Any]:
-    assert tensors is not None
-    return tensors[name]
-
-
-def _stack(values: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
-    return values[0] if len(values) == 1 else np.concatenate(values)
+def _signature(part: tuple[Tensors, Tensors]) -> _SignatureKey:
+    return tuple((k, v.dtype.str, v.shape[1:]) for tensors in part for k, v in tensors.items())
 
 
 def _pack_array(array: np.ndarray[Any, Any]) -> dict[str, Any]:
@@ -314,19 +409,20 @@ def _pack_array(array: np.ndarray[Any, Any]) -> dict[str, Any]:
     return {
         "dtype": contiguous.dtype.str,
         "shape": list(contiguous.shape),
-        "data": contiguous.tobytes(),
+        # The array's own memory, packed without an intermediate bytes copy.
+        "data": contiguous.reshape(-1).view(np.uint8).data,
     }
 
 
-def _unpack_array(packed: dict[str, Any]) -> np.ndarray[Any, Any]:
+def _unpack_array(packed: dict[str, Any], *, copy: bool = True) -> np.ndarray[Any, Any]:
     if packed["dtype"] == "bytes":
         out = np.empty(len(packed["items"]), dtype=np.object_)
         out[:] = packed["items"]
         return out.reshape(packed["shape"])
+    array = np.frombuffer(packed["data"], dtype=np.dtype(packed["dtype"]))
     # A writable copy, not a read-only view of the datagram: numba compiles a separate
     # specialisation for read-only arrays, which warm_up() does not cover.
-    array = np.frombuffer(packed["data"], dtype=np.dtype(packed["dtype"])).copy()
-    return array.reshape(packed["shape"])
+    return (array.copy() if copy else array).reshape(packed["shape"])
 
 
 def encode_frame(batch: RecordBatch) -> bytes:
@@ -338,44 +434,102 @@ def encode_frame(batch: RecordBatch) -> bytes:
         value = given[name] if name in given else np.zeros(rows, dtype)
         columns[name] = _pack_array(np.asarray(value, dtype=dtype))
     for name in TEXT_COLUMNS:
-        columns[name] = [str(v) for v in given[name]] if name in given else [""] * rows
+        text = given.get(name)
+        if text is None:
+            text = [""] * rows
+        elif not isinstance(text, list) or (text and not isinstance(text[0], str)):
+            text = [str(v) for v in text]
+        if len(text) > 1 and text.count(text[0]) == len(text):
+            columns[name] = {"all": text[0]}  # most are: one arm, path, replica, no error
+        else:
+            columns[name] = text
+    parts = batch.parts
+    if not parts and (batch.inputs or batch.outputs):
+        parts = [(batch.inputs, batch.outputs)]
     frame = {
         "v": FORMAT_VERSION,
         "model": batch.model,
         "version": batch.version,
-        "n": batch.rows,
+        "n": rows,
         "columns": columns,
+        "tensors": [
+            {
+                "inputs": {k: _pack_array(v) for k, v in inputs.items()},
+                "outputs": {k: _pack_array(v) for k, v in outputs.items()},
+            }
+            for inputs, outputs in parts
+        ],
         "sampled": _pack_array(np.asarray(batch.sampled, dtype=np.int64)),
-        "inputs": {k: _pack_array(v) for k, v in batch.inputs.items()},
-        "outputs": {k: _pack_array(v) for k, v in batch.outputs.items()},
         "emitter": batch.emitter,
     }
     encoded: bytes = msgpack.packb(frame, use_bin_type=True)
     return encoded
 
 
+def _join(parts: list[dict[str, Any]], key: str) -> Tensors:
+    """One tensor per name from the parts' packed arrays (one copy, from the datagram)."""
+    if not parts:
+        return {}
+    if len(parts) == 1:
+        return {k: _unpack_array(v) for k, v in parts[0][key].items()}
+    names = list(parts[0][key])
+    if any(list(part[key]) != names for part in parts):
+        raise ValueError("tensor parts disagree on their names")
+    return {
+        name: np.concatenate([_unpack_array(part[key][name], copy=False) for part in parts])
+        for name in names
+    }
+
+
 def decode_frame(payload: bytes) -> RecordBatch:
-    """Parse one frame; raises ValueError on anything malformed (the sidecar counts and drops)."""
+    """Parse one frame; raises ValueError on anything malformed (the sidecar counts and drops).
+
+    The rows of a part that belong to no record of the frame are left out, and the rest
+    put in record order.
+    """
     try:
         frame = msgpack.unpackb(payload, raw=False)
-        if frame.get("v") != FORMAT_VERSION:
-            raise ValueError(f"unsupported record format {frame.get('v')!r}")
+        version = frame.get("v")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported record format {version!r}")
         raw_columns = frame["columns"]
         columns: dict[str, Any] = {
             name: _unpack_array(raw_columns[name]) for name in NUMERIC_COLUMNS
         }
-        for name in TEXT_COLUMNS:
-            columns[name] = list(raw_columns[name])
         rows = int(frame["n"])
+        for name in TEXT_COLUMNS:
+            text = raw_columns[name]
+            columns[name] = [str(text["all"])] * rows if isinstance(text, dict) else list(text)
         if any(len(v) != rows for v in columns.values()):
             raise ValueError("record columns disagree on the row count")
+        parts = (
+            list(frame["tensors"])
+            if version == 3
+            else [{"inputs": frame["inputs"], "outputs": frame["outputs"]}]
+        )
+        inputs, outputs = _join(parts, "inputs"), _join(parts, "outputs")
+        sampled = _unpack_array(frame["sampled"])
+        if any(len(v) != len(sampled) for v in (*inputs.values(), *outputs.values())):
+            raise ValueError("sampled rows and tensor rows disagree")
+        if sampled.size and int(sampled.max()) >= rows:
+            raise ValueError("a sampled row names a record the frame does not hold")
+        keep = sampled >= 0
+        if not keep.all():
+            sampled = sampled[keep]
+            inputs = {k: v[keep] for k, v in inputs.items()}
+            outputs = {k: v[keep] for k, v in outputs.items()}
+        if sampled.size > 1 and bool((sampled[1:] < sampled[:-1]).any()):
+            order = np.argsort(sampled, kind="stable")
+            sampled = sampled[order]
+            inputs = {k: v[order] for k, v in inputs.items()}
+            outputs = {k: v[order] for k, v in outputs.items()}
         return RecordBatch(
             model=str(frame["model"]),
             version=int(frame["version"]),
             columns=columns,
-            sampled=_unpack_array(frame["sampled"]),
-            inputs={k: _unpack_array(v) for k, v in frame["inputs"].items()},
-            outputs={k: _unpack_array(v) for k, v in frame["outputs"].items()},
+            sampled=sampled,
+            inputs=inputs,
+            outputs=outputs,
             emitter=dict(frame.get("emitter") or {}),
         )
     except (KeyError, TypeError, msgpack.UnpackException) as exc:

@@ -67,7 +67,7 @@ class VersionEvidence:
         total = record.total_s
         index = int(math.log(total / _LOW_S) / _LOG_RATIO) + 1 if total >= _LOW_S else 0
         self.latency[min(index, LATENCY_BUCKETS - 1)] += 1
-        outputs = record.outputs
+        outputs = record.outputs()
         if outputs:
             self._add_outputs(next(iter(outputs.values())), record.rows)
 

@@ -7,7 +7,7 @@ was queued by (model, version), cuts each group into frames of at most ``max_fra
 (:mod:`.frames`) and sends each with one non-blocking ``sendto`` (:mod:`.datagram`). A
 sidecar that is missing, refusing or behind costs one failed system call per frame: the
 frame is dropped and counted, never retried, and requests are served exactly as without a
-monitor. Input and output tensors ride along while the sampling budget
+monitor. Input and output rows ride along, once per backend call, while the sampling budget
 (:class:`gateway.limits.TokenBucket`) allows.
 """
 

@@ -2,7 +2,10 @@
 
 Ids and timings come from the record's :class:`turnout_contract.trace.TraceContext` and the
 batcher's :class:`turnout_contract.records.BatchTiming`; both ride in the queued record and
-are read into columns by the flush thread, so the hot path formats nothing.
+are read into columns by the flush thread, so the hot path formats nothing. Tensors are
+sampled per backend call: the first record of a call decides, against the sampling budget,
+whether the call's rows ride along (:class:`turnout_contract.records.BatchTensors`), and a
+frame carries each call's rows once, however many of its requests it holds.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ class RecordEmitter:
     """Queue request records on the hot path; a thread ships them to the sidecar.
 
     Counters (read by the gateway's metrics): ``records_queued``, ``records_dropped``
-    (queue full), ``rows_sampled``, ``samples_skipped`` (sampling budget spent),
-    ``samples_oversize`` (one request's tensors exceed a datagram; its record goes without),
+    (queue full), ``rows_sampled``, ``samples_skipped`` (requests whose batch found the
+    sampling budget spent), ``samples_oversize`` (one request's rows exceed a datagram; its
+    record goes without),
     ``frames_sent``, ``frames_dropped`` (sidecar absent, refusing or full; frame too big),
     ``records_sent``, ``records_unsent`` (in frames that were dropped).
     """
@@ -91,22 +95,24 @@ class RecordEmitter:
         """Queue one record; O(1), never blocks, never raises.
 
         Records with no version chosen (``version < 0``) are not the monitor's business.
-        Tensors are kept only while the sampling budget allows; otherwise they are dropped
-        from the record here (other observers do not read them).
+        A successful request's rows are sampled when its backend call's are: the first of
+        the call's records to arrive takes the call's rows from the sampling budget.
         """
         if record.version < 0:
             return
         if len(self._queue) >= self.queue_size:
             self.records_dropped += 1
             return
-        if record.inputs is not None and record.outputs is not None and record.rows > 0:
-            if self._bucket.take(record.rows):
+        tensors = record.batch_tensors()
+        if tensors is not None:
+            sample = tensors.sample
+            if sample is None:
+                sample = tensors.sample = self._bucket.take(tensors.rows)
+            if sample:
+                record.sampled = True
                 self.rows_sampled += record.rows
             else:
                 self.samples_skipped += 1
-                record.inputs = record.outputs = None
-        else:
-            record.inputs = record.outputs = None
         self._queue.append(record)
         self.records_queued += 1
 
@@ -176,10 +182,10 @@ class RecordEmitter:
                 half = len(records) // 2
                 self._send(model, version, records[:half])
                 self._send(model, version, records[half:])
-            elif records[0].inputs is not None:
-                # One request's tensors alone exceed a datagram: send its record without.
+            elif records[0].sampled:
+                # One request's rows alone exceed a datagram: send its record without.
                 self.samples_oversize += 1
-                records[0].inputs = records[0].outputs = None
+                records[0].sampled = False
                 self._send(model, version, records)
             else:
                 self._unsent(records)

@@ -1,9 +1,9 @@
 """Cutting one (model, version)'s queued records into runs whose frame fits a datagram.
 
-Sizes are estimated before encoding, from the first sampled request's bytes per row (a
-model's rows are alike); the emitter splits a run whose frame came out larger anyway, and
-sends each run of alike tensor shapes on its own when shapes differ (variable dimensions
-cannot be stacked into one column).
+Sizes are estimated before encoding, from the bytes per row of the first sampled request's
+batch (a model's rows are alike); the emitter splits a run whose frame came out larger
+anyway, and sends each run of alike tensor shapes on its own when shapes differ (variable
+dimensions cannot be joined into one column).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from turnout_contract.records import RequestRecord, Tensors
+from turnout_contract.records import BatchTensors, RequestRecord, Tensors
 
 __all__ = ["FRAME_KEYS_BYTES", "MAX_FRAME_BYTES", "chunks", "runs_of_alike_shapes"]
 
@@ -27,15 +27,16 @@ def chunks(records: list[RequestRecord], max_frame_bytes: int) -> Iterator[list[
     budget = max_frame_bytes - FRAME_KEYS_BYTES
     row_bytes = 0
     for record in records:
-        if record.inputs is not None and record.outputs is not None:
-            tensor_bytes = _tensor_bytes(record.inputs) + _tensor_bytes(record.outputs)
-            row_bytes = tensor_bytes // max(record.rows, 1)
+        tensors = _sampled(record)
+        if tensors is not None:
+            tensor_bytes = _tensor_bytes(tensors.inputs) + _tensor_bytes(tensors.outputs)
+            row_bytes = tensor_bytes // max(tensors.rows, 1)
             break
     chunk: list[RequestRecord] = []
     size = 0
     for record in records:
         cost = _ROW_OVERHEAD_BYTES + len(record.path) + len(record.error) + len(record.request_id)
-        if record.inputs is not None:
+        if record.sampled:
             cost += row_bytes * record.rows
         if chunk and size + cost > budget:
             yield chunk
@@ -51,13 +52,19 @@ def runs_of_alike_shapes(records: list[RequestRecord]) -> list[list[RequestRecor
     runs: list[list[RequestRecord]] = [[]]
     signature: tuple[Any, ...] | None = None
     for record in records:
-        if record.inputs is not None and record.outputs is not None:
-            record_signature = _signature(record.inputs, record.outputs)
+        tensors = _sampled(record)
+        if tensors is not None:
+            record_signature = _signature(tensors.inputs, tensors.outputs)
             if signature is not None and record_signature != signature and runs[-1]:
                 runs.append([])
             signature = record_signature
         runs[-1].append(record)
     return runs
+
+
+def _sampled(record: RequestRecord) -> BatchTensors | None:
+    """The batch tensors whose rows ride along with ``record`` (None: it is not sampled)."""
+    return record.batch_tensors() if record.sampled else None
 
 
 def _tensor_bytes(tensors: Tensors) -> int:

@@ -73,11 +73,16 @@ async def test_every_request_ends_as_one_record_for_every_observer(table: ModelT
         200,
         SERVER,
     )
-    assert ok.rows == 1 and ok.inputs is not None and ok.outputs is not None
+    assert ok.rows == 1 and ok.outputs() is not None
+    # Its tensors are its batch's (it was alone in it): the stacked inputs, the outputs.
+    tensors = ok.batch_tensors()
+    assert tensors is not None and tensors.rows == 1 and set(tensors.inputs) == {"a", "b"}
+    assert ok.timing is not None and ok.timing.row == 0
     assert ok.timing is not None and ok.timing.batch_size == 1
     assert ok.protocol == "http" and ok.path == "/v2/models/add_sub/infer"
     assert ok.total_s > 0 and ok.entered >= ok.received
-    assert (invalid.version, invalid.status, invalid.inputs) == (1, 400, None)
+    assert (invalid.version, invalid.status, invalid.rows) == (1, 400, 0)
+    assert invalid.batch_tensors() is None and invalid.outputs() is None
     assert "missing input" in invalid.error
     assert (unknown.model, unknown.version, unknown.status) == (UNKNOWN_MODEL, -1, 404)
 

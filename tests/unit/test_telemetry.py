@@ -17,6 +17,7 @@ from gateway.limits import TokenBucket
 from gateway.telemetry import RecordEmitter
 from turnout_contract.records import (
     SERVER,
+    BatchTensors,
     BatchTiming,
     RecordBatch,
     RequestRecord,
@@ -58,7 +59,13 @@ def receive_all(sock: socket.socket, wait_s: float = 0.3) -> list[RecordBatch]:
             return frames
 
 
-def record(emitter: RecordEmitter, **kw: Any) -> None:
+def record(
+    emitter: RecordEmitter,
+    inputs: dict[str, np.ndarray[Any, Any]] | None = None,
+    outputs: dict[str, np.ndarray[Any, Any]] | None = None,
+    **kw: Any,
+) -> None:
+    """Observe one record; with ``inputs``/``outputs``, the request was alone in its batch."""
     values: dict[str, Any] = {
         "model": "m",
         "version": 1,
@@ -77,6 +84,9 @@ def record(emitter: RecordEmitter, **kw: Any) -> None:
         "request_id": "",
     }
     values.update(kw)
+    if inputs is not None and outputs is not None:
+        rows = values.get("rows", 1)
+        values["timing"].tensors = BatchTensors(inputs, outputs, rows)
     emitter.observe(RequestRecord(**values, kind=SERVER))
 
 
@@ -309,3 +319,30 @@ def test_frames_larger_than_estimated_are_split_and_oversize_tensors_left_out(
     sampled = {f.columns["request_id"][i] for f in frames for i in f.sampled}
     assert sampled == {"s", *(str(i) for i in range(6))}  # all but the huge one
     assert emitter.samples_oversize == 1 and emitter.frames_dropped == 0
+
+
+def test_a_call_is_sampled_once_for_all_its_requests_and_its_rows_travel_once(
+    sock_dir: Path, receiver: socket.socket
+) -> None:
+    emitter = RecordEmitter(address(sock_dir), sample_rows_per_s=6)
+    emitter.start()
+    try:
+        x = np.arange(10, dtype=np.float32).reshape(5, 2)
+        shared = BatchTensors({"x": x}, {"y": x * 2}, 5)
+        for i, (row, rows, status) in enumerate(((0, 1, 200), (1, 2, 504), (3, 2, 200))):
+            timing = BatchTiming(batch_size=5, batch_id=9, row=row, tensors=shared)
+            ok = status == 200
+            record(emitter, timing=timing, rows=rows if ok else 0, status=status, request_id=str(i))
+        # A second call of 5 rows finds the budget spent (6 rows a second): not sampled.
+        other = BatchTensors({"x": x}, {"y": x}, 5)
+        record(emitter, timing=BatchTiming(batch_size=5, row=0, tensors=other), rows=5)
+        emitter.flush()
+        (frame,) = receive_all(receiver)
+    finally:
+        emitter.close()
+    assert frame.rows == 4
+    # The rows of the two successful requests, from one part; the timed-out one's left out.
+    assert frame.sampled.tolist() == [0, 2, 2]
+    np.testing.assert_array_equal(frame.inputs["x"], x[[0, 3, 4]])
+    np.testing.assert_array_equal(frame.outputs["y"], x[[0, 3, 4]] * 2)
+    assert emitter.rows_sampled == 3 and emitter.samples_skipped == 1

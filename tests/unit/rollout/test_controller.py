@@ -16,17 +16,20 @@ from gateway.rollout.evidence import Evidence, VersionEvidence
 from gateway.rollout.gates import Accuracy, InputDrift, evaluate
 from gateway.rollout.state import RolloutState
 from gateway.routing.store import PolicyStore
-from turnout_contract.records import SERVER, RequestRecord
+from turnout_contract.records import SERVER, BatchTensors, BatchTiming, RequestRecord
 from turnout_contract.trace import TraceContext
 
 
 def record(
     version: int, status: int = 200, total_s: float = 0.002, y: float = 0.0
 ) -> RequestRecord:
-    outputs = {"y": np.full((1, 2), y, np.float32)} if status == 200 else None
+    # The request's one row, in a batch it shared with another request.
+    outputs = {"y": np.array([[-9.0, -9.0], [y, y]], np.float32)}
+    tensors = BatchTensors({"x": np.zeros((2, 1), np.float32)}, outputs, 2)
+    timing = BatchTiming(batch_size=2, row=1, tensors=tensors)
     return RequestRecord(
-        "m", version, 1, "primary", status, 0, 0.0, 0.0, total_s, None, TraceContext.start(),
-        SERVER, "http", "", "", "", 1, None, outputs,
+        "m", version, 1, "primary", status, 0, 0.0, 0.0, total_s, timing, TraceContext.start(),
+        SERVER, "http", "", "", "", 1 if status == 200 else 0,
     )  # fmt: skip
 
 
