@@ -139,10 +139,10 @@ def results_table(results: Iterable[Result], cpus: float = CPUS) -> Any:
         "procs",
         "ready s",
         "PSS MiB",
-        "MiB/version",
-        "CPU asked",
-        f"fit {cpus:g} CPUs",
-        "batches/s",
+        "MiB/ver",
+        "CPU",
+        f"fit on {cpus:g}",
+        "batch/s",
         "p50 ms",
         "p99 ms",
         "restart s",
@@ -168,7 +168,7 @@ def results_table(results: Iterable[Result], cpus: float = CPUS) -> Any:
         )
     for r in results:
         table.add_row(
-            f"Ray's own, {r.layout}",
+            f"Ray's own ({LAYOUT_NAMES.get(r.layout, r.layout)[0]})",
             str(r.versions),
             str(r.core_processes),
             "",
