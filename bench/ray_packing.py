@@ -17,6 +17,9 @@ and what a SIGKILL of one replica process costs: how long until its versions ans
 
 A repository of more versions than 2 CPUs hold at 0.25 CPU each is loaded in layout A with
 an explicit ``num_cpus`` (the CPUs divided among the versions), as its user would have to.
+The pack in B reserves 0.25 CPU, as one single-threaded replica process. Reservations are
+Ray's bookkeeping only: they change what fits, not how fast anything runs. The decision
+drawn from a run is in docs/reliability.md ("One process per version").
 
 Usage (PYTHONPATH so Ray's workers import this checkout):
   PYTHONPATH=. python -m bench.ray_packing [--versions 5 10] [--duration 10]
