@@ -7,6 +7,8 @@ document, so a probe's clock is not the generator's busy event loop:
   loop, as traffic from many independent users does); each goes out on an idle kept-alive
   connection, or a new one when none is idle, and its latency counts from when it was due,
   so a slow server cannot hide its queue by slowing the generator (no coordinated omission);
+  ``--schedule 300:30,900:60`` changes the rate in steps, ``--series`` adds per-second
+  counts and percentiles (by when requests were due);
 - ``probe``: one request every ``--interval`` seconds, on a new connection each time
   (``--connection new``: a new client each time) or on one kept-alive connection
   (``kept``: one client, which waits the Retry-After it is sent, as clients are asked to);
@@ -135,10 +137,13 @@ class _OpenLoop:
         self.loop = asyncio.get_running_loop()
         self.pending: set[asyncio.Task[None]] = set()
         self.clients: list[_Client] = []
+        self.answers: list[tuple[float, str, float]] = []  # (due, outcome, latency ms)
 
     def record(self, outcome: str, due: float) -> None:
         self.statuses[outcome] += 1
-        self.latencies.setdefault(outcome, []).append((time.perf_counter() - due) * 1e3)
+        latency_ms = (time.perf_counter() - due) * 1e3
+        self.latencies.setdefault(outcome, []).append(latency_ms)
+        self.answers.append((due, outcome, latency_ms))
 
     def send(self, due: float) -> None:
         if self.idle:
@@ -161,20 +166,54 @@ class _OpenLoop:
         client.send(due)
 
 
+def due_times(schedule: list[tuple[float, float]], start: float) -> list[float]:
+    """When each request is due: ``rate`` per second, evenly, for each (rate, seconds)."""
+    times: list[float] = []
+    at = start
+    for rate, seconds in schedule:
+        count = int(rate * seconds)
+        times.extend(at + i / rate for i in range(count))
+        at += seconds
+    return times
+
+
+def per_second(answers: list[tuple[float, str, float]], start: float) -> list[dict[str, Any]]:
+    """Answers grouped by the second they were due in: counts and success percentiles."""
+    seconds: dict[int, list[tuple[str, float]]] = {}
+    for due, outcome, latency_ms in answers:
+        seconds.setdefault(int(due - start), []).append((outcome, latency_ms))
+    series = []
+    for second in sorted(seconds):
+        rows = seconds[second]
+        ok = [latency for outcome, latency in rows if outcome == "200"]
+        p50, p99 = np.percentile(ok, [50, 99]) if ok else (None, None)
+        series.append(
+            {"t": second, "sent": len(rows), "ok": len(ok), "p50_ms": p50, "p99_ms": p99}
+        )
+    return series
+
+
 async def open_loop(
-    host: str, port: int, path: str, body: bytes, rate: float, duration: float
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    schedule: list[tuple[float, float]],
+    series: bool = False,
 ) -> dict[str, Any]:
     run = _OpenLoop(host, port, _request_bytes(host, port, path, body))
 
     start = time.perf_counter() + 0.05
-    count = int(rate * duration)
+    times = due_times(schedule, start)
+    count = len(times)
     sent = 0
     while sent < count:
         now = time.perf_counter()
-        while sent < count and start + sent / rate <= now:
-            run.send(start + sent / rate)
+        while sent < count and times[sent] <= now:
+            run.send(times[sent])
             sent += 1
-        await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+        if sent < count:
+            await asyncio.sleep(max(0.0, times[sent] - time.perf_counter()))
     sent_for = time.perf_counter() - start
     deadline = time.perf_counter() + TIMEOUT_S
     while sum(run.statuses.values()) < count and time.perf_counter() < deadline:
@@ -186,9 +225,11 @@ async def open_loop(
     for client in run.clients:
         if client.transport is not None:
             client.transport.close()
+    extra: dict[str, Any] = {"series": per_second(run.answers, start)} if series else {}
+    rate = count / max(sum(seconds for _, seconds in schedule), 1e-9)
     return _summary(
         run.latencies, run.statuses, rate=rate, duration_s=sent_for, sent=count,
-        connections=run.opened,
+        connections=run.opened, **extra,
     )  # fmt: skip
 
 
@@ -318,13 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connection", choices=["new", "kept"], default="new")
     parser.add_argument("--idle", type=int, default=0)
     parser.add_argument("--partial", type=int, default=0)
+    parser.add_argument("--schedule", help="open: RATE:SECONDS,... instead of --rate/--duration")
+    parser.add_argument("--series", action="store_true", help="open: per-second figures")
     args = parser.parse_args(argv)
     host, _, port_text = args.address.rpartition(":")
     port = int(port_text)
     body = args.body.read_bytes() if args.body else b""
     kept = args.connection == "kept"
     if args.mode == "open":
-        work = open_loop(host, port, args.path, body, args.rate, args.duration)
+        schedule = [(args.rate, args.duration)]
+        if args.schedule:
+            steps = [step.split(":") for step in args.schedule.split(",")]
+            schedule = [(float(rate), float(seconds)) for rate, seconds in steps]
+        work = open_loop(host, port, args.path, body, schedule, args.series)
     elif args.mode == "probe":
         work = probe(host, port, args.path, body, args.interval, args.duration, kept)
     elif args.mode == "grpc-probe":

@@ -34,14 +34,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def build_mlp(path: Path, seed: int = 0) -> None:
-    """Write the MLP 256 -> 1024 -> 1024 -> 10 (ReLU between layers) as ONNX to `path`."""
+def build_mlp(path: Path, seed: int = 0, layers: tuple[int, ...] = LAYERS) -> None:
+    """Write the MLP 256 -> 1024 -> 1024 -> 10 (ReLU between layers; ``layers`` changes the
+    hidden widths) as ONNX to `path`."""
     rng = np.random.default_rng(seed)
     initializers: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     current = INPUT_NAME
-    last = len(LAYERS) - 2
-    for i, (fan_in, fan_out) in enumerate(pairwise(LAYERS)):
+    last = len(layers) - 2
+    for i, (fan_in, fan_out) in enumerate(pairwise(layers)):
         # Scale 1/sqrt(fan_in) keeps activations O(1) through the stack, so outputs stay finite.
         weight = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         bias = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
@@ -79,6 +80,7 @@ def build_repository(
     max_batch_size: int = DEFAULT_CONFIG["max_batch_size"],
     max_queue_delay_us: int = DEFAULT_CONFIG["max_queue_delay_us"],
     seed: int = 0,
+    layers: tuple[int, ...] = LAYERS,
     **overrides: Any,
 ) -> Path:
     """Write `root/mlp/1/model.onnx` and `root/mlp/config.yaml`; return `root`.
@@ -86,7 +88,7 @@ def build_repository(
     `overrides` replace or add turnout config keys (e.g. num_replicas=2).
     """
     model_dir = root / MODEL_NAME
-    build_mlp(model_dir / "1" / "model.onnx", seed=seed)
+    build_mlp(model_dir / "1" / "model.onnx", seed=seed, layers=layers)
     config = {
         **DEFAULT_CONFIG,
         "max_batch_size": max_batch_size,

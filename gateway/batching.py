@@ -69,6 +69,8 @@ class BatchStats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     failed_batches: int = 0  # backend calls that raised
     arrived_rows: int = 0  # rows queued (the autoscaler's arrival rate)
+    rows_squared: int = 0  # sum of rows^2 over successful batches: with rows_compute_ns,
+    rows_compute_ns: int = 0  # sum of rows x ns, a least-squares fit of time against size
     batched_requests: int = 0  # requests that left the queue in a batch (queue_ns's count)
 
 
@@ -328,8 +330,11 @@ class Batcher:
             stats = self.stats
             stats.execution_count += 1
             stats.inference_count += rows
-            stats.compute_ns += int((time.perf_counter() - started) * 1e9)
+            took_ns = int((time.perf_counter() - started) * 1e9)
+            stats.compute_ns += took_ns
             stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+            stats.rows_squared += rows * rows
+            stats.rows_compute_ns += rows * took_ns
         finally:
             finished = time.perf_counter()
             queue_ns = 0

@@ -60,7 +60,7 @@ async def test_the_open_loop_sends_what_is_due_and_counts_each_answer(
     serving: tuple[int, Server],
 ) -> None:
     port, server = serving
-    result = await loadgen.open_loop("127.0.0.1", port, "/x", b"{}", rate=200, duration=0.5)
+    result = await loadgen.open_loop("127.0.0.1", port, "/x", b"{}", [(200, 0.5)])
     assert result["sent"] == 100
     assert result["statuses"] == {"200": 50, "429": 50}
     assert server.requests == 100
@@ -72,7 +72,7 @@ async def test_a_request_on_a_connection_the_server_closed_is_sent_again() -> No
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        result = await loadgen.open_loop("127.0.0.1", port, "/x", b"{}", rate=100, duration=0.3)
+        result = await loadgen.open_loop("127.0.0.1", port, "/x", b"{}", [(100, 0.3)])
     finally:
         listener.close()
     assert result["sent"] == 30
@@ -88,3 +88,13 @@ async def test_only_the_kept_probe_waits_its_retry_after(serving: tuple[int, Ser
     # Each new client is answered and goes on at the probe's own pace.
     assert sum(new["statuses"].values()) >= 10
     assert kept["connection"] == "kept" and new["connection"] == "new"
+
+
+def test_a_schedule_steps_the_rate_and_answers_group_by_the_second_they_were_due() -> None:
+    times = loadgen.due_times([(4, 1.0), (8, 0.5)], start=10.0)
+    assert times == [10.0, 10.25, 10.5, 10.75, 11.0, 11.125, 11.25, 11.375]
+    answers = [(10.1, "200", 5.0), (10.9, "200", 7.0), (11.2, "429", 1.0), (11.3, "200", 9.0)]
+    series = loadgen.per_second(answers, start=10.0)
+    assert [(s["t"], s["sent"], s["ok"]) for s in series] == [(0, 2, 2), (1, 2, 1)]
+    assert series[0]["p50_ms"] == 6.0
+    assert series[1]["p99_ms"] == 9.0
