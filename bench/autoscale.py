@@ -3,9 +3,10 @@
 ``python -m bench.autoscale`` serves a model heavy enough that its replicas, not the
 gateway, set the capacity (MLP 256 -> 4096 -> 4096 -> 10, one ONNX Runtime thread a
 replica), with ``autoscaling: {min_replicas: 1, max_replicas: 2}``. It measures what one
-replica serves (hey, 32 clients), then sends an open loop (``bench.loadgen open``) of
-``--base`` x that capacity for ``--before`` s, three times as much for ``--step`` s, and the
-base rate again for ``--after`` s, reading the gateway's replica count twice a second.
+and two fixed replicas serve (hey, 32 clients), puts the step's rate between the two
+(``--step-at``), then sends an open loop (``bench.loadgen open``) of a third of it for
+``--before`` s, the step's rate for ``--step`` s, and a third again for ``--after`` s,
+reading the gateway's replica count twice a second.
 
 Targets: at most 10 s with a per-second p99 above ``--target-p99-ms`` after the step; no
 oscillation (at most one scale change per direction per phase); back to one replica after
@@ -201,7 +202,10 @@ def gateway(repo: Path, log: Path) -> tuple[Server, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argument_parser(__doc__)
-    parser.add_argument("--base", type=float, default=0.4, help="base rate / 1 replica's")
+    parser.add_argument(
+        "--step-at", type=float, default=0.5,
+        help="the step's rate between one replica's capacity (1) and two's (0)",
+    )  # fmt: skip
     parser.add_argument("--before", type=float, default=30.0)
     parser.add_argument("--step", type=float, default=60.0)
     parser.add_argument("--after", type=float, default=60.0)
@@ -212,16 +216,27 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         body = work / "body.json"
         body.write_bytes(infer_json(np.ones((1, INPUT_DIM), np.float32)))
-        # One replica's capacity, on a gateway of its own that does not scale.
-        fixed = build_repository(work / "fixed", max_batch_size=32, layers=LAYERS)
-        server, http = gateway(fixed, work / "fixed.log")
-        with running(server):
-            server.wait_ready()
-            url = f"http://127.0.0.1:{http}{INFER}"
-            run_hey(url, body, 3, 32)  # warm-up
-            capacity = run_hey(url, body, 8, 32).rps
-        base = round(args.base * capacity)
-        console.print(f"one replica: {capacity:.0f} req/s; base {base}/s, step {3 * base}/s")
+        # What one and two replicas serve, on gateways of their own that do not scale: the
+        # step goes between the two, so one replica cannot serve it and two can.
+        capacity = {}
+        for count in (1, 2):
+            fixed = build_repository(
+                work / f"fixed-{count}", max_batch_size=32, layers=LAYERS, num_replicas=count
+            )
+            server, http = gateway(fixed, work / f"fixed-{count}.log")
+            with running(server):
+                server.wait_ready()
+                url = f"http://127.0.0.1:{http}{INFER}"
+                run_hey(url, body, 3, 32)  # warm-up
+                capacity[count] = run_hey(url, body, 8, 32).rps
+        step_rate = round(args.step_at * capacity[1] + (1 - args.step_at) * capacity[2])
+        base = round(step_rate / 3)
+        console.print(
+            f"one replica: {capacity[1]:.0f} req/s, two: {capacity[2]:.0f}; "
+            f"base {base}/s, step {3 * base}/s"
+        )
+        if capacity[2] < 1.15 * capacity[1]:
+            console.print("[yellow]two replicas serve barely more than one on this machine")
 
         scaled = build_repository(
             work / "scaled", max_batch_size=32, layers=LAYERS, autoscaling=SCALING
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine_info(),
         "config": {"scaling": SCALING, "layers": LAYERS, "max_batch_size": 32},
-        "capacity_one_replica_rps": capacity,
+        "capacity_rps": {"one_replica": capacity[1], "two_replicas": capacity[2]},
         "schedule": schedule,
         "target_p99_ms": args.target_p99_ms,
         "result": result,

@@ -14,7 +14,8 @@ keeps up with batches of ``b* = l*a / (1 - l*s)`` rows (``l = L/c``: the rows th
 while the previous batch runs), and a row waits for the first of the ``c`` running batches
 to end: ``W(c) = T(b*) / (c + 1)`` (within 10% of a seeded simulation of Poisson arrivals
 for u in 0.3..0.9 and c in 1..4; above it below u = 0.3; 20-30% below it at u = 0.95).
-Wanted: the fewest ``c`` with ``u <= 0.8`` and ``W(c) <= target``. Up: when the
+Wanted: the fewest ``c`` with ``u <= 0.8`` and ``W(c) <= target``, for the window's
+arrival rate or the last tick's if higher (a step shows there first). Up: when the
 estimate says so, or the measured mean queue delay is over the target (then at least one
 more), straight to the estimate, then ``scale_up_cooldown_s`` without another. Down: only
 when fewer replicas would meet half the target at ``u <= 0.6`` and the measured delay is
@@ -217,14 +218,19 @@ class Scaler:
         target = cfg.target_queue_delay_ms / 1e3
         least, most = cfg.min_replicas, cfg.max_replicas
         rate = load.arrival_rows_per_s
-        if rate <= 0.0:
+        # Up on the last tick's rate too: a step in load shows there seconds before the
+        # window's average catches up (Knative's panic window, at one tick).
+        surge = max(rate, Load.between(samples[-2], sample).arrival_rows_per_s)
+        if surge <= 0.0:
             wanted = spare = max(1, least)
         elif cost is None:
             return None  # nothing served yet to estimate from
         else:
-            wanted = replicas_for(rate, cost, self.max_rows, target, UP_UTILISATION, least, most)
-            spare = replicas_for(
-                rate, cost, self.max_rows, target / 2, DOWN_UTILISATION, least, most
+            wanted = replicas_for(surge, cost, self.max_rows, target, UP_UTILISATION, least, most)
+            spare = (
+                replicas_for(rate, cost, self.max_rows, target / 2, DOWN_UTILISATION, least, most)
+                if rate > 0.0
+                else max(1, least)
             )
         measured = load.queue_delay_s
         if measured is not None and measured > target:
