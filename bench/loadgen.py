@@ -187,9 +187,7 @@ def per_second(answers: list[tuple[float, str, float]], start: float) -> list[di
         rows = seconds[second]
         ok = [latency for outcome, latency in rows if outcome == "200"]
         p50, p99 = np.percentile(ok, [50, 99]) if ok else (None, None)
-        series.append(
-            {"t": second, "sent": len(rows), "ok": len(ok), "p50_ms": p50, "p99_ms": p99}
-        )
+        series.append({"t": second, "sent": len(rows), "ok": len(ok), "p50_ms": p50, "p99_ms": p99})
     return series
 
 

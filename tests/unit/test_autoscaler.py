@@ -236,6 +236,6 @@ def test_seeded_noisy_load_does_not_make_it_oscillate() -> None:
 
 def test_a_step_is_answered_on_the_first_tick_that_shows_it() -> None:
     quick, feed = scaler(window_s=5.0), Feed()
-    replicas, _ = run(quick, feed, 1, [1000.0] * 30)
+    assert run(quick, feed, 1, [1000.0] * 30) == (1, [])
     # The window's mean is still ~1,400 rows/s (one replica's); the last tick's is 3,000.
     assert quick.decide(feed.advance(3000.0, 1), 1) == 2
