@@ -10,7 +10,8 @@ import asyncio
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,3 +108,11 @@ def running(
         yield server
     finally:
         server.stop()
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
+    """Wait for ``condition`` from a test's thread; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.1)

@@ -4,13 +4,12 @@ application, and the next request starts it again while it waits at the gateway.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from gateways import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings, until
 from model_zoo import add_sub, write_repository
 from test_ray_capacity import replica_processes
 
@@ -46,35 +45,28 @@ def _add(server: GatewayThread) -> list[list[float]]:
     return result
 
 
-def _until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.2)
-
-
 def test_scaling_up_and_down_keeps_the_serving_replicas(gateway: GatewayThread) -> None:
     loaded: LoadedModel = gateway.gateway.models.get("add_sub")
     backend = gateway.gateway.models.backend
     (first,) = replica_processes(REPLICAS)
     gateway.call(gateway.gateway.models.scale(loaded, 2))
     assert loaded.replicas == 2
-    _until(lambda: len(replica_processes(REPLICAS)) == 2, "a second replica")
+    until(lambda: len(replica_processes(REPLICAS)) == 2, "a second replica")
     assert first in replica_processes(REPLICAS)  # kept, not replaced
     (second,) = set(replica_processes(REPLICAS)) - {first}
     sockets = channel_dir("turnout", "turnout-add_sub-v1")
-    _until(lambda: (sockets / f"{second}.sock").exists(), "the new replica's socket")
+    until(lambda: (sockets / f"{second}.sock").exists(), "the new replica's socket")
 
     def served_by_both() -> bool:
         assert _add(gateway) == [[2.0] * 4]
         pids = {key.rsplit("/", 1)[1] for key in backend.batches_by_replica}
         return {str(first), str(second)} <= pids
 
-    _until(served_by_both, "batches on both replicas")
+    until(served_by_both, "batches on both replicas")
     assert backend._reserved["add_sub/1"]["CPU"] == pytest.approx(0.5)
 
     gateway.call(gateway.gateway.models.scale(loaded, 1))
-    _until(lambda: len(replica_processes(REPLICAS)) == 1, "one replica stopped")
+    until(lambda: len(replica_processes(REPLICAS)) == 1, "one replica stopped")
     assert replica_processes(REPLICAS)[0] in (first, second)
     assert _add(gateway) == [[2.0] * 4]
     assert backend._reserved["add_sub/1"]["CPU"] == pytest.approx(0.25)
@@ -87,7 +79,7 @@ def test_zero_deletes_the_application_and_a_request_starts_it(gateway: GatewayTh
     gateway.call(gateway.gateway.models.scale(loaded, 0))
     assert loaded.replicas == 0
     assert "turnout-add_sub-v1" not in serve.status().applications
-    _until(lambda: not replica_processes(REPLICAS), "the replicas gone")
+    until(lambda: not replica_processes(REPLICAS), "the replicas gone")
     assert "add_sub/1" not in gateway.gateway.models.backend._reserved
 
     assert _add(gateway) == [[2.0] * 4]  # waited at the gateway for a cold start

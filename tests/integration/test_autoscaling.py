@@ -5,15 +5,14 @@ after that is answered once a replica has started, counted as a cold start."""
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from gateways import GatewayThread, local_settings
+from gateways import GatewayThread, local_settings, until
 from model_zoo import mlp, write_repository
 
 from gateway.models import LoadedModel
@@ -48,13 +47,6 @@ def _infer(server: GatewayThread) -> list[int]:
     return shape
 
 
-def _until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.1)
-
-
 def _metric(server: GatewayThread, name: str) -> float | None:
     url = f"http://{server.http_url}/metrics"
     with urllib.request.urlopen(url, timeout=10) as answer:
@@ -84,16 +76,16 @@ def test_load_scales_up_quiet_scales_down_to_zero_and_a_request_starts_it(
     for worker in workers:
         worker.start()
     try:
-        _until(lambda: loaded.replicas == 2, "a scale-up to 2 under load")
+        until(lambda: loaded.replicas == 2, "a scale-up to 2 under load")
     finally:
         stop.set()
         for worker in workers:
             worker.join()
     assert failures == []
-    _until(lambda: scaler.decisions[("mlp", 1, "up")] >= 1, "the scale-up counted")
+    until(lambda: scaler.decisions[("mlp", 1, "up")] >= 1, "the scale-up counted")
     assert _metric(gateway, "turnout_replicas") == 2
-    _until(lambda: loaded.replicas == 0, "a scale-down to zero once quiet")
-    _until(lambda: scaler.decisions[("mlp", 1, "down")] >= 1, "the scale-down counted")
+    until(lambda: loaded.replicas == 0, "a scale-down to zero once quiet")
+    until(lambda: scaler.decisions[("mlp", 1, "down")] >= 1, "the scale-down counted")
     assert _metric(gateway, "turnout_replicas") == 0
     assert loaded.cold_starts == 0
 
