@@ -546,9 +546,14 @@ def hey_command(url: str, body: Path, duration: float, concurrency: int) -> list
     return [*command, "-T", "application/json", "-D", str(body), url]
 
 
-def run_hey(url: str, body: Path, duration: float, concurrency: int) -> LoadResult:
+def run_hey(
+    url: str, body: Path, duration: float, concurrency: int, threads: int | None = None
+) -> LoadResult:
+    """``hey`` against ``url``; ``threads``: the OS threads it may run Go code on at once
+    (GOMAXPROCS; None: one per core)."""
     command = hey_command(url, body, duration, concurrency)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
+    env = None if threads is None else {**os.environ, "GOMAXPROCS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"hey exited {done.returncode}: {done.stderr.strip()[-500:]}")
     return parse_hey(done.stdout)

@@ -7,7 +7,7 @@ Systems, started one at a time so they never share the machine's cores:
   d  turnout    `turnout serve --backend ray` (batches over same-node sockets)
   e  turnout    the same through Serve handles only (`ray_same_node_channel: false`)
 
-HTTP load comes from `hey`, gRPC load (turnout only) from `h2load`. Usage:
+HTTP load comes from `hey`, gRPC load (turnout only) from `h2load`, one OS thread each. Usage:
   python -m bench.serving [--duration 10] [--concurrency 1 16 64] [--systems a b c d]
 """
 
@@ -65,6 +65,9 @@ from bench.models import MODEL_NAME
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 WARMUP_S = 2
+LOAD_THREADS = 1
+"""OS threads of each load generator (h2load ``-t``, hey's GOMAXPROCS): the same share of
+the machine for both, so the gRPC and HTTP rows compare."""
 
 
 def model_file(repo: Path) -> str:
@@ -162,7 +165,8 @@ def run_h2load(url: str, body: Path, duration: float, concurrency: int, log: Pat
     # rows compare; against a grpc.aio ModelInfer server on 2 cores this also loaded the server
     # 10-40% more than one connection carrying C streams (-c 1 -m C).
     log.unlink(missing_ok=True)  # h2load appends to its log file
-    command = ["h2load", "-D", f"{duration:g}", "-c", str(concurrency), "-m", "1", "-t", "1"]
+    command = ["h2load", "-D", f"{duration:g}", "-c", str(concurrency), "-m", "1"]
+    command += ["-t", str(LOAD_THREADS)]
     headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
     command += ["-d", str(body), *headers, "--log-file", str(log), url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90)
@@ -247,7 +251,7 @@ def bench_system(
         http_url = f"http://127.0.0.1:{http_port}{system.infer_path}"
         grpc_url = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}"
         loads: list[tuple[str, Callable[[float, int], LoadResult]]] = [
-            ("http", lambda d, c: run_hey(http_url, http_file, d, c))
+            ("http", lambda d, c: run_hey(http_url, http_file, d, c, LOAD_THREADS))
         ]
         if system.grpc:
             h2log = work / f"h2load-{system.key}.log"
@@ -509,8 +513,10 @@ def main(argv: list[str] | None = None) -> int:
                 "systems": {k: SYSTEMS[k].name for k in args.systems},
                 "model": "MLP 256-1024-1024-10, FP32, one row per request",
                 "turnout_config": turnout_config,
-                "http_load": "hey -z D -c C (one connection per worker)",
-                "grpc_load": "h2load -D D -c C -m 1 (C connections, one stream each)",
+                "http_load": f"hey -z D -c C (one connection per worker), "
+                f"GOMAXPROCS={LOAD_THREADS}",
+                "grpc_load": f"h2load -D D -c C -m 1 -t {LOAD_THREADS} "
+                "(C connections, one stream each)",
             },
             "results": [asdict(row) for row in rows],
             "targets": verdicts,

@@ -313,7 +313,7 @@ class Gateway:
         self._watch_task: asyncio.Task[None] | None = None
         self.http_port = settings.http_port
         self.grpc_port = settings.grpc_port
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: list[grpc.aio.Server] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._http_socket: socket.socket | None = None
@@ -325,23 +325,7 @@ class Gateway:
         await self.models.start()
         self.store.connect()  # after the backend: the Ray store needs its Ray connection
 
-        self._grpc = build_grpc_server(
-            self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams
-        )
-        self._grpc.add_generic_rpc_handlers(
-            [
-                TrafficServicer(self.admin, self.auth).handler(),
-                RolloutServicer(self.rollouts, self.admin, self.auth, self.experiments).handler(),
-                FeedbackServicer(self.feedback).handler(),
-            ]
-        )
-        address = f"{s.host}:{s.grpc_port}"
-        if self.certificates is not None:
-            credentials = self.certificates.grpc_credentials()
-            self.grpc_port = self._grpc.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = self._grpc.add_insecure_port(address)
-        await self._grpc.start()
+        await self._start_grpc()
 
         loop = asyncio.get_running_loop()
         self._watch_task = loop.create_task(self.store.watch())
@@ -398,14 +382,42 @@ class Gateway:
             self.monitor.start()
         self.write_address_file()
 
+    async def _start_grpc(self) -> None:
+        """``grpc_servers`` grpc.aio servers on the gRPC port, every service on each."""
+        s = self.settings
+        handlers = [
+            TrafficServicer(self.admin, self.auth).handler(),
+            RolloutServicer(self.rollouts, self.admin, self.auth, self.experiments).handler(),
+            FeedbackServicer(self.feedback).handler(),
+        ]
+        shared = s.grpc_servers > 1
+        port = s.grpc_port
+        if shared and port:
+            # SO_REUSEPORT would let the servers share the port with another process's
+            # listener too: a port that a plain bind finds taken is refused, as it is with
+            # one server.
+            _bind(s.host, port).close()
+        for _ in range(s.grpc_servers):
+            server = build_grpc_server(
+                self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams,
+                reuse_port=shared,
+            )  # fmt: skip
+            server.add_generic_rpc_handlers(handlers)
+            address = f"{s.host}:{port}"  # port 0: the first server picks, the others follow
+            if self.certificates is not None:
+                port = server.add_secure_port(address, self.certificates.grpc_credentials())
+            else:
+                port = server.add_insecure_port(address)
+            self._grpc.append(server)
+            await server.start()
+        self.grpc_port = port
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then release the backend."""
         grace = self.settings.drain_timeout_s
         if self.monitor is not None:
             self.monitor.stop_restarting()
-        stops: list[Any] = []
-        if self._grpc is not None:
-            stops.append(self._grpc.stop(grace))
+        stops: list[Any] = [server.stop(grace) for server in self._grpc]
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             stops.append(self._http_task)

@@ -42,7 +42,9 @@ class Certificates:
             self.context.verify_mode = ssl.CERT_REQUIRED
         self.reloads = 0
         self._grpc_config: grpc.ServerCertificateConfiguration | None = None
-        self._grpc_changed = False
+        self._grpc_generation = 0
+        """Counts the loads: each credentials object hands grpc a configuration once per
+        load (the gateway's several gRPC servers each hold one)."""
         self._stamps = self._mtimes()
         self._load()
 
@@ -63,7 +65,7 @@ class Certificates:
         self._grpc_config = grpc.ssl_server_certificate_configuration(
             [(files.key.read_bytes(), files.cert.read_bytes())], root_certificates=client_ca
         )
-        self._grpc_changed = True
+        self._grpc_generation += 1
 
     def reload_if_changed(self) -> bool:
         try:
@@ -91,13 +93,14 @@ class Certificates:
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         assert self._grpc_config is not None
-        initial, self._grpc_changed = self._grpc_config, False
+        initial, served = self._grpc_config, self._grpc_generation
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             # Called by grpc at each handshake: a new configuration once after a reload.
-            if not self._grpc_changed:
+            nonlocal served
+            if served == self._grpc_generation:
                 return None
-            self._grpc_changed = False
+            served = self._grpc_generation
             return self._grpc_config
 
         return grpc.dynamic_ssl_server_credentials(

@@ -125,11 +125,15 @@ def build_grpc_server(
     dataplane: DataPlane,
     max_message_bytes: int,
     max_concurrent_streams: int | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
+    """A grpc.aio server with the inference service; ``reuse_port`` lets several of them
+    listen on one port (the caller makes sure no other process holds it)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", max_concurrent_streams))

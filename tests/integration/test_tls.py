@@ -114,6 +114,7 @@ def inputs(module: object) -> list[object]:
 def served_serial(address: str, ca: Path) -> int:
     host, port = address.split(":")
     context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2", "http/1.1"])  # gRPC's listeners want h2
     with (
         socket.create_connection((host, int(port)), timeout=10) as raw,
         context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
@@ -193,6 +194,9 @@ def test_a_replaced_certificate_is_served_without_a_restart(
         time.sleep(0.1)
     expected = x509.load_pem_x509_certificate(new_cert.read_bytes()).serial_number
     assert served_serial(tls_gateway.http_url, pki.ca) == expected != before
+    # A connection each: every one of the gRPC servers sharing the port serves the new one.
+    grpc_serials = {served_serial(tls_gateway.grpc_url, pki.ca) for _ in range(24)}
+    assert grpc_serials == {expected}
     grpc_client = grpcclient.InferenceServerClient(
         tls_gateway.grpc_url, ssl=True, root_certificates=str(pki.ca)
     )
