@@ -44,8 +44,16 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 _DEPLOYING = threading.Lock()
-"""Serve's deployment API is not thread-safe: one application at a time per process (tests
-and embedders run several gateways in one)."""
+"""Serve's deployment API is not thread-safe (building a deployment config, which reading
+``serve.status()`` does too, registers and unregisters a module with cloudpickle): one call
+at a time per process (tests and embedders run several gateways in one)."""
+
+
+def _delete_application(name: str) -> None:
+    from ray import serve
+
+    with _DEPLOYING:
+        serve.delete(name)
 
 
 def replica_env() -> dict[str, str]:
@@ -240,7 +248,8 @@ class RayBackend(ReplicaBackend):
 
         if self._started_ray:
             return False
-        status = serve.status().applications.get(app_name(spec))
+        with _DEPLOYING:
+            status = serve.status().applications.get(app_name(spec))
         return status is not None and str(status.status).endswith("RUNNING")
 
     def _check_capacity(self, spec: ModelSpec, asked: dict[str, float]) -> None:
@@ -345,7 +354,6 @@ class RayBackend(ReplicaBackend):
 
     async def _withdraw(self, spec: ModelSpec) -> None:
         """Delete the version's application, keeping the version known (scaled to zero)."""
-        from ray import serve
 
         handle = self._handles.pop(spec.key, None)
         channels = self._channels.pop(spec.key, None)
@@ -353,10 +361,9 @@ class RayBackend(ReplicaBackend):
             channels.close()
         if handle is not None:
             await handle.shutdown_async()
-            await asyncio.to_thread(serve.delete, app_name(spec))
+            await asyncio.to_thread(_delete_application, app_name(spec))
 
     async def unload(self, spec: ModelSpec) -> None:
-        from ray import serve
 
         handle = self._handles.pop(spec.key, None)
         self._reserved.pop(spec.key, None)
@@ -365,7 +372,7 @@ class RayBackend(ReplicaBackend):
             channels.close()
         if handle is not None:
             await handle.shutdown_async()  # on this loop, where its router runs
-            await asyncio.to_thread(serve.delete, app_name(spec))
+            await asyncio.to_thread(_delete_application, app_name(spec))
 
     async def infer(self, spec: ModelSpec, inputs: Tensors) -> tuple[Tensors, Placement]:
         handle = self._handles.get(spec.key)
