@@ -114,25 +114,28 @@ class ModelTable:
     async def _wake(self, loaded: LoadedModel) -> None:
         """A batch for a version scaled to zero: start one replica (or ``min_replicas``),
         once, while the batch and those after it wait at the gateway."""
-        if loaded.waking is None:
-            loaded.waking = asyncio.get_running_loop().create_future()
-            scaling = loaded.spec.config.autoscaling
-            started = time.perf_counter()
-            try:
-                await self.scale(loaded, max(1, scaling.min_replicas if scaling else 1))
-            except BaseException as exc:
-                loaded.waking.set_exception(exc)
-                loaded.waking.exception()  # retrieved: the batch below raises it
-            else:
-                loaded.cold_starts += 1
-                loaded.cold_start_s = time.perf_counter() - started
-                log.info("%s started from zero in %.2f s", loaded.spec.key, loaded.cold_start_s)
-                loaded.waking.set_result(None)
-            finally:
-                waking, loaded.waking = loaded.waking, None
-            await waking
-        else:
+        if loaded.waking is not None:
             await asyncio.shield(loaded.waking)
+            return
+        waking = loaded.waking = asyncio.get_running_loop().create_future()
+        scaling = loaded.spec.config.autoscaling
+        started = time.perf_counter()
+        try:
+            await self.scale(loaded, max(1, scaling.min_replicas if scaling else 1))
+        except asyncio.CancelledError:
+            waking.cancel()
+            raise
+        except BaseException as exc:
+            waking.set_exception(exc)
+            waking.exception()  # retrieved here: the batches waiting on it raise it too
+            raise
+        else:
+            loaded.cold_starts += 1
+            loaded.cold_start_s = time.perf_counter() - started
+            log.info("%s started from zero in %.2f s", loaded.spec.key, loaded.cold_start_s)
+            waking.set_result(None)
+        finally:
+            loaded.waking = None
 
     async def unload(self, model: str, version: int) -> None:
         loaded = self.versions.get(model, {}).pop(version, None)

@@ -37,10 +37,10 @@ class ReplicaBackend(ABC):
     async def infer(self, spec: ModelSpec, inputs: Tensors) -> tuple[Tensors, Placement]:
         """Run one batch; every output of the model and the replica that computed them."""
 
+    @abstractmethod
     async def scale(self, spec: ModelSpec, replicas: int) -> None:
         """Run ``spec`` on ``replicas`` replicas (0: none until scaled again), keeping the
         ones that serve; raise a TurnoutError with the cause if it can't."""
-        raise NotImplementedError(f"the {self.name} backend does not scale replicas")
 
     @abstractmethod
     def describe(self, spec: ModelSpec) -> dict[str, str]:

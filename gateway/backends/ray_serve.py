@@ -164,7 +164,7 @@ class RayBackend(ReplicaBackend):
             select_providers("cuda")
         asked = replica_resources(spec)
         if not await asyncio.to_thread(self._running_elsewhere, spec):
-            self._check_capacity(spec, asked)
+            self._check_capacity(spec, asked, cfg.num_replicas)
         self._reserved[spec.key] = asked
         try:
             handle = await asyncio.to_thread(self._deploy, spec, cfg.num_replicas)
@@ -196,14 +196,7 @@ class RayBackend(ReplicaBackend):
             return
         asked = replica_resources(spec, replicas)
         before = self._reserved.get(key, {})
-        free, total = self._free()  # what this version holds already is not free
-        for resource, needed in asked.items():
-            if needed - before.get(resource, 0.0) > free.get(resource, 0.0) + 1e-9:
-                raise BackendError(
-                    f"model '{key}' cannot scale to {replicas} replica(s): they need "
-                    f"{_resources(asked)}, it holds {_resources(before)} and the Ray cluster "
-                    f"has {_resources(free)} free of {_resources(total)}"
-                )
+        self._check_capacity(spec, asked, replicas, held=before)
         self._reserved[key] = asked
         try:
             handle = await asyncio.to_thread(self._deploy, spec, replicas, not before)
@@ -252,17 +245,32 @@ class RayBackend(ReplicaBackend):
             status = serve.status().applications.get(app_name(spec))
         return status is not None and str(status.status).endswith("RUNNING")
 
-    def _check_capacity(self, spec: ModelSpec, asked: dict[str, float]) -> None:
-        """Serve waits forever for replicas it cannot place: refuse them up front instead."""
-        free, total = self._free()
+    def _check_capacity(
+        self,
+        spec: ModelSpec,
+        asked: dict[str, float],
+        replicas: int,
+        held: dict[str, float] | None = None,
+    ) -> None:
+        """Serve waits forever for replicas it cannot place: refuse them up front instead.
+        ``held``: what the version's running replicas hold already (a scale)."""
+        free, total = self._free()  # what this version holds is not in it
+        held = held or {}
         for resource, needed in asked.items():
-            if needed > free.get(resource, 0.0) + 1e-9:
+            if needed - held.get(resource, 0.0) <= free.get(resource, 0.0) + 1e-9:
+                continue
+            if held:
                 raise BackendError(
-                    f"model '{spec.key}' needs {_resources(asked)} for "
-                    f"{spec.config.num_replicas} replica(s), but the Ray cluster has "
-                    f"{_resources(free)} free of {_resources(total)}; lower num_cpus/num_gpus "
-                    "or num_replicas in its config.yaml, or add nodes"
+                    f"model '{spec.key}' cannot scale to {replicas} replica(s): they need "
+                    f"{_resources(asked)}, it holds {_resources(held)} and the Ray cluster "
+                    f"has {_resources(free)} free of {_resources(total)}"
                 )
+            raise BackendError(
+                f"model '{spec.key}' needs {_resources(asked)} for "
+                f"{replicas} replica(s), but the Ray cluster has "
+                f"{_resources(free)} free of {_resources(total)}; lower num_cpus/num_gpus "
+                "or num_replicas in its config.yaml, or add nodes"
+            )
 
     def _deploy(self, spec: ModelSpec, replicas: int, fresh: bool = True) -> Any:
         with _DEPLOYING:
@@ -317,13 +325,12 @@ class RayBackend(ReplicaBackend):
                     if status is not None
                     else []
                 )
-                free, total = self._free(excluding=spec.key)  # it is withdrawn
+                free, total = self._free(excluding=spec.key)  # its ask is not placed
                 if fresh:
                     serve.delete(name, _blocking=False)
                 else:  # back to the replicas that served, which Serve kept running
                     handle.shutdown()  # type: ignore[no-untyped-call]
                     deployment = deployment.options(num_replicas=self._running_count(name))
-                    deployment._version = code_version(spec)
                     serve_api._run(deployment.bind(*app_args), name=name, route_prefix=None)
                 why = (
                     "failed"
