@@ -142,6 +142,15 @@ class Batcher:
         self._drop_expired()
         return len(self._queue) >= self._max_queue
 
+    def room(self) -> int:
+        """Requests the queue would take now (those that timed out while queued hold no
+        place)."""
+        room = self._max_queue - len(self._queue)
+        if room <= 0:
+            self._drop_expired()
+            room = self._max_queue - len(self._queue)
+        return max(room, 0)
+
     def start(self) -> None:
         # Timers and batch tasks belong to the loop that runs the servers.
         self._loop = asyncio.get_running_loop()

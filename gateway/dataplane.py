@@ -83,12 +83,14 @@ class DataPlane:
         self.token_limits = token_limits
         """Per bearer token (``rate_limit_rps``); every client shares one key without tokens."""
         self.model_limits: dict[str, RateLimits] = {}
+        """Per served model with a ``rate_limit_rps`` in its config."""
         self._unlimited: dict[str, object] = {}
         """Model -> the versions table found without a rate limit (a load replaces the
         table, so a new config is read again)."""
-        """Per served model with a ``rate_limit_rps`` in its config."""
         self.in_flight: dict[str, int] = {}
         """Requests per served model taken up and not yet answered."""
+        self.arriving: dict[str, int] = {}
+        """Per model: requests let in on their heads, not at a queue yet (:meth:`reserve`)."""
 
     def model_label(self, name: str) -> str:
         """``name`` if it is served, else one placeholder: metric labels stay bounded."""
@@ -183,25 +185,49 @@ class DataPlane:
             raise failure
         return response
 
-    def saturated(self, model: str) -> bool:
-        """Every loaded version of ``model`` has a full queue: whichever version a request
-        is routed to, it would be refused, so it is refused before its body is read."""
+    def saturated(self, model: str, arriving: int = 0) -> bool:
+        """The queues of ``model``'s loaded versions have no room left once ``arriving``
+        requests already let in take theirs: whichever version a request is routed to, it
+        would be refused, so it is refused before its body is read."""
         versions = self.models.versions.get(model)
         if not versions:
             return False
-        return all(m.batcher.full() for m in versions.values())
+        room = 0
+        for loaded in versions.values():
+            room += loaded.batcher.room()
+            if room > arriving:
+                return False
+        return True
 
     def refusable_from_head(self, model: str) -> bool:
         """A request to ``model`` may be refused on its head alone, by a transport that
-        answers without reading it (HTTP's connection): the queues are full and nothing is
-        checked before them (no inference token, no rate limit)."""
+        answers without reading it (HTTP's connection): the queues are full, counting the
+        places of requests let in on their heads that have not reached a queue yet
+        (:meth:`reserve`), and nothing is checked before them (no inference token, no rate
+        limit)."""
         return (
             self.auth is None
             and self.token_limits is None
             and not self.models.stopping
-            and self.saturated(model)
+            and self.saturated(model, self.arriving.get(model, 0))
             and self.limits_for(model) is None
         )
+
+    # A transport that reads heads before it runs requests (HTTP's connection parses every
+    # ready connection's head in one loop turn, and runs the requests in later turns) must
+    # count the requests it let in: without it, a crowd's heads all see the same free place
+    # and all but one are then refused the expensive way, after a task, a scope and a body.
+    def reserve(self, model: str) -> None:
+        """A request to ``model`` was let in on its head: keep a place for it until
+        :meth:`release`, which comes just before :meth:`infer` (or instead of it)."""
+        self.arriving[model] = self.arriving.get(model, 0) + 1
+
+    def release(self, model: str) -> None:
+        left = self.arriving.get(model, 0) - 1
+        if left > 0:
+            self.arriving[model] = left
+        else:
+            self.arriving.pop(model, None)
 
     def refuse_from_head(self, context: RequestContext) -> QueueFull:
         """The refusal ``refusable_from_head`` allowed, recorded for the observers as

@@ -4,8 +4,9 @@ A closed-loop client that is refused sends its next request at once, so a crowd 
 fills the event loop with refusals: every batch completion and every admitted request's
 answer then waits behind them, and goodput collapses (2% of capacity at 256 clients on a
 model with an 8-request queue). The loop's lag is the harm itself: how late a timer fires
-is how long any ready callback waits its turn. While the loop has lagged for a sustained
-while, a connection refused for overload is not read again for ``hold_s``
+is how long any ready callback waits its turn. While the loop lags (the median lag of a
+100 ms window of ticks reaches a few ms: each turn is long, not one callback slow), a
+connection refused for overload is not read again for ``hold_s``
 (:mod:`gateway.http.protocol`), so its next request waits in the kernel, costing nothing.
 
 Arrivals that merely exceed capacity (an open loop) keep the loop on time: their refusals
@@ -25,14 +26,14 @@ log = logging.getLogger(__name__)
 
 
 class Overload:
-    """A timer every ``interval_s`` measuring the loop's lag; ``storming`` once it has been
-    later than ``lag_threshold_s`` for ``sustain_s``."""
+    """A timer every ``interval_s`` measuring the loop's lag; ``storming`` once the median
+    lag of a ``sustain_s`` window reaches ``lag_threshold_s``."""
 
     def __init__(
         self,
         hold_s: float,
         *,
-        lag_threshold_s: float = 0.010,
+        lag_threshold_s: float = 0.003,
         sustain_s: float = 0.100,
         min_held: int = 16,
         interval_s: float = 0.005,
@@ -48,7 +49,8 @@ class Overload:
         """Connections not being read right now (kept by the HTTP protocol)."""
         self.storms = 0
         """Times the state was entered, for metrics and tests."""
-        self._lagging_since: float | None = None
+        self._window: list[float] = []  # this window's tick lags
+        self._window_start: float | None = None
         self._storm_until = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -80,21 +82,25 @@ class Overload:
         assert self._loop is not None
         now = self._loop.time()
         self.lag_s = now - self._due
-        if self.lag_s > self.lag_threshold_s:
-            if self._lagging_since is None:
-                self._lagging_since = now - self.lag_s
-            if now - self._lagging_since >= self.sustain_s:
+        if self._window_start is None:
+            self._window_start = now
+        self._window.append(self.lag_s)
+        if now - self._window_start >= self.sustain_s:
+            # The window's median: a lone pause (a GC, a slow callback) is not an overrun,
+            # a loop whose every turn is long is, even when each tick is only a little late.
+            lags = sorted(self._window)
+            median = lags[len(lags) // 2]
+            self._window.clear()
+            self._window_start = now
+            if median >= self.lag_threshold_s:
                 if now >= self._storm_until:
                     self.storms += 1
                     log.warning(
-                        "overload: the event loop has lagged %.0f ms or more for %.0f ms; "
+                        "overload: the event loop lagged %.0f ms (median over %.0f ms); "
                         "connections refused for overload are not read for %.0f ms",
-                        self.lag_threshold_s * 1e3, (now - self._lagging_since) * 1e3,
-                        self.hold_s * 1e3,
+                        median * 1e3, self.sustain_s * 1e3, self.hold_s * 1e3,
                     )  # fmt: skip
                 self._storm_until = max(self._storm_until, now + 2 * self.hold_s)
-        else:
-            self._lagging_since = None
         if self.held >= self.min_held and now < self._storm_until:
             self._storm_until = max(self._storm_until, now + self.hold_s)
         self._due = now + self.interval_s

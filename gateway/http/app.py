@@ -21,7 +21,7 @@ from gateway.dataplane import DataPlane
 from gateway.errors import InvalidInput, PayloadTooLarge, QueueFull, TurnoutError, internal_error
 from gateway.feedback import FeedbackForwarder
 from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
-from gateway.http.protocol import REFUSED_KEY
+from gateway.http.protocol import REFUSED_KEY, RESERVED_KEY
 from gateway.routing import REVISION_HEADER
 from gateway.types import InferRequest
 from turnout_contract.trace import TRACEPARENT_HEADER
@@ -84,6 +84,10 @@ class HttpApp:
         except Exception:
             message = internal_error(log, f"{scope['method']} {scope['path']}")
             await _send(send, 500, orjson.dumps({"error": message}))
+        finally:
+            reserved = scope.pop(RESERVED_KEY, None)
+            if reserved is not None:  # let in on its head but routed elsewhere (a 404, ...)
+                self.dataplane.release(reserved)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -161,6 +165,11 @@ class HttpApp:
             decoded = decode_infer_request(model, version, body, headers.get(HEADER_LENGTH))
             return decoded
 
+        reserved = scope.pop(RESERVED_KEY, None)
+        if reserved is not None:
+            # In the same loop turn as the queue takes the request (infer does not yield
+            # before it when the body is here), so no other head can count this place free.
+            self.dataplane.release(reserved)
         try:
             response = await self.dataplane.infer(context, decode)
         except TurnoutError as exc:
@@ -182,21 +191,29 @@ class HttpApp:
                 content_type=_OCTETS,
             )
 
-    def refusal_from_head(self, path: str, raw_headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    def refusal_from_head(
+        self, path: str, raw_headers: list[tuple[bytes, bytes]]
+    ) -> bytes | str | None:
         """The whole 429 for an inference request the data plane refuses before its body
-        (every version's queue full), recorded like any request; None: serve it as usual.
-        The connection sends it without running the ASGI app (:mod:`gateway.http.protocol`).
-        Asked of every inference request's head, so the common answer (None) is cheap."""
+        (every version's queue full), recorded like any request; or the model it reserved
+        a queue place for (:meth:`DataPlane.reserve`), which the connection puts in the
+        request's scope so the app releases it; None: serve it as usual, nothing reserved.
+        The connection sends a refusal without running the ASGI app
+        (:mod:`gateway.http.protocol`). Asked of every inference request's head, so the
+        common answer is cheap."""
         parts = path.strip("/").split("/")
         if parts[:2] != ["v2", "models"] or parts[-1] != "infer" or len(parts) not in (4, 6):
             return None
         if len(parts) == 6 and (parts[3] != "versions" or not parts[4]):
             return None
-        if not self.dataplane.refusable_from_head(parts[2]):
-            return None
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
         if "expect" in headers:
             return None  # a client awaiting 100 Continue may never send the body to skip
+        if not self.dataplane.refusable_from_head(parts[2]):
+            if parts[2] not in self.dataplane.models.versions:
+                return None  # not served (a 404 to come): no queue to keep a place in
+            self.dataplane.reserve(parts[2])
+            return parts[2]
         context = RequestContext.arrived("http", parts[2], headers, path)
         error = self.dataplane.refuse_from_head(context)
         body = orjson.dumps({"error": error.message})

@@ -16,24 +16,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.overload import Overload
 
-__all__ = ["REFUSED_KEY", "HoldingProtocol", "Refuse"]
+__all__ = ["REFUSED_KEY", "RESERVED_KEY", "HoldingProtocol", "Refuse"]
 
 REFUSED_KEY = "turnout.refused"
 """Set in a request's ASGI scope by the app when it refused the request for overload."""
+
+RESERVED_KEY = "turnout.reserved"
+"""Set in a request's ASGI scope by the connection: the model whose queue keeps a place for
+the request (the refuser reserved it); the app releases it."""
 
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-Refuse = Callable[[str, list[tuple[bytes, bytes]]], bytes | None]
+Refuse = Callable[[str, list[tuple[bytes, bytes]]], bytes | str | None]
 """Given an inference request's path and raw headers: the whole refusal to send at once,
-when the data plane refuses it before its body is read; None to serve it as usual."""
+when the data plane refuses it before its body is read; else the model that keeps a queue
+place for it (for the request's scope, :data:`RESERVED_KEY`), or None (nothing kept)."""
 
 
 class HoldingProtocol(HttpToolsProtocol):
@@ -89,11 +94,15 @@ class HoldingProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self._refused_from_head():
+        reserved = self._refused_from_head()
+        if reserved is True:
             return
         super().on_headers_complete()
         cycle = self.cycle
         scope = cycle.scope
+        if reserved:
+            # The app's task was created, not run yet: it finds the key (and releases it).
+            cast(dict[str, Any], scope)[RESERVED_KEY] = reserved
 
         def on_response() -> None:
             self.on_response_complete()
@@ -107,13 +116,16 @@ class HoldingProtocol(HttpToolsProtocol):
     # 100 us less of the event loop per refused request, which under overload is the loop
     # time admitted requests get back. Only for a request with no response ahead of it on
     # its connection (HTTP/1.1 answers in order) that keeps the connection alive.
-    def _refused_from_head(self) -> bool:
+    def _refused_from_head(self) -> bool | str:
+        """True: refused and answered; a model's name: let in, a place kept in its queue;
+        False: neither."""
         if (
             not self.refusers
             or (self.cycle is not None and not self.cycle.response_complete)
             or self.pipeline
             or self.parser.get_method() != b"POST"
             or not self.parser.should_keep_alive()
+            or self.parser.should_upgrade()
         ):
             return False
         path = self.url.split(b"?", 1)[0].decode("latin-1")
@@ -122,6 +134,8 @@ class HoldingProtocol(HttpToolsProtocol):
         answer = self.refusers[0](path, self.headers)
         if answer is None:
             return False
+        if isinstance(answer, str):
+            return answer
         status_line, _, rest = answer.partition(b"\r\n")
         defaults = b"".join(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)
         self.transport.write(status_line + b"\r\n" + defaults + rest)  # date, server, as usual

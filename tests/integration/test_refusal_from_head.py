@@ -20,7 +20,14 @@ LAZY = {"max_batch_size": 4, "max_queue_delay_us": 30_000_000, "max_queue_size":
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]:
     root = tmp_path_factory.mktemp("overload-models")
-    model_zoo.write_repository(root, {"lazy": (model_zoo.add_sub, LAZY, [1])})
+    model_zoo.write_repository(
+        root,
+        {
+            "lazy": (model_zoo.add_sub, LAZY, [1]),
+            "lazy2": (model_zoo.add_sub, {**LAZY, "max_queue_size": 2}, [1]),
+            "roomy": (model_zoo.add_sub, {**LAZY, "max_queue_size": 8}, [1]),
+        },
+    )
     server = GatewayThread(local_settings(root))
     yield server
     server.stop()
@@ -112,3 +119,90 @@ def test_a_full_model_is_refused_from_the_head_and_the_connection_lives_on(
         and 'status="429"' in line
     ]  # fmt: skip
     assert refused and float(refused[0].split()[-1]) >= 1
+
+
+async def crowd(port: int, clients: int) -> tuple[list[int], list[asyncio.StreamWriter]]:
+    """``clients`` connections, each sending one request to lazy2 at the same moment; the
+    statuses of those answered within a second (the queued ones wait 30 s)."""
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
+    body = infer_body()
+    request = post("/v2/models/lazy2/infer", body).encode() + body
+    for _, writer in connections:
+        writer.write(request)
+
+    async def answer(reader: asyncio.StreamReader) -> int | None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)
+        except TimeoutError:
+            return None
+        return int(head.split()[1])
+
+    answers = await asyncio.gather(*(answer(reader) for reader, _ in connections))
+    return [a for a in answers if a is not None], [writer for _, writer in connections]
+
+
+def test_heads_read_together_keep_places_so_the_rest_are_refused_from_the_head(
+    gateway: GatewayThread,
+) -> None:
+    """20 requests arriving together at a queue of 2: the 2 let in keep their places from
+    their heads on, so the other 18 are all refused from the head (none after a task and a
+    body), and no place stays kept once they are queued."""
+    port = gateway.gateway.http_port
+    plane = gateway.gateway.dataplane
+    from_head: list[object] = []
+    refuse = plane.refuse_from_head
+
+    def counting(context: Any) -> Any:
+        from_head.append(context.model)
+        return refuse(context)
+
+    async def scenario() -> list[int]:
+        statuses, writers = await crowd(port, 20)
+        for writer in writers:
+            writer.close()
+        return statuses
+
+    plane.refuse_from_head = counting  # type: ignore[method-assign]
+    try:
+        statuses = asyncio.run(scenario())
+    finally:
+        plane.refuse_from_head = refuse  # type: ignore[method-assign]
+    assert statuses == [429] * 18
+    assert from_head == ["lazy2"] * 18
+    assert plane.arriving == {}
+
+
+def test_a_request_let_in_on_its_head_gives_its_place_back_when_it_fails(
+    gateway: GatewayThread,
+) -> None:
+    """A kept place is released whatever becomes of the request: a body that is not JSON
+    (400) and a version that is not loaded (404) leave nothing kept."""
+    port = gateway.gateway.http_port
+    plane = gateway.gateway.dataplane
+    kept: list[str] = []
+    reserve = plane.reserve
+
+    def counting(model: str) -> None:
+        kept.append(model)
+        reserve(model)
+
+    async def scenario() -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        statuses = []
+        for path, body in [
+            ("/v2/models/roomy/infer", b"{not json"),
+            ("/v2/models/roomy/versions/7/infer", infer_body()),
+        ]:
+            status, _, _ = await exchange(reader, writer, post(path, body), body)
+            statuses.append(status)
+        writer.close()
+        return statuses
+
+    plane.reserve = counting  # type: ignore[method-assign]
+    try:
+        statuses = asyncio.run(scenario())
+    finally:
+        plane.reserve = reserve  # type: ignore[method-assign]
+    assert statuses == [400, 404]
+    assert kept == ["roomy", "roomy"]
+    assert plane.arriving == {}

@@ -53,7 +53,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "grpc_servers": 8,
         "overload_hold_ms": 500,
         "http_head_timeout_s": 10.0,
-        "overload_lag_ms": 10.0,
+        "overload_lag_ms": 3.0,
         "drain_timeout_s": 30.0,
         "state_dir": Path("/var/lib/somewhere/turnout"),
         "admin_tokens": [],
