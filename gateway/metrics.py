@@ -232,7 +232,7 @@ class GatewayCollector(Collector):
             labels = [name, str(version)]
             shadow.add_metric([*labels, "error"], s.errors)
             shadow.add_metric([*labels, "match"], s.exact_matches)
-            shadow.add_metric([*labels, "mismatch"], s.requests - s.errors - s.exact_matches)
+            shadow.add_metric([*labels, "mismatch"], s.compared - s.exact_matches)
             shadow.add_metric([*labels, "shed"], s.shed)
         yield shadow
 

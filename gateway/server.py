@@ -43,7 +43,8 @@ from gateway.batching import Batcher
 from gateway.dataplane import DataPlane, Observer
 from gateway.errors import TurnoutError
 from gateway.feedback import FeedbackForwarder, FeedbackServicer
-from gateway.grpc.servicer import build_grpc_server
+from gateway.grpc.servicer import MODEL_INFER, InferenceServicer, build_grpc_server
+from gateway.grpc.transport import GrpcServer
 from gateway.http.app import HttpApp
 from gateway.http.protocol import HoldingProtocol
 from gateway.limits import RateLimits
@@ -313,7 +314,7 @@ class Gateway:
         self._watch_task: asyncio.Task[None] | None = None
         self.http_port = settings.http_port
         self.grpc_port = settings.grpc_port
-        self._grpc: list[grpc.aio.Server] = []
+        self._grpc: list[grpc.aio.Server | GrpcServer] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._http_socket: socket.socket | None = None
@@ -383,13 +384,27 @@ class Gateway:
         self.write_address_file()
 
     async def _start_grpc(self) -> None:
-        """``grpc_servers`` grpc.aio servers on the gRPC port, every service on each."""
+        """The gRPC port: the gateway's own HTTP/2 transport, or ``grpc_servers`` grpc.aio
+        servers; every service on each."""
         s = self.settings
         handlers = [
             TrafficServicer(self.admin, self.auth).handler(),
             RolloutServicer(self.rollouts, self.admin, self.auth, self.experiments).handler(),
             FeedbackServicer(self.feedback).handler(),
         ]
+        if s.grpc_transport == "turnout":
+            inference = InferenceServicer(self.dataplane)
+            own = GrpcServer(
+                [inference.handler(), *handlers],
+                max_message_bytes=s.max_request_bytes,
+                overload=self.overload,
+                max_concurrent_streams=s.grpc_max_concurrent_streams,
+                admissions={MODEL_INFER: inference.admission},
+                ssl_context=self.certificates.grpc_context if self.certificates else None,
+            )
+            self.grpc_port = await own.start(s.host, s.grpc_port)
+            self._grpc.append(own)
+            return
         shared = s.grpc_servers > 1
         port = s.grpc_port
         if shared and port:

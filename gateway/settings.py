@@ -199,12 +199,18 @@ class ServerSettings(BaseSettings):
     grpc_max_concurrent_streams: int | None = None
     """Cap on concurrent gRPC streams per connection (None: gRPC's default)."""
 
+    grpc_transport: Literal["turnout", "grpcio"] = "turnout"
+    """The gRPC port's server: ``turnout``, the gateway's own HTTP/2 for unary calls in
+    the event loop (gateway/grpc/transport.py), or ``grpcio``, grpc.aio servers. Both
+    serve the same services with the same servicers; the own one costs a fraction of
+    grpc.aio's per-call CPU and refuses overload before any task (docs/architecture.md)."""
+
     grpc_servers: int = Field(default=8, ge=1, le=64)
-    """grpc.aio servers sharing the gRPC port (SO_REUSEPORT; the kernel spreads connections
-    over them). One grpc.aio server takes up one new call per event-loop turn, so with one
-    server calls reach the batcher one at a time; 8 took gRPC from about 0.5x to 0.7-0.8x
-    of HTTP's req/s (docs/architecture.md). The calls of one connection all go to one
-    server."""
+    """With ``grpc_transport: grpcio``: grpc.aio servers sharing the gRPC port
+    (SO_REUSEPORT; the kernel spreads connections over them). One grpc.aio server takes up
+    one new call per event-loop turn, so with one server calls reach the batcher one at a
+    time; 8 took gRPC from about 0.5x to 0.7-0.8x of HTTP's req/s (docs/architecture.md).
+    The calls of one connection all go to one server."""
 
     overload_hold_ms: int = Field(default=500, ge=0, le=1000)
     """While the event loop is overrun by refusals, an HTTP connection refused for overload

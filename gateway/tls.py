@@ -4,8 +4,9 @@ certificates reloaded when their files change, without a restart.
 One :class:`Certificates` reads ``tls_cert_file``/``tls_key_file`` (and
 ``tls_client_ca_file``) and serves both transports: HTTP through an ``ssl.SSLContext`` that
 uvicorn's server uses for every handshake (reloading loads the new chain into the same
-context), gRPC through ``grpc.dynamic_ssl_server_credentials``, whose fetcher hands grpc
-the new configuration at the next handshake. :meth:`Certificates.watch` polls the files'
+context), gRPC through a second context offering ``h2`` (the gateway's own transport) or
+``grpc.dynamic_ssl_server_credentials`` (grpc.aio), whose fetcher hands grpc the new
+configuration at the next handshake. :meth:`Certificates.watch` polls the files'
 modification times; a file that fails to load keeps the old certificate (and logs why).
 """
 
@@ -32,14 +33,23 @@ class TlsFiles:
     """Clients must present a certificate signed by this CA (mTLS)."""
 
 
+def _server_context(files: TlsFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if files.client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class Certificates:
     def __init__(self, files: TlsFiles, poll_interval_s: float = 2.0) -> None:
         self.files = files
         self.poll_interval_s = poll_interval_s
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if files.client_ca is not None:
-            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context = _server_context(files)
+        self.grpc_context = _server_context(files)
+        """For the gateway's own gRPC transport: HTTP/2 by ALPN (the HTTP port's context
+        offers none, so HTTP/1.1 clients are not talked into h2)."""
+        self.grpc_context.set_alpn_protocols(["h2"])
         self.reloads = 0
         self._grpc_config: grpc.ServerCertificateConfiguration | None = None
         self._grpc_generation = 0
@@ -58,10 +68,11 @@ class Certificates:
         """Load the files into the HTTP context and a new gRPC configuration; raises
         ``ssl.SSLError``/``OSError`` when a file is unreadable or does not match."""
         files = self.files
-        self.context.load_cert_chain(files.cert, files.key)
+        for context in (self.context, self.grpc_context):
+            context.load_cert_chain(files.cert, files.key)
+            if files.client_ca is not None:
+                context.load_verify_locations(cafile=files.client_ca)
         client_ca = files.client_ca.read_bytes() if files.client_ca else None
-        if files.client_ca is not None:
-            self.context.load_verify_locations(cafile=files.client_ca)
         self._grpc_config = grpc.ssl_server_certificate_configuration(
             [(files.key.read_bytes(), files.cert.read_bytes())], root_certificates=client_ca
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -32,6 +32,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+"""gRFC A6: how long a client's retry policy should wait; sent with refusals for overload
+(the Retry-After of HTTP's 429)."""
+
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Awaitable[Any]]
@@ -98,6 +104,29 @@ class InferenceServicer:
         response = await self.dataplane.infer(call, decode)
         context.set_trailing_metadata(((REVISION_HEADER, str(response.revision)), answer_trace))
         return infer_response_to_proto(response)
+
+    def admission(
+        self, request: Any, metadata: Sequence[tuple[str, str | bytes]]
+    ) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]] | Callable[[], None] | None:
+        """For a transport that reads calls before it runs them (:mod:`.transport`): the
+        refusal of a ModelInfer whose model's queues are full, sent before any task runs
+        it and recorded like any request; else, for a served model, the release of the
+        queue place kept for it meanwhile (:meth:`DataPlane.reserve`)."""
+        plane = self.dataplane
+        model = request.model_name
+        if plane.refusable_from_head(model):
+            headers = {k: v for k, v in metadata if isinstance(v, str)}
+            call = RequestContext.arrived("grpc", model, headers)
+            error = plane.refuse_from_head(call)
+            trailing = [
+                (TRACEPARENT_HEADER, call.trace.traceparent()),
+                (RETRY_PUSHBACK_HEADER, str(error.retry_after_s * 1000)),
+            ]
+            return error.grpc_code, error.message, trailing
+        if model not in plane.models.versions:
+            return None
+        plane.reserve(model)
+        return lambda: plane.release(model)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         methods = {

@@ -33,11 +33,13 @@ class ShadowStats:
     shed: int = 0
     """Copies not sent because the primary was under pressure (not in ``requests``)."""
     exact_matches: int = 0
+    compared: int = 0
+    """Answer pairs compared (a copy still running, or whose primary failed, is not)."""
     abs_diff_sum: float = 0.0
     compared_values: int = 0
 
     def public(self) -> dict[str, Any]:
-        compared = self.requests - self.errors
+        compared = self.compared
         return {
             "requests": self.requests,
             "errors": self.errors,
@@ -64,6 +66,7 @@ def compare_answers(primary: Tensors, shadow: Tensors, stats: ShadowStats) -> No
             stats.abs_diff_sum += float(diff.sum())
             stats.compared_values += value.size
     stats.exact_matches += exact
+    stats.compared += 1
 
 
 class ShadowMirror:

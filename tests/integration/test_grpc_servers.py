@@ -1,5 +1,6 @@
-"""Several grpc.aio servers share the gRPC port (``grpc_servers``): each serves every RPC,
-and the port is still refused when another process holds it."""
+"""Several grpc.aio servers share the gRPC port (``grpc_transport: grpcio`` with
+``grpc_servers``): each serves every RPC, and the port is still refused when another process
+holds it; the gateway's own transport refuses a taken port too."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def listeners(port: int) -> int:
 
 @pytest.mark.parametrize("servers", [1, 4])
 def test_every_server_on_the_port_answers(repository: Path, servers: int) -> None:
-    settings = local_settings(repository, host="127.0.0.1", grpc_servers=servers)
+    settings = local_settings(
+        repository, host="127.0.0.1", grpc_transport="grpcio", grpc_servers=servers
+    )
     with running(settings) as gateway:
         assert listeners(gateway.gateway.grpc_port) == servers
         # A connection each (no shared subchannel): the kernel spreads them over the servers.
@@ -43,7 +46,8 @@ def test_every_server_on_the_port_answers(repository: Path, servers: int) -> Non
             np.testing.assert_array_equal(total, np.full(4, 3.0, np.float32))
 
 
-def test_a_taken_port_is_refused_with_several_servers(repository: Path) -> None:
+@pytest.mark.parametrize("transport", ["grpcio", "turnout"])
+def test_a_taken_port_is_refused_with_several_servers(repository: Path, transport: str) -> None:
     with socket.socket() as taken:
         # Another gateway's listener: with SO_REUSEPORT, as the servers' own, the kernel
         # would let them join it and share its connections.
@@ -51,7 +55,10 @@ def test_a_taken_port_is_refused_with_several_servers(repository: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = local_settings(repository, host="127.0.0.1", grpc_port=port, grpc_servers=4)
+        settings = local_settings(
+            repository, host="127.0.0.1", grpc_port=port, grpc_servers=4,
+            grpc_transport=transport,
+        )  # fmt: skip
         gateway = Gateway(settings)
         loop = uvloop.new_event_loop()
         try:

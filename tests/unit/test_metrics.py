@@ -18,7 +18,7 @@ class FakeState:
 
     def __init__(self) -> None:
         self.flight: dict[str, int] = {"m": 2}
-        self.shadows = {("m", 2): ShadowStats(requests=10, errors=1, exact_matches=7)}
+        self.shadows = {("m", 2): ShadowStats(requests=10, errors=1, exact_matches=7, compared=9)}
         self.overload = Overload(0.5)
         self.overload.lag_s, self.overload.held, self.overload.storms = 0.025, 40, 2
 

@@ -50,6 +50,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "ray_same_node_channel": True,
         "max_request_bytes": 64 * 1024 * 1024,
         "grpc_max_concurrent_streams": None,
+        "grpc_transport": "turnout",
         "grpc_servers": 8,
         "overload_hold_ms": 500,
         "http_head_timeout_s": 10.0,
