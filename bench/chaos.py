@@ -13,8 +13,9 @@ saving JSON to bench/results/chaos-<stamp>.json:
 - ``overload-open-http``: requests arriving at twice that capacity whatever the server
   answers (``bench.loadgen open``, kept-alive connections, a new one when none is idle);
 - ``overload-closed-grpc`` / ``overload-open-grpc``: the same over gRPC (h2load, one stream
-  per connection closed-loop; ``--rps`` for the open loop). h2load does not read gRPC
-  statuses, so successes are the model's own inference count, and probes give the codes;
+  per connection, closed-loop; ``bench.loadgen grpc-open`` for the open loop, 16
+  connections, calls evenly spaced as concurrent streams). h2load does not read gRPC
+  statuses, so its successes are the model's own inference count, and probes give the codes;
 - ``replica-kill-ray``: the Ray backend with 2 replicas under 8 clients; one replica process
   gets SIGKILL: failed requests (0 is the target) and the seconds until Ray runs 2 again;
 - ``sidecar-kill``: the monitor sidecar gets SIGKILL under load: failed requests, and the
@@ -294,26 +295,28 @@ def overload(ws: Workspace) -> list[Row]:
             )
         )
         time.sleep(3)
-        connections = 16
-        per_connection = 2 * grpc_capacity / connections
-        before = served(http)
-        open_g = h2load(
-            grpc_url, ws.grpc_body, d, "-c", str(connections), "-m", "100",
-            "--rps", f"{per_connection:.1f}",
+        rate = 2 * grpc_capacity
+        open_g = finished(
+            loadgen("grpc-open", "--address", f"127.0.0.1:{grpc}", "--body", str(ws.grpc_body),
+                    "--duration", str(d), "--rate", f"{rate:.0f}", "--connections", "16")
         )  # fmt: skip
-        ok = served(http) - before
+        statuses = open_g["statuses"]
+        ok = statuses.get("OK", 0)
+        sent = sum(statuses.values())
         rows.append(
             row(
                 "overload-open-grpc",
-                sent=open_g["done"],
+                sent=sent,
                 ok=ok,
-                failed=open_g["done"] - ok,
-                unexpected=open_g["errored"] + open_g["timeout"],
-                goodput_rps=ok / d,
+                failed=sent - ok,
+                unexpected=sent - ok - statuses.get("RESOURCE_EXHAUSTED", 0),
+                goodput_rps=ok / open_g["duration_s"],
                 capacity_rps=grpc_capacity,
-                goodput_ratio=ok / d / grpc_capacity,
-                arrival_rps=2 * grpc_capacity,
-                timeouts=open_g["timeout"],
+                goodput_ratio=ok / open_g["duration_s"] / grpc_capacity,
+                arrival_rps=rate,
+                refusal_p99_ms=p99(open_g, "RESOURCE_EXHAUSTED"),
+                timeouts=statuses.get("timeout", 0),
+                open_loop=open_g,
             )
         )
     return rows

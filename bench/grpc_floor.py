@@ -1,7 +1,8 @@
 """What a gRPC call costs the server before turnout's code runs: ModelInfer answered with
-fixed bytes by grpc.aio (1 or N servers on one port), or by the pure-Python ``h2`` library
-on an asyncio Protocol (a prototype of a server without grpc.aio, when ``h2`` is importable),
-on uvloop; h2load drives it as bench.serving does. Prints req/s and server CPU per call.
+fixed bytes by grpc.aio (1 or N servers on one port), by turnout's own transport
+(gateway/grpc/transport.py, the default), or by the pure-Python ``h2`` library on an asyncio
+Protocol (an earlier prototype, when ``h2`` is importable), on uvloop; h2load drives it as
+bench.serving does. Prints req/s and server CPU per call.
 
   python -m bench.grpc_floor [--duration 6] [--concurrency 16 64] [--servers 1 8]
 """
@@ -94,6 +95,20 @@ async def serve_h2(port: int) -> None:
     await server.serve_forever()
 
 
+async def serve_turnout(port: int) -> None:
+    import grpc
+
+    from gateway.grpc.transport import GrpcServer
+    from gateway.overload import Overload
+
+    handler = grpc.unary_unary_rpc_method_handler(_infer)  # bytes in, bytes out
+    service = "inference.GRPCInferenceService"
+    generic = grpc.method_handlers_generic_handler(service, {"ModelInfer": handler})
+    server = GrpcServer([generic], max_message_bytes=64 << 20, overload=Overload(0.5))
+    await server.start("127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -122,7 +137,7 @@ def measure(
         cpu = _cpu_s(server.pid) - before
         result = parse_h2load(done.stdout, log)
         return {
-            "server": kind if kind == "h2" else f"grpc.aio x{servers}",
+            "server": kind if kind in ("h2", "turnout") else f"grpc.aio x{servers}",
             "concurrency": concurrency,
             "rps": result.rps,
             "cpu_us": cpu * 1e6 / max(result.requests, 1),
@@ -138,14 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         kind, port, servers = args_in[1], int(args_in[2]), int(args_in[3])
-        uvloop.run(serve_h2(port) if kind == "h2" else serve_grpc_aio(port, servers))
+        if kind == "h2":
+            uvloop.run(serve_h2(port))
+        elif kind == "turnout":
+            uvloop.run(serve_turnout(port))
+        else:
+            uvloop.run(serve_grpc_aio(port, servers))
         return 0
     parser = argument_parser(__doc__)
     parser.add_argument("--duration", type=float, default=6)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args(args_in)
-    kinds = [("grpc.aio", n) for n in args.servers]
+    kinds = [("grpc.aio", n) for n in args.servers] + [("turnout", 1)]
     if importlib.util.find_spec("h2") is not None:
         kinds.append(("h2", 1))
     rows = []

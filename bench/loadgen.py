@@ -13,6 +13,11 @@ document, so a probe's clock is not the generator's busy event loop:
   (``--connection new``: a new client each time) or on one kept-alive connection
   (``kept``: one client, which waits the Retry-After it is sent, as clients are asked to);
 - ``grpc-probe``: the same over gRPC (``ModelInfer``, a new channel or one kept channel);
+- ``grpc-open``: the open loop over gRPC: ``ModelInfer`` calls (``--body``: one
+  length-prefixed message) due at ``--rate`` per second, evenly, round robin over
+  ``--connections`` HTTP/2 connections as concurrent streams; outcomes are gRPC status names.
+  h2load's ``--rps`` releases each client's calls in bursts (a tick's worth at once), which a
+  short queue refuses whatever the server's speed, so this mode writes its own frames;
 - ``slow``: ``--idle`` connections that send nothing and ``--partial`` that send half a
   request's head and stall, held open for ``--duration`` seconds.
 
@@ -26,13 +31,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import struct
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+
+from gateway.grpc.hpack import HeaderDecoder, encode_headers
 
 TIMEOUT_S = 10.0
 
@@ -164,6 +173,157 @@ class _OpenLoop:
             return
         self.clients.append(client)
         client.send(due)
+
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_H2_HEAD = struct.Struct(">BHBBL")
+_H2_WINDOW = 1 << 30
+_GRPC_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return _H2_HEAD.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
+
+
+class _GrpcClient(asyncio.Protocol):
+    """One HTTP/2 connection of the gRPC open loop: every call a stream, prebuilt frames."""
+
+    def __init__(self, run: _GrpcOpenLoop) -> None:
+        self.run = run
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.decoder = HeaderDecoder()
+        self.next_id = 1
+        self.due: dict[int, float] = {}
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        settings = struct.pack(">HL", 0x4, _H2_WINDOW)  # SETTINGS_INITIAL_WINDOW_SIZE
+        transport.write(  # type: ignore[attr-defined]
+            _H2_PREFACE + _h2_frame(0x4, 0, 0, settings)
+            + _h2_frame(0x8, 0, 0, struct.pack(">L", _H2_WINDOW - 65_535))
+        )  # fmt: skip
+
+    def send(self, due: float) -> None:
+        assert self.transport is not None
+        stream_id, self.next_id = self.next_id, self.next_id + 2
+        self.due[stream_id] = due
+        run = self.run
+        self.transport.write(
+            _h2_frame(0x1, 0x4, stream_id, run.header_block)  # HEADERS, END_HEADERS
+            + _h2_frame(0x0, 0x1, stream_id, run.message)  # DATA, END_STREAM
+        )
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        buf = self.buffer
+        buf += data
+        i = 0
+        while len(buf) - i >= 9:
+            high, low, kind, flags, stream_id = _H2_HEAD.unpack_from(buf, i)
+            length = high << 16 | low
+            if len(buf) - i - 9 < length:
+                break
+            payload = bytes(buf[i + 9 : i + 9 + length])
+            i += 9 + length
+            if kind == 0x1:  # HEADERS (the server's answers fit one frame)
+                headers = self.decoder.decode(payload)
+                if flags & 0x1:
+                    status = next((v for n, v in headers if n == "grpc-status"), None)
+                    outcome = _GRPC_STATUS_NAMES.get(int(status), status) if status else "http"
+                    self._answered(stream_id, str(outcome))
+            elif kind == 0x0:
+                self.received += length
+                if flags & 0x1:
+                    self._answered(stream_id, "no trailers")
+            elif kind == 0x3:  # RST_STREAM
+                self._answered(stream_id, "reset")
+            elif kind == 0x4 and not flags & 0x1:  # SETTINGS: acknowledge
+                self.transport.write(_h2_frame(0x4, 0x1, 0))
+            elif kind == 0x6 and not flags & 0x1:  # PING: answer
+                self.transport.write(_h2_frame(0x6, 0x1, 0, payload))
+        del buf[:i]
+        if self.received > _H2_WINDOW // 2:
+            self.transport.write(_h2_frame(0x8, 0, 0, struct.pack(">L", self.received)))
+            self.received = 0
+
+    def _answered(self, stream_id: int, outcome: str) -> None:
+        due = self.due.pop(stream_id, None)
+        if due is not None:
+            self.run.record(outcome, due)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for due in self.due.values():
+            self.run.record("error", due)
+        self.due.clear()
+        self.transport = None
+
+
+class _GrpcOpenLoop:
+    def __init__(self, host: str, port: int, model: str, message: bytes) -> None:
+        self.host, self.port, self.message = host, port, message
+        path = "/inference.GRPCInferenceService/ModelInfer"
+        self.header_block = encode_headers([
+            (":method", "POST"), (":scheme", "http"), (":path", path),
+            (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ])  # fmt: skip
+        self.latencies: dict[str, list[float]] = {}
+        self.statuses: Counter[str] = Counter()
+        self.answers: list[tuple[float, str, float]] = []
+
+    def record(self, outcome: str, due: float) -> None:
+        self.statuses[outcome] += 1
+        latency_ms = (time.perf_counter() - due) * 1e3
+        self.latencies.setdefault(outcome, []).append(latency_ms)
+        self.answers.append((due, outcome, latency_ms))
+
+
+async def grpc_open_loop(
+    host: str, port: int, model: str, message: bytes, schedule: list[tuple[float, float]],
+    connections: int, series: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    run = _GrpcOpenLoop(host, port, model, message)
+    loop = asyncio.get_running_loop()
+    clients = []
+    for _ in range(connections):
+        _, client = await loop.create_connection(lambda: _GrpcClient(run), host, port)
+        clients.append(client)
+    await asyncio.sleep(0.05)  # the SETTINGS exchange
+    start = time.perf_counter() + 0.05
+    times = due_times(schedule, start)
+    count = len(times)
+    sent = 0
+    while sent < count:
+        now = time.perf_counter()
+        while sent < count and times[sent] <= now:
+            client = clients[sent % connections]
+            if client.transport is None:
+                run.record("error", times[sent])
+            else:
+                client.send(times[sent])
+            sent += 1
+        if sent < count:
+            await asyncio.sleep(max(0.0, times[sent] - time.perf_counter()))
+    sent_for = time.perf_counter() - start
+    deadline = time.perf_counter() + TIMEOUT_S
+    while sum(run.statuses.values()) < count and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    answered = sum(run.statuses.values())
+    if answered < count:
+        run.statuses["timeout"] += count - answered
+        run.latencies.setdefault("timeout", []).append(TIMEOUT_S * 1e3)
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+    extra: dict[str, Any] = {"series": per_second(run.answers, start)} if series else {}
+    rate = count / max(sum(seconds for _, seconds in schedule), 1e-9)
+    return _summary(
+        run.latencies, run.statuses, rate=rate, duration_s=sent_for, sent=count,
+        connections=connections, **extra,
+    )  # fmt: skip
 
 
 def due_times(schedule: list[tuple[float, float]], start: float) -> list[float]:
@@ -346,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.loadgen", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("mode", choices=["open", "probe", "grpc-probe", "slow"])
+    parser.add_argument("mode", choices=["open", "grpc-open", "probe", "grpc-probe", "slow"])
     parser.add_argument("--address", required=True, help="host:port")
     parser.add_argument("--path", default="/v2/models/mlp/infer")
     parser.add_argument("--model", default="mlp")
@@ -359,17 +519,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partial", type=int, default=0)
     parser.add_argument("--schedule", help="open: RATE:SECONDS,... instead of --rate/--duration")
     parser.add_argument("--series", action="store_true", help="open: per-second figures")
+    parser.add_argument("--connections", type=int, default=16, help="grpc-open: connections")
     args = parser.parse_args(argv)
     host, _, port_text = args.address.rpartition(":")
     port = int(port_text)
     body = args.body.read_bytes() if args.body else b""
     kept = args.connection == "kept"
+    schedule = [(args.rate, args.duration)]
+    if args.schedule:
+        steps = [step.split(":") for step in args.schedule.split(",")]
+        schedule = [(float(rate), float(seconds)) for rate, seconds in steps]
     if args.mode == "open":
-        schedule = [(args.rate, args.duration)]
-        if args.schedule:
-            steps = [step.split(":") for step in args.schedule.split(",")]
-            schedule = [(float(rate), float(seconds)) for rate, seconds in steps]
         work = open_loop(host, port, args.path, body, schedule, args.series)
+    elif args.mode == "grpc-open":
+        work = grpc_open_loop(host, port, args.model, body, schedule, args.connections, args.series)
     elif args.mode == "probe":
         work = probe(host, port, args.path, body, args.interval, args.duration, kept)
     elif args.mode == "grpc-probe":

@@ -401,6 +401,7 @@ class Gateway:
                 max_concurrent_streams=s.grpc_max_concurrent_streams,
                 admissions={MODEL_INFER: inference.admission},
                 ssl_context=self.certificates.grpc_context if self.certificates else None,
+                preface_timeout_s=s.http_head_timeout_s,
             )
             self.grpc_port = await own.start(s.host, s.grpc_port)
             self._grpc.append(own)

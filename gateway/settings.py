@@ -219,7 +219,8 @@ class ServerSettings(BaseSettings):
 
     http_head_timeout_s: float = Field(default=10.0, gt=0)
     """An HTTP connection that sends no request head, or only part of one, for this long
-    is closed (408 for a partial head): idle and slow clients cannot hold sockets."""
+    is closed (408 for a partial head), and so is a gRPC connection that has not sent
+    HTTP/2's preface: idle and slow clients cannot hold sockets."""
 
     overload_lag_ms: float = Field(default=3.0, gt=0)
     """The event-loop lag that counts as overrun: the median of a 100 ms window of 5 ms

@@ -131,8 +131,8 @@ class CallContext:
 
 class _Stream:
     __slots__ = (
-        "block", "body", "deadline_timer", "headers", "id", "outbox", "remote_closed",
-        "task", "trailers", "unacked", "window",
+        "block", "body", "deadline_timer", "headers", "id", "outbox", "release",
+        "remote_closed", "task", "trailers", "unacked", "window",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, window: int) -> None:
@@ -147,6 +147,7 @@ class _Stream:
         self.trailers = b""
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.block = False  # the answer is waiting for the peer's window
+        self.release: Callable[[], None] | None = None  # a queue place kept for the call
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -231,6 +232,7 @@ class GrpcConnection(asyncio.Protocol):
         self.going_away = False
         self.paused = False
         self._release: asyncio.TimerHandle | None = None
+        self._preface_timer: asyncio.TimerHandle | None = None
         self.peer = ""
 
     # -- the connection ------------------------------------------------------------------
@@ -255,9 +257,14 @@ class GrpcConnection(asyncio.Protocol):
         )
         if self.server.stopping:
             self.go_away()
+        # A connection that never says it speaks HTTP/2 is not kept (slow or idle clients).
+        self._preface_timer = self.loop.call_later(self.server.preface_timeout_s, self._close_now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self._preface_timer is not None:
+            self._preface_timer.cancel()
+            self._preface_timer = None
         if self._release is not None:
             self._release.cancel()
             self._release = None
@@ -283,6 +290,9 @@ class GrpcConnection(asyncio.Protocol):
                 return
             del buf[: len(PREFACE)]
             self.preface_read = True
+            if self._preface_timer is not None:
+                self._preface_timer.cancel()
+                self._preface_timer = None
         i, end = 0, len(buf)
         try:
             while end - i >= 9 and not self.paused and self.transport is not None:
@@ -297,6 +307,10 @@ class GrpcConnection(asyncio.Protocol):
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
         except _ConnectionError as exc:
             self._fail(exc.code, exc.message)
+            return
+        except Exception:
+            log.exception("gRPC connection from %s failed on a frame", self.peer)
+            self._fail(INTERNAL_ERROR, "internal error")
             return
         del buf[:i]
 
@@ -530,16 +544,11 @@ class GrpcConnection(asyncio.Protocol):
                 deadline = self.loop.time() + seconds
                 stream.deadline_timer = self.loop.call_at(deadline, self._expire, stream)
         context = CallContext(metadata, deadline, self.loop, self.peer)
-        stream.task = self.loop.create_task(self._run(stream, handler, request, context, release))
+        stream.release = release
+        stream.task = self.loop.create_task(self._run(stream, handler, request, context))
 
-    async def _run(
-        self,
-        stream: _Stream,
-        handler: Any,
-        request: Any,
-        context: CallContext,
-        release: Callable[[], None] | None,
-    ) -> None:
+    async def _run(self, stream: _Stream, handler: Any, request: Any, context: CallContext) -> None:
+        release, stream.release = stream.release, None
         if release is not None:
             # The same loop turn in which the handler reaches the queue (nothing in between
             # waits): no other call can count this place as free.
@@ -551,10 +560,6 @@ class GrpcConnection(asyncio.Protocol):
         except _Aborted as aborted:
             self._answer_error(stream, aborted.code, aborted.details, _trailing(context.trailing))
             return
-        except asyncio.CancelledError:
-            if stream.id in self.streams:  # it expired (a reset or a lost connection forgot it)
-                self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            raise
         except Exception:
             log.exception("gRPC handler for %s failed", handler)
             self._answer_error(stream, grpc.StatusCode.INTERNAL, "internal error")
@@ -562,9 +567,11 @@ class GrpcConnection(asyncio.Protocol):
         self._answer(stream, payload, _trailing(context.trailing))
 
     def _expire(self, stream: _Stream) -> None:
+        """The call's deadline passed: DEADLINE_EXCEEDED now, and its task cancelled (a
+        task cancelled before its first step runs none of its code: forgetting the stream
+        gives back what the call held)."""
         stream.deadline_timer = None
-        if stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _hold(self) -> None:
         """A call refused for overload: while the loop is overrun, a connection with no
@@ -633,7 +640,7 @@ class GrpcConnection(asyncio.Protocol):
         if not stream.remote_closed:  # it still sends: tell it to stop
             frames += _frame(RST_STREAM, 0, stream.id, struct.pack(">L", NO_ERROR))
         self.transport.write(frames)
-        self._forget(stream)
+        self._forget(stream, cancel=True)
 
     def _answer(self, stream: _Stream, payload: bytes, trailing: list[Header]) -> None:
         if self.transport is None or self.streams.get(stream.id) is not stream:
@@ -680,8 +687,12 @@ class GrpcConnection(asyncio.Protocol):
         if stream.deadline_timer is not None:
             stream.deadline_timer.cancel()
             stream.deadline_timer = None
-        if cancel and stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        task = stream.task
+        if cancel and task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()  # reset, expired, or the connection lost: not the answering task
+        release, stream.release = stream.release, None
+        if release is not None:  # cancelled before its task ran
+            release()
         if self.going_away and not self.streams:
             self._close_now()
 
@@ -706,8 +717,11 @@ class GrpcServer:
         max_concurrent_streams: int | None = None,
         admissions: dict[str, Admission] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        preface_timeout_s: float = 10.0,
     ) -> None:
         self.handlers = list(handlers)
+        self.preface_timeout_s = preface_timeout_s
+        """A connection that has not sent HTTP/2's preface by then is closed."""
         self.max_message_bytes = max_message_bytes
         self.overload = overload
         self.max_concurrent_streams = max_concurrent_streams or _DEFAULT_MAX_STREAMS
