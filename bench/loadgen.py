@@ -12,7 +12,8 @@ document, so a probe's clock is not the generator's busy event loop:
 - ``probe``: one request every ``--interval`` seconds, on a new connection each time
   (``--connection new``: a new client each time) or on one kept-alive connection
   (``kept``: one client, which waits the Retry-After it is sent, as clients are asked to);
-- ``grpc-probe``: the same over gRPC (``ModelInfer``, a new channel or one kept channel);
+- ``grpc-probe``: the same over gRPC (``ModelInfer`` in raw HTTP/2 frames, a new
+  connection each time or one kept connection);
 - ``grpc-open``: the open loop over gRPC: ``ModelInfer`` calls (``--body``: one
   length-prefixed message) due at ``--rate`` per second, evenly, round robin over
   ``--connections`` HTTP/2 connections as concurrent streams; outcomes are gRPC status names.
@@ -431,38 +432,43 @@ async def probe(
 async def grpc_probe(
     address: str, model: str, interval: float, duration: float, kept: bool
 ) -> dict[str, Any]:
-    import grpc
-
-    from bench.harness import infer_request, infer_stub
+    """``ModelInfer`` every ``interval`` over raw HTTP/2 frames (as the HTTP probe writes
+    raw requests): the time from writing the call (and, for a new connection, connecting
+    and the preface) to its trailers, so the figure is the server's, not a client
+    library's threads on a saturated machine."""
+    from bench.harness import infer_request
     from bench.models import INPUT_DIM
 
     x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
-    request = infer_request(x, model)
-    latencies: dict[str, list[float]] = {}
-    statuses: Counter[str] = Counter()
-    channel: grpc.aio.Channel | None = None
+    body = infer_request(x, model).SerializeToString()
+    host, _, port_text = address.rpartition(":")
+    run = _GrpcOpenLoop(host, int(port_text), model, b"\x00" + len(body).to_bytes(4) + body)
+    loop = asyncio.get_running_loop()
+    client: _GrpcClient | None = None
     deadline = time.perf_counter() + duration
     while time.perf_counter() < deadline:
         began = time.perf_counter()
         wait = interval
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+        answered = sum(run.statuses.values())
         try:
-            await infer_stub(channel)(request, timeout=TIMEOUT_S)
-            outcome = "OK"
-        except grpc.aio.AioRpcError as exc:
-            outcome = exc.code().name
-            if kept and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                wait = max(interval, 1.0)
-        statuses[outcome] += 1
-        latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)
-        if not kept:
-            await channel.close(None)
-            channel = None
+            if client is None or client.transport is None:
+                _, client = await loop.create_connection(
+                    lambda: _GrpcClient(run), host, int(port_text)
+                )
+            client.send(began)
+            while sum(run.statuses.values()) == answered and time.perf_counter() < began + 10:
+                await asyncio.sleep(0.0005)
+        except OSError:
+            run.record("error", began)
+        if kept and run.answers and run.answers[-1][1] == "RESOURCE_EXHAUSTED":
+            wait = max(interval, 1.0)  # the pushback it was sent
+        if not kept and client is not None and client.transport is not None:
+            client.transport.close()
+            client = None
         await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
-    if channel is not None:
-        await channel.close(None)
-    return _summary(latencies, statuses, connection="kept" if kept else "new")
+    if client is not None and client.transport is not None:
+        client.transport.close()
+    return _summary(run.latencies, run.statuses, connection="kept" if kept else "new")
 
 
 async def slow_clients(
