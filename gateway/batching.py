@@ -15,6 +15,8 @@ points to (with the request's first row): the record emitter samples tensors per
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -54,6 +56,7 @@ class _Pending:
     future: asyncio.Future[Tensors]
     enqueued: float
     timing: BatchTiming | None = None
+    timeout_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -110,6 +113,13 @@ class Batcher:
         self._timer_at = 0.0
         self._dispatch_due = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
+        # One timer for every request's deadline, not one each: (deadline, seq, request),
+        # answered heads popped as requests arrive (they end roughly in order), and the
+        # timer re-armed only for an earlier deadline than it waits for.
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._deadline_seq = itertools.count()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = float("inf")
 
     @property
     def max_batch_size(self) -> int:
@@ -196,16 +206,44 @@ class Batcher:
             self._dispatch_due = True
             self._loop.call_soon(self._dispatch)
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
-        try:
-            # asyncio.timeout, not wait_for: one loop turn fewer between a batch's end and
-            # the request's answer, which under load is a turn behind every arrival.
-            async with asyncio.timeout(timeout):
-                return await pending.future
-        except TimeoutError:
-            # The timeout cancelled the future: dispatch skips it, or drops its result.
-            raise DeadlineExceeded(
-                f"request to model '{self.name}' timed out after {timeout * 1e3:.3g} ms"
-            ) from None
+        pending.timeout_s = timeout
+        deadline = enqueued + timeout
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (deadline, next(self._deadline_seq), pending))
+        while deadlines[0][2].future.done():  # answered, or its waiter gone
+            heapq.heappop(deadlines)
+        if deadline < self._deadline_at:
+            self._arm_deadline(deadline)
+        # The deadline sets the future's exception (DeadlineExceeded): awaiting the future
+        # alone costs no timer per request (asyncio.timeout arms and cancels one each).
+        return await pending.future
+
+    def _arm_deadline(self, deadline: float) -> None:
+        assert self._loop is not None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_at = deadline
+        delay = max(0.0, deadline - time.perf_counter())
+        self._deadline_timer = self._loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """Fail every request whose deadline has passed (queued or in a running batch: the
+        batch's answer for it is dropped), then wait for the next deadline."""
+        self._deadline_timer = None
+        self._deadline_at = float("inf")
+        deadlines = self._deadlines
+        now = time.perf_counter()
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][2].future.done()):
+            _, _, pending = heapq.heappop(deadlines)
+            if not pending.future.done():
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        f"request to model '{self.name}' timed out after "
+                        f"{pending.timeout_s * 1e3:.3g} ms"
+                    )
+                )
+        if deadlines:
+            self._arm_deadline(deadlines[0][0])
 
     def _drop_expired(self) -> None:
         """Forget requests that timed out while queued, so they hold no place in the queue."""
@@ -420,6 +458,9 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(

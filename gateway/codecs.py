@@ -151,9 +151,10 @@ def _check_int_range(tensor: str, values: np.ndarray[Any, Any], dtype: DataType)
 
 
 def decode_json_data(
-    tensor: str, datatype: str, shape: tuple[int, ...], data: Any
+    tensor: str, datatype: str, shape: tuple[int, ...], data: Any, *, booleans: bool = True
 ) -> np.ndarray[Any, Any]:
-    """JSON ``data`` (flat or nested, row-major) -> array of ``shape``."""
+    """JSON ``data`` (flat or nested, row-major) -> array of ``shape``. ``booleans=False``:
+    the document is known to hold no JSON boolean (its text has no ``true``/``false``)."""
     dtype = lookup(tensor, datatype)
     expected = element_count(shape)
     if not isinstance(data, list):
@@ -175,7 +176,12 @@ def decode_json_data(
         ) from None
     if values.dtype.kind in "fO" and dtype.dtype.kind in "iu":
         values = _wide_integers(tensor, data, dtype)
-    elif values.dtype.kind in "iuf" and dtype.kinds != "b" and _has_booleans(data, values.ndim):
+    elif (
+        booleans
+        and values.dtype.kind in "iuf"
+        and dtype.kinds != "b"
+        and _has_booleans(data, values.ndim)
+    ):
         raise InvalidInput(f"input '{tensor}': {datatype} data must be {_wanted(dtype)}")
     if values.size and values.dtype.kind not in dtype.kinds:
         raise InvalidInput(f"input '{tensor}': {datatype} data must be {_wanted(dtype)}")

@@ -65,6 +65,10 @@ def decode_infer_request(
         raise InvalidInput(f"malformed JSON in request body: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidInput("request body must be a JSON object")
+    # A JSON boolean is the bare word true or false: a body without either has none, and
+    # the numeric inputs need not be searched for one (a search of every value per input).
+    text = body if len(json_part) == len(body) else bytes(json_part)
+    booleans = b"true" in text or b"false" in text
 
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -103,7 +107,7 @@ def decode_infer_request(
             data = decode_raw(name, datatype, shape, binary[offset : offset + size])
             offset += size
         elif "data" in item:
-            data = decode_json_data(name, datatype, shape, item["data"])
+            data = decode_json_data(name, datatype, shape, item["data"], booleans=booleans)
         else:
             raise InvalidInput(f"input '{name}': 'data' is required")
         inputs.append(InferInput(name, datatype, shape, data, input_params))

@@ -26,6 +26,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]
             "lazy": (model_zoo.add_sub, LAZY, [1]),
             "lazy2": (model_zoo.add_sub, {**LAZY, "max_queue_size": 2}, [1]),
             "roomy": (model_zoo.add_sub, {**LAZY, "max_queue_size": 8}, [1]),
+            "quick": (model_zoo.add_sub, {"max_batch_size": 4}, [1]),
         },
     )
     server = GatewayThread(local_settings(root))
@@ -206,3 +207,28 @@ def test_a_request_let_in_on_its_head_gives_its_place_back_when_it_fails(
     assert statuses == [400, 404]
     assert kept == ["roomy", "roomy"]
     assert plane.arriving == {}
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body(
+    gateway: GatewayThread,
+) -> None:
+    """A client that waits for 100 Continue before sending its body gets it at once (the
+    connection writes each response's head and body together, but never holds this)."""
+    port = gateway.gateway.http_port
+
+    async def scenario() -> tuple[bytes, int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = infer_body()
+        head = post("/v2/models/quick/infer", body).replace(
+            "\r\n\r\n", "\r\nexpect: 100-continue\r\n\r\n"
+        )
+        writer.write(head.encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(body)
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        return interim, int(raw.split()[1])
+
+    interim, status = asyncio.run(scenario())
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    assert status == 200

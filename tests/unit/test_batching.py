@@ -318,6 +318,30 @@ async def test_request_timing_out_while_running(make: Factory) -> None:
     check_answer(rows_of(2), result)
 
 
+async def test_an_earlier_deadline_arriving_later_fires_first(make: Factory) -> None:
+    """One timer serves every deadline: a short one submitted after a long one is not
+    held back by it, and the long one still succeeds."""
+    batcher, model = make(max_batch_size=4, max_queue_delay_us=0)
+    model.hold()
+    long = asyncio.create_task(batcher.submit(rows_of(1), 1, timeout_s=5.0))
+    await until(lambda: model.batches == [1])
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="timed out after 20 ms"):
+        await batcher.submit(rows_of(2), 1, timeout_s=0.02)
+    assert time.monotonic() - started < 1.0
+    model.release()
+    check_answer(rows_of(1), (await answers([long]))[0])
+
+
+async def test_answered_requests_leave_the_deadline_heap(make: Factory) -> None:
+    """Requests answered long before their deadline do not pile up (each holds its
+    tensors): the heap keeps about the requests still waiting."""
+    batcher, _ = make(max_batch_size=4, max_queue_delay_us=0)
+    for i in range(200):
+        check_answer(rows_of(i), await batcher.submit(rows_of(i), 1, timeout_s=30.0))
+    assert len(batcher._deadlines) <= 2
+
+
 async def test_default_timeout_comes_from_the_config(make: Factory) -> None:
     batcher, model = make(max_batch_size=4, max_queue_delay_us=0, default_timeout_us=20_000)
     assert batcher.default_timeout_s == 0.02

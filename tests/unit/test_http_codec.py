@@ -369,3 +369,27 @@ def test_json_response_of_a_transposed_array_is_row_major() -> None:
     response = InferResponse("m", "1", [InferOutput("y", "INT32", values.shape, values)])
     body, _ = encode_infer_response(response, _request())
     assert orjson.loads(body)["outputs"][0]["data"] == [0, 3, 1, 4, 2, 5]
+
+
+@pytest.mark.parametrize(
+    ("extra", "data"),
+    [
+        ({}, [1.0, 2.0, True]),  # a boolean among numbers
+        ({"parameters": {"note": "true"}}, [1.0, 2.0, 3.0]),  # the word, not a boolean
+        ({"parameters": {"flag": False}}, [1.0, 2.0, 3.0]),  # a boolean, not in the data
+    ],
+    ids=["boolean-in-data", "word-in-a-string", "boolean-elsewhere"],
+)
+def test_booleans_are_found_among_numbers_whatever_else_the_body_holds(
+    extra: dict[str, Any], data: list[Any]
+) -> None:
+    """The decoder skips the search for booleans in a body whose text has no true/false;
+    wherever the words are, a boolean in numeric data is still refused."""
+    item = {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": data}
+    body = orjson.dumps({"inputs": [item], **extra})
+    if any(v is True for v in data):
+        with pytest.raises(InvalidInput, match="must be numbers"):
+            decode_infer_request("m", "", body, None)
+    else:
+        request = decode_infer_request("m", "", body, None)
+        np.testing.assert_array_equal(request.inputs[0].data, [[1.0, 2.0, 3.0]])
