@@ -22,6 +22,10 @@ document, so a probe's clock is not the generator's busy event loop:
 - ``slow``: ``--idle`` connections that send nothing and ``--partial`` that send half a
   request's head and stall, held open for ``--duration`` seconds.
 
+The probes raise their own scheduling priority where allowed (``nice -10``, as root): on
+cores the load saturates, a probe's own wait for a core would otherwise be counted as the
+server's latency. The load modes keep the default priority.
+
 Bare asyncio streams on uvloop rather than an HTTP library: the generator shares two cores
 with the gateway it loads, and every microsecond it spends is taken from the server.
 """
@@ -32,10 +36,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +143,12 @@ class _Client(asyncio.Protocol):
                 self.run.record("error", due)
 
 
-class _OpenLoop:
-    def __init__(self, host: str, port: int, request: bytes) -> None:
-        self.host, self.port, self.request = host, port, request
-        self.idle: list[_Client] = []
+class _Answers:
+    """Outcomes of an open loop, each timed from when its request was due."""
+
+    def __init__(self) -> None:
         self.latencies: dict[str, list[float]] = {}
         self.statuses: Counter[str] = Counter()
-        self.opened = 0
-        self.loop = asyncio.get_running_loop()
-        self.pending: set[asyncio.Task[None]] = set()
-        self.clients: list[_Client] = []
         self.answers: list[tuple[float, str, float]] = []  # (due, outcome, latency ms)
 
     def record(self, outcome: str, due: float) -> None:
@@ -154,6 +156,17 @@ class _OpenLoop:
         latency_ms = (time.perf_counter() - due) * 1e3
         self.latencies.setdefault(outcome, []).append(latency_ms)
         self.answers.append((due, outcome, latency_ms))
+
+
+class _OpenLoop(_Answers):
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        super().__init__()
+        self.host, self.port, self.request = host, port, request
+        self.idle: list[_Client] = []
+        self.opened = 0
+        self.loop = asyncio.get_running_loop()
+        self.pending: set[asyncio.Task[None]] = set()
+        self.clients: list[_Client] = []
 
     def send(self, due: float) -> None:
         if self.idle:
@@ -262,8 +275,9 @@ class _GrpcClient(asyncio.Protocol):
         self.transport = None
 
 
-class _GrpcOpenLoop:
+class _GrpcOpenLoop(_Answers):
     def __init__(self, host: str, port: int, model: str, message: bytes) -> None:
+        super().__init__()
         self.host, self.port, self.message = host, port, message
         path = "/inference.GRPCInferenceService/ModelInfer"
         self.header_block = encode_headers([
@@ -271,15 +285,6 @@ class _GrpcOpenLoop:
             (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
             ("te", "trailers"),
         ])  # fmt: skip
-        self.latencies: dict[str, list[float]] = {}
-        self.statuses: Counter[str] = Counter()
-        self.answers: list[tuple[float, str, float]] = []
-
-    def record(self, outcome: str, due: float) -> None:
-        self.statuses[outcome] += 1
-        latency_ms = (time.perf_counter() - due) * 1e3
-        self.latencies.setdefault(outcome, []).append(latency_ms)
-        self.answers.append((due, outcome, latency_ms))
 
 
 async def grpc_open_loop(
@@ -293,6 +298,32 @@ async def grpc_open_loop(
         _, client = await loop.create_connection(lambda: _GrpcClient(run), host, port)
         clients.append(client)
     await asyncio.sleep(0.05)  # the SETTINGS exchange
+
+    def send(i: int, due: float) -> None:
+        client = clients[i % connections]
+        if client.transport is None:
+            run.record("error", due)
+        else:
+            client.send(due)
+
+    def close() -> None:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.close()
+
+    return await _drive(run, schedule, send, close, lambda: connections, series)
+
+
+async def _drive(
+    run: _Answers,
+    schedule: list[tuple[float, float]],
+    send: Callable[[int, float], None],
+    close: Callable[[], None],
+    connections: Callable[[], int],
+    series: bool,
+) -> dict[str, Any]:
+    """Send request ``i`` when it is due (``send(i, due)``), wait for the answers (up to
+    TIMEOUT_S; the rest count as timeouts), close, and summarise."""
     start = time.perf_counter() + 0.05
     times = due_times(schedule, start)
     count = len(times)
@@ -300,11 +331,7 @@ async def grpc_open_loop(
     while sent < count:
         now = time.perf_counter()
         while sent < count and times[sent] <= now:
-            client = clients[sent % connections]
-            if client.transport is None:
-                run.record("error", times[sent])
-            else:
-                client.send(times[sent])
+            send(sent, times[sent])
             sent += 1
         if sent < count:
             await asyncio.sleep(max(0.0, times[sent] - time.perf_counter()))
@@ -316,14 +343,12 @@ async def grpc_open_loop(
     if answered < count:
         run.statuses["timeout"] += count - answered
         run.latencies.setdefault("timeout", []).append(TIMEOUT_S * 1e3)
-    for client in clients:
-        if client.transport is not None:
-            client.transport.close()
+    close()
     extra: dict[str, Any] = {"series": per_second(run.answers, start)} if series else {}
     rate = count / max(sum(seconds for _, seconds in schedule), 1e-9)
     return _summary(
         run.latencies, run.statuses, rate=rate, duration_s=sent_for, sent=count,
-        connections=connections, **extra,
+        connections=connections(), **extra,
     )  # fmt: skip
 
 
@@ -362,34 +387,14 @@ async def open_loop(
 ) -> dict[str, Any]:
     run = _OpenLoop(host, port, _request_bytes(host, port, path, body))
 
-    start = time.perf_counter() + 0.05
-    times = due_times(schedule, start)
-    count = len(times)
-    sent = 0
-    while sent < count:
-        now = time.perf_counter()
-        while sent < count and times[sent] <= now:
-            run.send(times[sent])
-            sent += 1
-        if sent < count:
-            await asyncio.sleep(max(0.0, times[sent] - time.perf_counter()))
-    sent_for = time.perf_counter() - start
-    deadline = time.perf_counter() + TIMEOUT_S
-    while sum(run.statuses.values()) < count and time.perf_counter() < deadline:
-        await asyncio.sleep(0.05)
-    answered = sum(run.statuses.values())
-    if answered < count:
-        run.statuses["timeout"] += count - answered
-        run.latencies.setdefault("timeout", []).append(TIMEOUT_S * 1e3)
-    for client in run.clients:
-        if client.transport is not None:
-            client.transport.close()
-    extra: dict[str, Any] = {"series": per_second(run.answers, start)} if series else {}
-    rate = count / max(sum(seconds for _, seconds in schedule), 1e-9)
-    return _summary(
-        run.latencies, run.statuses, rate=rate, duration_s=sent_for, sent=count,
-        connections=run.opened, **extra,
-    )  # fmt: skip
+    def close() -> None:
+        for client in run.clients:
+            if client.transport is not None:
+                client.transport.close()
+
+    return await _drive(
+        run, schedule, lambda _, due: run.send(due), close, lambda: run.opened, series
+    )
 
 
 async def probe(
@@ -535,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.schedule:
         steps = [step.split(":") for step in args.schedule.split(",")]
         schedule = [(float(rate), float(seconds)) for rate, seconds in steps]
+    if args.mode in ("probe", "grpc-probe"):
+        with contextlib.suppress(OSError):
+            os.nice(-10)
     if args.mode == "open":
         work = open_loop(host, port, args.path, body, schedule, args.series)
     elif args.mode == "grpc-open":

@@ -98,3 +98,55 @@ def test_a_schedule_steps_the_rate_and_answers_group_by_the_second_they_were_due
     assert [(s["t"], s["sent"], s["ok"]) for s in series] == [(0, 2, 2), (1, 2, 1)]
     assert series[0]["p50_ms"] == 6.0
     assert series[1]["p99_ms"] == 9.0
+
+
+async def test_the_grpc_open_loop_reads_each_calls_status_from_its_trailers() -> None:
+    """The gRPC open loop against the gateway's own transport (a toy ModelInfer that
+    refuses every other call): every call is answered once, with the status it got."""
+    import grpc
+
+    from gateway.grpc.messages import message
+    from gateway.grpc.transport import GrpcServer
+    from gateway.overload import Overload
+
+    response = message("ModelInferResponse")
+    request = message("ModelInferRequest")
+    turn = itertools.count()
+
+    async def infer(call: object, context: object) -> object:
+        return response(model_name="m")
+
+    def admission(call: object, metadata: object) -> object:
+        if next(turn) % 2:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, "full", []
+        return None
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                infer,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        },
+    )
+    path = "/inference.GRPCInferenceService/ModelInfer"
+    server = GrpcServer(
+        [handler], max_message_bytes=1 << 20, overload=Overload(0.0),
+        admissions={path: admission},
+    )  # fmt: skip
+    port = await server.start("127.0.0.1", 0)
+    try:
+        body = request(model_name="m").SerializeToString()
+        framed = b"\x00" + len(body).to_bytes(4) + body
+        result = await loadgen.grpc_open_loop(
+            "127.0.0.1", port, "m", framed, [(200.0, 0.5)], connections=2
+        )
+        probe = await loadgen.grpc_probe(f"127.0.0.1:{port}", "m", 0.05, 0.3, kept=False)
+    finally:
+        await server.stop(1.0)
+    assert result["sent"] == 100 and result["connections"] == 2
+    assert result["statuses"] == {"OK": 50, "RESOURCE_EXHAUSTED": 50}
+    assert sum(probe["statuses"].values()) >= 3
+    assert set(probe["statuses"]) <= {"OK", "RESOURCE_EXHAUSTED"}
