@@ -27,19 +27,24 @@ log = logging.getLogger(__name__)
 
 class Overload:
     """A timer every ``interval_s`` measuring the loop's lag; ``storming`` once the median
-    lag of a ``sustain_s`` window reaches ``lag_threshold_s``."""
+    lag of a ``sustain_s`` window reaches ``lag_threshold_s``, or the window's refusals for
+    overload (at least ``min_refusals``) are ``refusal_ratio`` times its other answers."""
 
     def __init__(
         self,
         hold_s: float,
         *,
         lag_threshold_s: float = 0.003,
+        refusal_ratio: float = 3.0,
+        min_refusals: int = 50,
         sustain_s: float = 0.100,
         min_held: int = 16,
         interval_s: float = 0.005,
     ) -> None:
         self.hold_s = hold_s
         self.lag_threshold_s = lag_threshold_s
+        self.refusal_ratio = refusal_ratio
+        self.min_refusals = min_refusals
         self.sustain_s = sustain_s
         self.min_held = min_held
         self.interval_s = interval_s
@@ -49,6 +54,12 @@ class Overload:
         """Connections not being read right now (kept by the HTTP protocol)."""
         self.storms = 0
         """Times the state was entered, for metrics and tests."""
+        self.refusals = 0
+        """Refusals for overload (each asks :meth:`hold`)."""
+        self.answers = 0
+        """Every answer the transports sent, refusals included (they count it)."""
+        self._window_refusals = 0
+        self._window_answers = 0
         self._window: list[float] = []  # this window's tick lags
         self._window_start: float | None = None
         self._storm_until = 0.0
@@ -63,7 +74,9 @@ class Overload:
     def hold(self) -> float:
         """Seconds a connection just refused for overload should not be read (0: read it):
         between three quarters and all of ``hold_s``, at random, so a crowd refused
-        together is not released together into one loop turn."""
+        together is not released together into one loop turn. Called once per such
+        refusal (it is counted)."""
+        self.refusals += 1
         if self.hold_s <= 0 or not self.storming:
             return 0.0
         return self.hold_s * (0.75 + 0.25 * random.random())
@@ -92,13 +105,23 @@ class Overload:
             median = lags[len(lags) // 2]
             self._window.clear()
             self._window_start = now
-            if median >= self.lag_threshold_s:
+            refused = self.refusals - self._window_refusals
+            served = self.answers - self._window_answers - refused
+            self._window_refusals, self._window_answers = self.refusals, self.answers
+            # Or refusals are most of what the loop answers: closed-loop clients retrying
+            # at once keep every turn busy (the batch cycle waits a turn at each step)
+            # although no turn is long; an open loop twice over capacity refuses about as
+            # many as it serves.
+            churning = refused >= self.min_refusals and refused >= self.refusal_ratio * served
+            if median >= self.lag_threshold_s or churning:
                 if now >= self._storm_until:
                     self.storms += 1
                     log.warning(
-                        "overload: the event loop lagged %.0f ms (median over %.0f ms); "
-                        "connections refused for overload are not read for %.0f ms",
-                        median * 1e3, self.sustain_s * 1e3, self.hold_s * 1e3,
+                        "overload: the event loop lagged %.0f ms (median over %.0f ms), "
+                        "%d refused and %d served in that time; connections refused for "
+                        "overload are not read for %.0f ms",
+                        median * 1e3, self.sustain_s * 1e3, refused, max(served, 0),
+                        self.hold_s * 1e3,
                     )  # fmt: skip
                 self._storm_until = max(self._storm_until, now + 2 * self.hold_s)
         if self.held >= self.min_held and now < self._storm_until:

@@ -640,6 +640,7 @@ class GrpcConnection(asyncio.Protocol):
         if not stream.remote_closed:  # it still sends: tell it to stop
             frames += _frame(RST_STREAM, 0, stream.id, struct.pack(">L", NO_ERROR))
         self.transport.write(frames)
+        self.server.overload.answers += 1
         self._forget(stream, cancel=True)
 
     def _answer(self, stream: _Stream, payload: bytes, trailing: list[Header]) -> None:

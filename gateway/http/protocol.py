@@ -145,6 +145,7 @@ class HoldingProtocol(HttpToolsProtocol):
             cast(dict[str, Any], scope)[RESERVED_KEY] = reserved
 
         def on_response() -> None:
+            self.overload.answers += 1
             self.on_response_complete()
             if REFUSED_KEY not in scope or self.transport.is_closing():
                 return
@@ -192,6 +193,7 @@ class HoldingProtocol(HttpToolsProtocol):
             return
         self._discarding = False
         self.server_state.total_requests += 1
+        self.overload.answers += 1
         if self.transport.is_closing():
             return
         self.timeout_keep_alive_task = self.loop.call_later(

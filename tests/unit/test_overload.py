@@ -90,3 +90,30 @@ def test_a_zero_hold_never_holds() -> None:
     for _ in range(40):
         tick(overload, loop, 0.05)
     assert overload.hold() == 0
+
+
+def test_refusals_outnumbering_answers_are_a_storm_while_the_loop_is_on_time() -> None:
+    """32 closed-loop clients on a queue of 8: turns stay short (no lag), but ten refusals
+    for every request served keep the loop busy and the batches waiting a turn at each
+    step. An open loop at twice capacity refuses about as many as it serves: no storm."""
+    churning, open_loop = Overload(0.5), Overload(0.5)
+    for overload, refused_per_tick, served_per_tick in ((churning, 10, 1), (open_loop, 2, 2)):
+        loop = ticking(overload)
+        for _ in range(60):
+            for _ in range(refused_per_tick):
+                overload.hold()
+            overload.answers += refused_per_tick + served_per_tick
+            tick(overload, loop, 0.0)
+    assert churning.storming and churning.storms == 1
+    assert not open_loop.storming and open_loop.storms == 0
+
+
+def test_a_few_refusals_are_not_a_storm_whatever_the_ratio() -> None:
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    for i in range(60):
+        if i % 3 == 0:
+            overload.hold()  # about 7 refusals a 100 ms window, nothing served
+        overload.answers += i % 3 == 0
+        tick(overload, loop, 0.0)
+    assert not overload.storming and overload.refusals == 20
