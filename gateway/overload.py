@@ -27,15 +27,15 @@ log = logging.getLogger(__name__)
 
 class Overload:
     """A timer every ``interval_s`` measuring the loop's lag; ``storming`` once the median
-    lag of a ``sustain_s`` window reaches ``lag_threshold_s``, or the window's refusals for
-    overload (at least ``min_refusals``) are ``refusal_ratio`` times its other answers."""
+    lag of a ``sustain_s`` window reaches ``lag_threshold_s``, or two windows running each
+    refused (at least ``min_refusals``) ``refusal_ratio`` times what they served."""
 
     def __init__(
         self,
         hold_s: float,
         *,
         lag_threshold_s: float = 0.003,
-        refusal_ratio: float = 3.0,
+        refusal_ratio: float = 5.0,
         min_refusals: int = 50,
         sustain_s: float = 0.100,
         min_held: int = 16,
@@ -60,6 +60,7 @@ class Overload:
         """Every answer the transports sent, refusals included (they count it)."""
         self._window_refusals = 0
         self._window_answers = 0
+        self._churned = False  # the last window was churning
         self._window: list[float] = []  # this window's tick lags
         self._window_start: float | None = None
         self._storm_until = 0.0
@@ -113,7 +114,10 @@ class Overload:
             # although no turn is long; an open loop twice over capacity refuses about as
             # many as it serves.
             churning = refused >= self.min_refusals and refused >= self.refusal_ratio * served
-            if median >= self.lag_threshold_s or churning:
+            # Two windows running: a stall of the batcher alone (a GC) can make one window
+            # of an open loop look like this.
+            churned, self._churned = self._churned and churning, churning
+            if median >= self.lag_threshold_s or churned:
                 if now >= self._storm_until:
                     self.storms += 1
                     log.warning(

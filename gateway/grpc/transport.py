@@ -233,6 +233,7 @@ class GrpcConnection(asyncio.Protocol):
         self.paused = False
         self._release: asyncio.TimerHandle | None = None
         self._preface_timer: asyncio.TimerHandle | None = None
+        self._gathering: list[bytes] | None = None  # writes held while frames are read
         self.peer = ""
 
     # -- the connection ------------------------------------------------------------------
@@ -294,6 +295,7 @@ class GrpcConnection(asyncio.Protocol):
                 self._preface_timer.cancel()
                 self._preface_timer = None
         i, end = 0, len(buf)
+        self._gathering = []
         try:
             while end - i >= 9 and not self.paused and self.transport is not None:
                 high, low, kind, flags, stream_id = _HEAD.unpack_from(buf, i)
@@ -312,10 +314,28 @@ class GrpcConnection(asyncio.Protocol):
             log.exception("gRPC connection from %s failed on a frame", self.peer)
             self._fail(INTERNAL_ERROR, "internal error")
             return
+        finally:
+            if self.transport is not None and not self.transport.is_closing():
+                self._flush_gathered()
+            self._gathering = None
         del buf[:i]
+
+    def _write(self, data: bytes) -> None:
+        """While frames are being read, what they answer is gathered and written once at
+        the end (one send for every call a read answered at once); otherwise at once."""
+        if self._gathering is not None:
+            self._gathering.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def _flush_gathered(self) -> None:
+        if self._gathering and self.transport is not None:
+            self.transport.write(b"".join(self._gathering))
+            self._gathering.clear()
 
     def _close_now(self) -> None:
         if self.transport is not None:
+            self._flush_gathered()
             self.transport.close()
 
     def _fail(self, code: int, message: str) -> None:
@@ -323,6 +343,7 @@ class GrpcConnection(asyncio.Protocol):
         log.debug("gRPC connection error %d from %s: %s", code, self.peer, message)
         if self.transport is not None:
             debug = message.encode()[:256]
+            self._flush_gathered()
             self.transport.write(
                 _frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_stream, code) + debug)
             )
@@ -374,7 +395,7 @@ class GrpcConnection(asyncio.Protocol):
             if len(payload) != 8 or stream_id != 0:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "bad PING")
             if not flags & ACK and self.transport is not None:
-                self.transport.write(_frame(PING, ACK, 0, payload))
+                self._write(_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             stream = self.streams.get(stream_id)
             if stream is not None:
@@ -406,7 +427,7 @@ class GrpcConnection(asyncio.Protocol):
                     raise _ConnectionError(PROTOCOL_ERROR, f"max frame size {value}")
                 self.max_frame = value
         assert self.transport is not None
-        self.transport.write(_frame(SETTINGS, ACK, 0))
+        self._write(_frame(SETTINGS, ACK, 0))
         self._flush_blocked()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
@@ -455,7 +476,7 @@ class GrpcConnection(asyncio.Protocol):
         size = len(payload)
         self.unacked += size
         if self.unacked >= _WINDOW // 2 and self.transport is not None:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", self.unacked)))
+            self._write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", self.unacked)))
             self.unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
@@ -474,14 +495,12 @@ class GrpcConnection(asyncio.Protocol):
             return
         stream.unacked += size
         if stream.unacked >= _WINDOW // 2 and self.transport is not None:
-            self.transport.write(
-                _frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">L", stream.unacked))
-            )
+            self._write(_frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">L", stream.unacked)))
             stream.unacked = 0
 
     def _reset(self, stream_id: int, code: int) -> None:
         if self.transport is not None:
-            self.transport.write(_frame(RST_STREAM, 0, stream_id, struct.pack(">L", code)))
+            self._write(_frame(RST_STREAM, 0, stream_id, struct.pack(">L", code)))
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -639,7 +658,7 @@ class GrpcConnection(asyncio.Protocol):
             return
         if not stream.remote_closed:  # it still sends: tell it to stop
             frames += _frame(RST_STREAM, 0, stream.id, struct.pack(">L", NO_ERROR))
-        self.transport.write(frames)
+        self._write(frames)
         self.server.overload.answers += 1
         self._forget(stream, cancel=True)
 
@@ -649,7 +668,7 @@ class GrpcConnection(asyncio.Protocol):
         head = encode_headers([(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)])
         stream.outbox = b"\x00" + len(payload).to_bytes(4) + payload
         stream.trailers = encode_headers([("grpc-status", "0"), *trailing])
-        self.transport.write(self._headers_frames(stream.id, head, False))
+        self._write(self._headers_frames(stream.id, head, False))
         self._flush(stream)
 
     def _flush(self, stream: _Stream) -> None:
@@ -670,7 +689,7 @@ class GrpcConnection(asyncio.Protocol):
             stream.block = True
             self.server.blocked_answers += 1
             if frames:
-                self.transport.write(b"".join(frames))
+                self._write(b"".join(frames))
             return
         stream.block = False
         frames.append(self._headers_frames(stream.id, stream.trailers, True))

@@ -117,3 +117,17 @@ def test_a_few_refusals_are_not_a_storm_whatever_the_ratio() -> None:
         overload.answers += i % 3 == 0
         tick(overload, loop, 0.0)
     assert not overload.storming and overload.refusals == 20
+
+
+def test_one_window_of_refusals_alone_is_not_a_storm() -> None:
+    """A stall (a GC) in an open loop: one window refuses ten times what it serves, the
+    next is back to one to one."""
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    for i in range(80):
+        refused, served = (10, 1) if i < 20 else (2, 2)  # 20 ticks: one 100 ms window
+        for _ in range(refused):
+            overload.hold()
+        overload.answers += refused + served
+        tick(overload, loop, 0.0)
+    assert not overload.storming and overload.storms == 0
