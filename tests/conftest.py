@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+# Ray test clusters start and stop in this process, module after module. A Ray client that
+# outlives its cluster ends the whole process 60 s after that cluster's GCS is gone ("Failed
+# to connect to GCS within 60 seconds ... The program will terminate", status 1), which
+# ended full runs in later, unrelated tests; set before anything imports Ray.
+os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "86400")
 
 import pytest
 from gateways import GatewayThread, local_settings, running
