@@ -197,7 +197,8 @@ class ServerSettings(BaseSettings):
     """Largest request body (HTTP) or message (gRPC); beyond it: 413/RESOURCE_EXHAUSTED."""
 
     grpc_max_concurrent_streams: int | None = None
-    """Cap on concurrent gRPC streams per connection (None: gRPC's default)."""
+    """Cap on concurrent gRPC streams per connection (None: 1024 on the own transport, gRPC's
+    default with grpcio)."""
 
     grpc_transport: Literal["turnout", "grpcio"] = "turnout"
     """The gRPC port's server: ``turnout``, the gateway's own HTTP/2 for unary calls in
