@@ -1,7 +1,8 @@
 """The gateway process: the composition root that wires every part, and both servers.
 
-HTTP (uvicorn, uvloop + httptools) and gRPC (grpc.aio) share one event loop and one data
-plane, so a request's batcher sees every request for its model regardless of transport.
+HTTP (uvicorn, uvloop + httptools) and gRPC (the own HTTP/2 transport, or grpc.aio) share
+one event loop and one data plane, so a request's batcher sees every request for its model
+regardless of transport.
 :class:`Gateway` builds the model table, the router and its store, the data plane with its
 observers (the metrics, the record emitter), the admin and the servers, and owns their
 lifetimes.
