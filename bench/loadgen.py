@@ -276,7 +276,7 @@ class _GrpcClient(asyncio.Protocol):
 
 
 class _GrpcOpenLoop(_Answers):
-    def __init__(self, host: str, port: int, model: str, message: bytes) -> None:
+    def __init__(self, host: str, port: int, message: bytes) -> None:
         super().__init__()
         self.host, self.port, self.message = host, port, message
         path = "/inference.GRPCInferenceService/ModelInfer"
@@ -291,7 +291,7 @@ async def grpc_open_loop(
     host: str, port: int, model: str, message: bytes, schedule: list[tuple[float, float]],
     connections: int, series: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    run = _GrpcOpenLoop(host, port, model, message)
+    run = _GrpcOpenLoop(host, port, message)
     loop = asyncio.get_running_loop()
     clients = []
     for _ in range(connections):
@@ -447,7 +447,7 @@ async def grpc_probe(
     x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
     body = infer_request(x, model).SerializeToString()
     host, _, port_text = address.rpartition(":")
-    run = _GrpcOpenLoop(host, int(port_text), model, b"\x00" + len(body).to_bytes(4) + body)
+    run = _GrpcOpenLoop(host, int(port_text), b"\x00" + len(body).to_bytes(4) + body)
     loop = asyncio.get_running_loop()
     client: _GrpcClient | None = None
     deadline = time.perf_counter() + duration

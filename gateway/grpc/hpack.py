@@ -152,10 +152,7 @@ def _string(block: bytes, i: int) -> tuple[str, int]:
             raw = decode_huffman(raw)
         except Exception as exc:  # hpack raises its own HPACKDecodingError
             raise HpackError(f"bad Huffman string: {exc}") from None
-    try:
-        return raw.decode("latin-1"), end
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
-        raise HpackError("bad header string") from None
+    return raw.decode("latin-1"), end  # latin-1 decodes any byte
 
 
 def _encode_integer(value: int, prefix: int, flags: int) -> bytes:

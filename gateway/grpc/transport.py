@@ -131,7 +131,7 @@ class CallContext:
 
 class _Stream:
     __slots__ = (
-        "block", "body", "deadline_timer", "headers", "id", "outbox", "release",
+        "body", "deadline_timer", "headers", "id", "outbox", "release",
         "remote_closed", "task", "trailers", "unacked", "window",
     )  # fmt: skip
 
@@ -143,10 +143,9 @@ class _Stream:
         self.unacked = 0
         self.remote_closed = False
         self.task: asyncio.Task[None] | None = None
-        self.outbox = b""
+        self.outbox = b""  # the answer's DATA not sent yet: waiting for the peer's window
         self.trailers = b""
         self.deadline_timer: asyncio.TimerHandle | None = None
-        self.block = False  # the answer is waiting for the peer's window
         self.release: Callable[[], None] | None = None  # a queue place kept for the call
 
 
@@ -445,7 +444,7 @@ class GrpcConnection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is not None:
             stream.window += increment
-            if stream.block:
+            if stream.outbox:  # an answer waiting for this window
                 self._flush(stream)
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
@@ -686,17 +685,15 @@ class GrpcConnection(asyncio.Protocol):
             self.send_window -= n
         stream.outbox = out
         if out:
-            stream.block = True
             self.server.blocked_answers += 1
             if frames:
                 self._write(b"".join(frames))
             return
-        stream.block = False
         frames.append(self._headers_frames(stream.id, stream.trailers, True))
         self._send_last(stream, b"".join(frames))
 
     def _flush_blocked(self) -> None:
-        for stream in [s for s in self.streams.values() if s.block]:
+        for stream in [s for s in self.streams.values() if s.outbox]:
             if self.send_window <= 0:
                 return
             self._flush(stream)
