@@ -123,6 +123,12 @@ class ModelConfig(BaseModel):
     inter_op_threads: int = Field(default=1, ge=0)
     """ONNX Runtime threads across operators (0: ONNX Runtime's default)."""
 
+    inline_max_us: int = Field(default=1000, ge=0)
+    """Local backend: a batch measured to compute in less than this (by batch size, CPU
+    time) runs on the event loop's thread instead of a worker, whose GIL handoffs cost a
+    small model many times its computation under load. 0: always a worker. Only with one
+    ONNX Runtime thread on the CPU."""
+
     @field_validator("autoscaling")
     @classmethod
     def _check_start(
@@ -213,7 +219,7 @@ class ServerSettings(BaseSettings):
     time; 8 took gRPC from about 0.5x to 0.7-0.8x of HTTP's req/s (docs/architecture.md).
     The calls of one connection all go to one server."""
 
-    overload_hold_ms: int = Field(default=500, ge=0, le=1000)
+    overload_hold_ms: int = Field(default=1000, ge=0, le=1000)
     """While the event loop is overrun by refusals, an HTTP connection refused for overload
     (429) is not read again for this long, so closed-loop clients retrying at once cannot
     starve admitted requests. At most 1000: the Retry-After a refusal carries. 0: never."""
