@@ -27,6 +27,9 @@ saving JSON to bench/results/chaos-<stamp>.json:
 - ``full-disk``: the state dir on a full 1 MiB tmpfs (needs root to mount; skipped
   otherwise): a policy change must be refused with a clear 507 while serving goes on.
 
+The overload cases run ``--rounds`` rounds (3) per protocol, each measuring the capacity
+right before its crowd and open loop; a row's ratio is the rounds' median.
+
 One case at a time with ``--case``; ``--duration`` sets the load phases' length.
 """
 
@@ -87,9 +90,10 @@ Row = dict[str, Any]
 
 
 class Workspace:
-    def __init__(self, root: Path, duration: float) -> None:
+    def __init__(self, root: Path, duration: float, rounds: int = 3) -> None:
         self.root = root
         self.duration = duration
+        self.rounds = rounds
         x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
         self.x = x
         self.json_body = root / "body.json"
@@ -181,145 +185,175 @@ def row(case: str, **values: Any) -> Row:
 
 
 def overload(ws: Workspace) -> list[Row]:
+    """``ws.rounds`` rounds per protocol, each measuring the capacity, then the closed-loop
+    crowd, then the open loop, so each round's ratios compare phases a few seconds apart;
+    a row gives the rounds' median ratio (this machine's speed drifts by a fifth between
+    minutes) and keeps every round in ``rounds``."""
     repo = build_repository(ws.root / "overload-models", **OVERLOADED)
     server, http, grpc, _ = ws.gateway("overload", repo)
-    rows: list[Row] = []
-    d = ws.duration
-    url = f"http://127.0.0.1:{http}{INFER}"
-    grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
-    address = f"127.0.0.1:{http}"
     with running(server):
         server.wait_ready()
         retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
+        url = f"http://127.0.0.1:{http}{INFER}"
         run_hey(url, ws.json_body, 2, 8)  # warm-up
-        capacity = run_hey(url, ws.json_body, d, 8).rps
-        console.print(f"capacity (8 closed-loop HTTP clients): {capacity:.0f} req/s")
-
-        probes = [
-            loadgen("probe", "--address", address, "--body", str(ws.json_body),
-                    "--duration", str(d - 1), "--connection", kind)
-            for kind in ("new", "kept")
-        ]  # fmt: skip
-        # The control: a new connection each time to a route that answers 405 at once,
-        # whose tail is the machine's (connection set-up on saturated cores), not a refusal's.
-        control_probe = loadgen("probe", "--address", address, "--body", str(ws.json_body),
-                                "--duration", str(d - 1), "--path", "/v2/health/ready")  # fmt: skip
-        time.sleep(0.5)
-        crowd = run_hey(url, ws.json_body, d, 256)
-        new, kept = (finished(p) for p in probes)
-        control = finished(control_probe)
-        timeouts = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP" not in n)
-        refused = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP 429" in n)
-        rows.append(
-            row(
-                "overload-closed-http",
-                sent=crowd.requests,
-                ok=crowd.requests - crowd.errors,
-                failed=crowd.errors,
-                unexpected=crowd.errors - refused,
-                goodput_rps=crowd.rps,
-                capacity_rps=capacity,
-                goodput_ratio=crowd.rps / capacity,
-                refusal_p99_ms_new=p99(new, "429"),
-                refusal_p99_ms_kept=p99(kept, "429"),
-                probe_p99_ms_new=p99(new, *new["latency"]),
-                probe_p99_ms_kept=p99(kept, *kept["latency"]),
-                probes={"new": new, "kept": kept, "control": control},
-                control_p99_ms_new=p99(control, *control["latency"]),
-                timeouts=timeouts,
-            )
-        )
-        time.sleep(3)  # the crowd's holds end before the next case
-
-        rate = 2 * capacity
-        open_loop = finished(
-            loadgen("open", "--address", address, "--body", str(ws.json_body),
-                    "--duration", str(d), "--rate", f"{rate:.0f}")
-        )  # fmt: skip
-        statuses = open_loop["statuses"]
-        ok = statuses.get("200", 0)
-        goodput = ok / open_loop["duration_s"]
-        sent = sum(statuses.values())
-        rows.append(
-            row(
-                "overload-open-http",
-                sent=sent,
-                ok=ok,
-                failed=sent - ok,
-                unexpected=sent - ok - statuses.get("429", 0),
-                goodput_rps=goodput,
-                capacity_rps=capacity,
-                goodput_ratio=goodput / capacity,
-                arrival_rps=rate,
-                refusal_p99_ms=p99(open_loop, "429"),
-                timeouts=statuses.get("timeout", 0),
-                open_loop=open_loop,
-            )
-        )
-        time.sleep(3)
-
+        http_rounds = [overload_http_round(ws, http) for _ in range(ws.rounds)]
+        grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
         h2load(grpc_url, ws.grpc_body, 2, "-c", "8", "-m", "1")  # warm-up
-        before = served(http)
-        base = h2load(grpc_url, ws.grpc_body, d, "-c", "8", "-m", "1")
-        grpc_capacity = (served(http) - before) / d
-        console.print(f"capacity (8 closed-loop gRPC clients): {grpc_capacity:.0f} req/s")
-        probes = [
-            loadgen("grpc-probe", "--address", f"127.0.0.1:{grpc}",
-                    "--duration", str(d - 1), "--connection", kind)
-            for kind in ("new", "kept")
-        ]  # fmt: skip
-        time.sleep(0.5)
-        before = served(http)
-        crowd_g = h2load(grpc_url, ws.grpc_body, d, "-c", "256", "-m", "1")
-        new, kept = (finished(p) for p in probes)
-        # The model's count includes the probes' answers: h2load's are the rest.
-        ok = served(http) - before - new["statuses"].get("OK", 0) - kept["statuses"].get("OK", 0)
-        ok = min(ok, crowd_g["done"])
-        rows.append(
-            row(
-                "overload-closed-grpc",
-                sent=crowd_g["done"],
-                ok=ok,
-                failed=crowd_g["done"] - ok,
-                unexpected=crowd_g["errored"] + crowd_g["timeout"],
-                goodput_rps=ok / d,
-                capacity_rps=grpc_capacity,
-                goodput_ratio=ok / d / grpc_capacity,
-                refusal_p99_ms_new=p99(new, "RESOURCE_EXHAUSTED"),
-                refusal_p99_ms_kept=p99(kept, "RESOURCE_EXHAUSTED"),
-                probe_p99_ms_new=p99(new, *new["latency"]),
-                probe_p99_ms_kept=p99(kept, *kept["latency"]),
-                probes={"new": new, "kept": kept},
-                timeouts=crowd_g["timeout"],
-                capacity_run=base,
-            )
-        )
-        time.sleep(3)
-        rate = 2 * grpc_capacity
-        open_g = finished(
-            loadgen("grpc-open", "--address", f"127.0.0.1:{grpc}", "--body", str(ws.grpc_body),
-                    "--duration", str(d), "--rate", f"{rate:.0f}", "--connections", "16")
-        )  # fmt: skip
-        statuses = open_g["statuses"]
-        ok = statuses.get("OK", 0)
-        sent = sum(statuses.values())
-        rows.append(
-            row(
-                "overload-open-grpc",
-                sent=sent,
-                ok=ok,
-                failed=sent - ok,
-                unexpected=sent - ok - statuses.get("RESOURCE_EXHAUSTED", 0),
-                goodput_rps=ok / open_g["duration_s"],
-                capacity_rps=grpc_capacity,
-                goodput_ratio=ok / open_g["duration_s"] / grpc_capacity,
-                arrival_rps=rate,
-                refusal_p99_ms=p99(open_g, "RESOURCE_EXHAUSTED"),
-                timeouts=statuses.get("timeout", 0),
-                open_loop=open_g,
-            )
-        )
-    return rows
+        grpc_rounds = [overload_grpc_round(ws, http, grpc) for _ in range(ws.rounds)]
+    return [
+        merged_rounds([closed for closed, _ in http_rounds]),
+        merged_rounds([open_ for _, open_ in http_rounds]),
+        merged_rounds([closed for closed, _ in grpc_rounds]),
+        merged_rounds([open_ for _, open_ in grpc_rounds]),
+    ]
+
+
+def merged_rounds(rounds: list[Row]) -> Row:
+    """One row for several rounds of a case: counts summed, ratios and latencies the
+    rounds' medians."""
+    summed = ("sent", "ok", "failed", "unexpected", "timeouts")
+    medians = (
+        "goodput_rps", "capacity_rps", "goodput_ratio", "arrival_rps", "refusal_p99_ms",
+        "refusal_p99_ms_new", "refusal_p99_ms_kept", "probe_p99_ms_new", "probe_p99_ms_kept",
+        "control_p99_ms_new",
+    )  # fmt: skip
+    values: dict[str, Any] = {k: sum(r[k] for r in rounds) for k in summed}
+    for key in medians:
+        present = [r[key] for r in rounds if r.get(key) is not None]
+        if present:
+            values[key] = float(np.median(present))
+    values["goodput_ratios"] = [r["goodput_ratio"] for r in rounds]
+    values["rounds"] = rounds
+    return row(rounds[0]["case"], **values)
+
+
+def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
+    d = ws.duration
+    url = f"http://127.0.0.1:{http}{INFER}"
+    address = f"127.0.0.1:{http}"
+    capacity = run_hey(url, ws.json_body, d, 8).rps
+    console.print(f"capacity (8 closed-loop HTTP clients): {capacity:.0f} req/s")
+    probes = [
+        loadgen("probe", "--address", address, "--body", str(ws.json_body),
+                "--duration", str(d - 1), "--connection", kind)
+        for kind in ("new", "kept")
+    ]  # fmt: skip
+    # The control: a new connection each time to a route that answers 405 at once, whose
+    # tail is the machine's (connection set-up on saturated cores), not a refusal's.
+    control_probe = loadgen("probe", "--address", address, "--body", str(ws.json_body),
+                            "--duration", str(d - 1), "--path", "/v2/health/ready")  # fmt: skip
+    time.sleep(0.5)
+    crowd = run_hey(url, ws.json_body, d, 256)
+    new, kept = (finished(p) for p in probes)
+    control = finished(control_probe)
+    timeouts = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP" not in n)
+    refused = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP 429" in n)
+    closed = row(
+        "overload-closed-http",
+        sent=crowd.requests,
+        ok=crowd.requests - crowd.errors,
+        failed=crowd.errors,
+        unexpected=crowd.errors - refused,
+        goodput_rps=crowd.rps,
+        capacity_rps=capacity,
+        goodput_ratio=crowd.rps / capacity,
+        refusal_p99_ms_new=p99(new, "429"),
+        refusal_p99_ms_kept=p99(kept, "429"),
+        probe_p99_ms_new=p99(new, *new["latency"]),
+        probe_p99_ms_kept=p99(kept, *kept["latency"]),
+        probes={"new": new, "kept": kept, "control": control},
+        control_p99_ms_new=p99(control, *control["latency"]),
+        timeouts=timeouts,
+    )
+    time.sleep(3)  # the crowd's holds end before the open loop
+    rate = 2 * capacity
+    open_loop = finished(
+        loadgen("open", "--address", address, "--body", str(ws.json_body),
+                "--duration", str(d), "--rate", f"{rate:.0f}")
+    )  # fmt: skip
+    statuses = open_loop["statuses"]
+    ok = statuses.get("200", 0)
+    goodput = ok / open_loop["duration_s"]
+    sent = sum(statuses.values())
+    opened = row(
+        "overload-open-http",
+        sent=sent,
+        ok=ok,
+        failed=sent - ok,
+        unexpected=sent - ok - statuses.get("429", 0),
+        goodput_rps=goodput,
+        capacity_rps=capacity,
+        goodput_ratio=goodput / capacity,
+        arrival_rps=rate,
+        refusal_p99_ms=p99(open_loop, "429"),
+        timeouts=statuses.get("timeout", 0),
+        open_loop=open_loop,
+    )
+    time.sleep(1)
+    return closed, opened
+
+
+def overload_grpc_round(ws: Workspace, http: int, grpc: int) -> tuple[Row, Row]:
+    d = ws.duration
+    grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
+    before = served(http)
+    base = h2load(grpc_url, ws.grpc_body, d, "-c", "8", "-m", "1")
+    capacity = (served(http) - before) / d
+    console.print(f"capacity (8 closed-loop gRPC clients): {capacity:.0f} req/s")
+    probes = [
+        loadgen("grpc-probe", "--address", f"127.0.0.1:{grpc}",
+                "--duration", str(d - 1), "--connection", kind)
+        for kind in ("new", "kept")
+    ]  # fmt: skip
+    time.sleep(0.5)
+    before = served(http)
+    crowd = h2load(grpc_url, ws.grpc_body, d, "-c", "256", "-m", "1")
+    new, kept = (finished(p) for p in probes)
+    # The model's count includes the probes' answers: h2load's are the rest.
+    ok = served(http) - before - new["statuses"].get("OK", 0) - kept["statuses"].get("OK", 0)
+    ok = min(ok, crowd["done"])
+    closed = row(
+        "overload-closed-grpc",
+        sent=crowd["done"],
+        ok=ok,
+        failed=crowd["done"] - ok,
+        unexpected=crowd["errored"] + crowd["timeout"],
+        goodput_rps=ok / d,
+        capacity_rps=capacity,
+        goodput_ratio=ok / d / capacity,
+        refusal_p99_ms_new=p99(new, "RESOURCE_EXHAUSTED"),
+        refusal_p99_ms_kept=p99(kept, "RESOURCE_EXHAUSTED"),
+        probe_p99_ms_new=p99(new, *new["latency"]),
+        probe_p99_ms_kept=p99(kept, *kept["latency"]),
+        probes={"new": new, "kept": kept},
+        timeouts=crowd["timeout"],
+        capacity_run=base,
+    )
+    time.sleep(3)
+    rate = 2 * capacity
+    open_g = finished(
+        loadgen("grpc-open", "--address", f"127.0.0.1:{grpc}", "--body", str(ws.grpc_body),
+                "--duration", str(d), "--rate", f"{rate:.0f}", "--connections", "16")
+    )  # fmt: skip
+    statuses = open_g["statuses"]
+    ok = statuses.get("OK", 0)
+    sent = sum(statuses.values())
+    opened = row(
+        "overload-open-grpc",
+        sent=sent,
+        ok=ok,
+        failed=sent - ok,
+        unexpected=sent - ok - statuses.get("RESOURCE_EXHAUSTED", 0),
+        goodput_rps=ok / open_g["duration_s"],
+        capacity_rps=capacity,
+        goodput_ratio=ok / open_g["duration_s"] / capacity,
+        arrival_rps=rate,
+        refusal_p99_ms=p99(open_g, "RESOURCE_EXHAUSTED"),
+        timeouts=statuses.get("timeout", 0),
+        open_loop=open_g,
+    )
+    time.sleep(1)
+    return closed, opened
 
 
 def expected_mlp(repo: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -620,12 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argument_parser(__doc__)
     parser.add_argument("--case", choices=list(CASES), action="append")
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="overload: rounds per protocol (medians)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     exit_on_sigterm()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="turnout-chaos-") as tmp:
-        ws = Workspace(Path(tmp), args.duration)
+        ws = Workspace(Path(tmp), args.duration, args.rounds)
         for name in args.case or list(CASES):
             console.print(f"[bold]{name}")
             try:
@@ -637,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine_info(tools=["hey", "h2load"]),
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "rows": rows,
         "hey": tool_version("hey"),
     }

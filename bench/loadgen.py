@@ -5,8 +5,11 @@ document, so a probe's clock is not the generator's busy event loop:
 
 - ``open``: requests arrive at ``--rate`` per second whatever the server answers (an open
   loop, as traffic from many independent users does); each goes out on an idle kept-alive
-  connection, or a new one when none is idle, and its latency counts from when it was due,
-  so a slow server cannot hide its queue by slowing the generator (no coordinated omission);
+  connection, or a new one when none is idle, up to ``--max-connections`` (256, a client
+  pool's bound: unbounded, a lagging server made the generator open tens of thousands of
+  connections, whose set-up then took the server's loop); its latency counts from when
+  it was due, so a slow server cannot hide its queue by slowing the generator (no
+  coordinated omission);
   ``--schedule 300:30,900:60`` changes the rate in steps, ``--series`` adds per-second
   counts and percentiles (by when requests were due);
 - ``probe``: one request every ``--interval`` seconds, on a new connection each time
@@ -40,7 +43,7 @@ import os
 import struct
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,11 +131,10 @@ class _Client(asyncio.Protocol):
             self.transport.close()
         else:
             self.reused = True
-            self.run.idle.append(self)
+            self.run.idle_again(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        with contextlib.suppress(ValueError):
-            self.run.idle.remove(self)
+        self.run.lost(self)
         if self.due is not None:
             due, self.due = self.due, None
             if self.reused and not self.buffer:
@@ -159,10 +161,16 @@ class _Answers:
 
 
 class _OpenLoop(_Answers):
-    def __init__(self, host: str, port: int, request: bytes) -> None:
+    """Requests go out on an idle connection, else on a new one, up to ``max_connections``
+    open at once (a client's pool); past it they wait for one to be idle, their latency
+    still counted from when they were due."""
+
+    def __init__(self, host: str, port: int, request: bytes, max_connections: int) -> None:
         super().__init__()
         self.host, self.port, self.request = host, port, request
+        self.max_connections = max_connections
         self.idle: list[_Client] = []
+        self.waiting: deque[float] = deque()  # due times of requests waiting for a connection
         self.opened = 0
         self.loop = asyncio.get_running_loop()
         self.pending: set[asyncio.Task[None]] = set()
@@ -172,9 +180,26 @@ class _OpenLoop(_Answers):
         if self.idle:
             self.idle.pop().send(due)
             return
+        if len(self.clients) + len(self.pending) >= self.max_connections:
+            self.waiting.append(due)
+            return
         task = self.loop.create_task(self._open(due))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
+
+    def idle_again(self, client: _Client) -> None:
+        if self.waiting:
+            client.send(self.waiting.popleft())
+        else:
+            self.idle.append(client)
+
+    def lost(self, client: _Client) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(client)
+        with contextlib.suppress(ValueError):
+            self.clients.remove(client)
+        if self.waiting and len(self.clients) + len(self.pending) < self.max_connections:
+            self.send(self.waiting.popleft())
 
     async def _open(self, due: float) -> None:
         self.opened += 1
@@ -384,11 +409,13 @@ async def open_loop(
     body: bytes,
     schedule: list[tuple[float, float]],
     series: bool = False,
+    max_connections: int = 256,
 ) -> dict[str, Any]:
-    run = _OpenLoop(host, port, _request_bytes(host, port, path, body))
+    run = _OpenLoop(host, port, _request_bytes(host, port, path, body), max_connections)
 
     def close() -> None:
-        for client in run.clients:
+        run.waiting.clear()  # counted as timeouts already
+        for client in list(run.clients):
             if client.transport is not None:
                 client.transport.close()
 
@@ -531,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", help="open: RATE:SECONDS,... instead of --rate/--duration")
     parser.add_argument("--series", action="store_true", help="open: per-second figures")
     parser.add_argument("--connections", type=int, default=16, help="grpc-open: connections")
+    parser.add_argument(
+        "--max-connections", type=int, default=256, help="open: connections open at once"
+    )
     args = parser.parse_args(argv)
     host, _, port_text = args.address.rpartition(":")
     port = int(port_text)
@@ -544,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.nice(-10)
     if args.mode == "open":
-        work = open_loop(host, port, args.path, body, schedule, args.series)
+        work = open_loop(host, port, args.path, body, schedule, args.series, args.max_connections)
     elif args.mode == "grpc-open":
         work = grpc_open_loop(host, port, args.model, body, schedule, args.connections, args.series)
     elif args.mode == "probe":

@@ -150,3 +150,38 @@ async def test_the_grpc_open_loop_reads_each_calls_status_from_its_trailers() ->
     assert result["statuses"] == {"OK": 50, "RESOURCE_EXHAUSTED": 50}
     assert sum(probe["statuses"].values()) >= 3
     assert set(probe["statuses"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+
+
+async def test_the_open_loop_opens_no_more_connections_than_its_pool_holds() -> None:
+    """A slow server: requests due while every connection is busy wait for one (their
+    latency still counted from when they were due) instead of opening more."""
+    server = Server()
+    open_now = 0
+    most = 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        original = writer.write
+
+        def late(data: bytes) -> None:
+            asyncio.get_running_loop().call_later(0.02, original, data)
+
+        writer.write = late  # type: ignore[method-assign]
+        await server.handle(reader, writer)
+        open_now -= 1
+
+    listener = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        result = await loadgen.open_loop(
+            "127.0.0.1", port, "/x", b"{}", [(400, 0.25)], max_connections=3
+        )
+    finally:
+        listener.close()
+    assert result["connections"] <= 3 and most <= 3
+    assert result["statuses"] == {"200": 50, "429": 50}  # every request answered
+    # 100 requests due in 0.25 s over 3 connections answering in 20 ms each: the last
+    # waited for a connection far longer than one answer takes.
+    assert max(v["max_ms"] for v in result["latency"].values()) > 200
