@@ -28,7 +28,9 @@ saving JSON to bench/results/chaos-<stamp>.json:
   otherwise): a policy change must be refused with a clear 507 while serving goes on.
 
 The overload cases run ``--rounds`` rounds (3) per protocol, each measuring the capacity
-right before its crowd and open loop; a row's ratio is the rounds' median.
+right before its crowd and open loop; a row's ratio is the rounds' median. ``--pin`` puts
+the gateway on one core and the load generators on the others (``taskset``), as if they
+ran on separate machines; by default they share every core.
 
 One case at a time with ``--case``; ``--duration`` sets the load phases' length.
 """
@@ -90,10 +92,11 @@ Row = dict[str, Any]
 
 
 class Workspace:
-    def __init__(self, root: Path, duration: float, rounds: int = 3) -> None:
+    def __init__(self, root: Path, duration: float, rounds: int = 3, pin: bool = False) -> None:
         self.root = root
         self.duration = duration
         self.rounds = rounds
+        self.pin = pin
         x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
         self.x = x
         self.json_body = root / "body.json"
@@ -191,6 +194,20 @@ def overload(ws: Workspace) -> list[Row]:
     minutes) and keeps every round in ``rounds``."""
     repo = build_repository(ws.root / "overload-models", **OVERLOADED)
     server, http, grpc, _ = ws.gateway("overload", repo)
+    everywhere = os.sched_getaffinity(0)
+    if ws.pin and len(everywhere) >= 2:
+        # The gateway on one core, this process and every load generator (its children)
+        # on the rest: the load cannot take the gateway's core, as on separate machines.
+        gateway_core = min(everywhere)
+        server.command = ["taskset", "-c", str(gateway_core), *server.command]
+        os.sched_setaffinity(0, everywhere - {gateway_core})
+    try:
+        return overload_rounds(ws, server, http, grpc, repo)
+    finally:
+        os.sched_setaffinity(0, everywhere)
+
+
+def overload_rounds(ws: Workspace, server: Server, http: int, grpc: int, repo: Path) -> list[Row]:
     with running(server):
         server.wait_ready()
         retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
@@ -657,12 +674,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="overload: rounds per protocol (medians)"
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="overload: the gateway on one core, the load generators on the others",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     exit_on_sigterm()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="turnout-chaos-") as tmp:
-        ws = Workspace(Path(tmp), args.duration, args.rounds)
+        ws = Workspace(Path(tmp), args.duration, args.rounds, args.pin)
         for name in args.case or list(CASES):
             console.print(f"[bold]{name}")
             try:
@@ -675,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(tools=["hey", "h2load"]),
         "duration_s": args.duration,
         "rounds": args.rounds,
+        "pinned": args.pin,
         "rows": rows,
         "hey": tool_version("hey"),
     }
