@@ -41,7 +41,6 @@ class _Replicas:
         self.inline_max_s = inline_max_s
         self.costs = costs
         """A batch's CPU seconds by size class (``rows.bit_length()``), a moving average."""
-        self.inline_batches = 0
 
     def pick(self) -> tuple[OnnxSession, Placement]:
         return next(self._next)
@@ -121,7 +120,6 @@ class LocalBackend(ReplicaBackend):
         session, placement = replicas.pick()
         rows = _rows(inputs)
         if replicas.inline(rows):
-            replicas.inline_batches += 1
             return replicas.run(session, inputs, rows), placement
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self._executor, replicas.run, session, inputs, rows)
