@@ -288,24 +288,7 @@ def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
         loadgen("open", "--address", address, "--body", str(ws.json_body),
                 "--duration", str(d), "--rate", f"{rate:.0f}")
     )  # fmt: skip
-    statuses = open_loop["statuses"]
-    ok = statuses.get("200", 0)
-    goodput = ok / open_loop["duration_s"]
-    sent = sum(statuses.values())
-    opened = row(
-        "overload-open-http",
-        sent=sent,
-        ok=ok,
-        failed=sent - ok,
-        unexpected=sent - ok - statuses.get("429", 0),
-        goodput_rps=goodput,
-        capacity_rps=capacity,
-        goodput_ratio=goodput / capacity,
-        arrival_rps=rate,
-        refusal_p99_ms=p99(open_loop, "429"),
-        timeouts=statuses.get("timeout", 0),
-        open_loop=open_loop,
-    )
+    opened = open_loop_row("overload-open-http", open_loop, "200", "429", capacity, rate)
     time.sleep(1)
     return closed, opened
 
@@ -352,25 +335,34 @@ def overload_grpc_round(ws: Workspace, http: int, grpc: int) -> tuple[Row, Row]:
         loadgen("grpc-open", "--address", f"127.0.0.1:{grpc}", "--body", str(ws.grpc_body),
                 "--duration", str(d), "--rate", f"{rate:.0f}", "--connections", "16")
     )  # fmt: skip
-    statuses = open_g["statuses"]
-    ok = statuses.get("OK", 0)
+    opened = open_loop_row("overload-open-grpc", open_g, "OK", "RESOURCE_EXHAUSTED", capacity, rate)
+    time.sleep(1)
+    return closed, opened
+
+
+def open_loop_row(
+    case: str, document: dict[str, Any], ok_status: str, refused_status: str,
+    capacity: float, rate: float,
+) -> Row:  # fmt: skip
+    """A row from a ``bench.loadgen`` open loop's document (its outcomes by status)."""
+    statuses = document["statuses"]
+    ok = statuses.get(ok_status, 0)
     sent = sum(statuses.values())
-    opened = row(
-        "overload-open-grpc",
+    goodput = ok / document["duration_s"]
+    return row(
+        case,
         sent=sent,
         ok=ok,
         failed=sent - ok,
-        unexpected=sent - ok - statuses.get("RESOURCE_EXHAUSTED", 0),
-        goodput_rps=ok / open_g["duration_s"],
+        unexpected=sent - ok - statuses.get(refused_status, 0),
+        goodput_rps=goodput,
         capacity_rps=capacity,
-        goodput_ratio=ok / open_g["duration_s"] / capacity,
+        goodput_ratio=goodput / capacity,
         arrival_rps=rate,
-        refusal_p99_ms=p99(open_g, "RESOURCE_EXHAUSTED"),
+        refusal_p99_ms=p99(document, refused_status),
         timeouts=statuses.get("timeout", 0),
-        open_loop=open_g,
+        open_loop=document,
     )
-    time.sleep(1)
-    return closed, opened
 
 
 def expected_mlp(repo: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.chaos import Workspace
+from bench.chaos import INFER, Workspace
 from bench.harness import (
     RESULTS_DIR,
     argument_parser,
@@ -44,7 +44,6 @@ from bench.harness import (
 )
 from bench.models import build_repository
 
-INFER = "/v2/models/mlp/infer"
 MODELS: dict[str, dict[str, Any]] = {
     "served": {"max_batch_size": 4, "max_queue_size": 8},
     "refused": {

@@ -3,7 +3,9 @@ size is measured to be cheap; else a worker), and that the answer is the same ei
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,18 @@ def threads_run_on(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-async def _backend(root: Path, **config: Any) -> tuple[LocalBackend, ModelSpec]:
+@contextlib.asynccontextmanager
+async def _backend(root: Path, **config: Any) -> AsyncIterator[tuple[LocalBackend, ModelSpec]]:
+    """A started backend with ``add_sub`` version 1 loaded under ``config``."""
     model_zoo.write_repository(root, {"add_sub": (model_zoo.add_sub, config, [1])})
     spec = Repository(root, ServerSettings()).read("add_sub", 1)
     backend = LocalBackend()
     await backend.start()
-    await backend.load(spec)
-    return backend, spec
+    try:
+        await backend.load(spec)
+        yield backend, spec
+    finally:
+        await backend.close()
 
 
 def _inputs(rows: int) -> dict[str, np.ndarray[Any, Any]]:
@@ -49,8 +56,7 @@ def _inputs(rows: int) -> dict[str, np.ndarray[Any, Any]]:
 async def test_a_cheap_batch_runs_on_the_loop_thread_once_a_worker_measured_it(
     tmp_path: Path, threads_run_on: list[int]
 ) -> None:
-    backend, spec = await _backend(tmp_path)
-    try:
+    async with _backend(tmp_path) as (backend, spec):
         loop_thread = threading.get_ident()
         answers = [(await backend.infer(spec, _inputs(2)))[0] for _ in range(3)]
         assert threads_run_on[0] != loop_thread  # unknown cost: a worker measures it
@@ -58,15 +64,12 @@ async def test_a_cheap_batch_runs_on_the_loop_thread_once_a_worker_measured_it(
         for outputs in answers:  # the same answer on either thread
             np.testing.assert_array_equal(outputs["sum"], _inputs(2)["a"] + 1)
             np.testing.assert_array_equal(outputs["diff"], _inputs(2)["a"] - 1)
-    finally:
-        await backend.close()
 
 
 async def test_a_batch_size_not_yet_measured_goes_to_a_worker_first(
     tmp_path: Path, threads_run_on: list[int]
 ) -> None:
-    backend, spec = await _backend(tmp_path)
-    try:
+    async with _backend(tmp_path) as (backend, spec):
         loop_thread = threading.get_ident()
         for _ in range(2):
             await backend.infer(spec, _inputs(1))
@@ -74,8 +77,6 @@ async def test_a_batch_size_not_yet_measured_goes_to_a_worker_first(
             await backend.infer(spec, _inputs(8))  # another size class (8..15 rows)
         assert threads_run_on[0] != loop_thread and threads_run_on[1] == loop_thread
         assert threads_run_on[2] != loop_thread and threads_run_on[3] == loop_thread
-    finally:
-        await backend.close()
 
 
 @pytest.mark.parametrize("inline_max_us", [0, 1])
@@ -83,27 +84,21 @@ async def test_batches_over_the_limit_stay_on_workers(
     tmp_path: Path, threads_run_on: list[int], inline_max_us: int
 ) -> None:
     """0 turns it off; 1 us is less than any batch costs."""
-    backend, spec = await _backend(tmp_path, inline_max_us=inline_max_us)
-    try:
+    async with _backend(tmp_path, inline_max_us=inline_max_us) as (backend, spec):
         for _ in range(4):
             await backend.infer(spec, _inputs(2))
         assert len(threads_run_on) == 4
         assert threading.get_ident() not in threads_run_on
-    finally:
-        await backend.close()
 
 
 async def test_several_onnx_runtime_threads_never_run_on_the_loop(
     tmp_path: Path, threads_run_on: list[int]
 ) -> None:
     """The calling thread's CPU time would not be the batch's wall time."""
-    backend, spec = await _backend(tmp_path, intra_op_threads=2)
-    try:
+    async with _backend(tmp_path, intra_op_threads=2) as (backend, spec):
         for _ in range(3):
             await backend.infer(spec, _inputs(2))
         assert threading.get_ident() not in threads_run_on
-    finally:
-        await backend.close()
 
 
 def test_the_cost_of_a_size_class_is_a_moving_average() -> None:
