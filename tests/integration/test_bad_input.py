@@ -776,14 +776,30 @@ def test_http_invalid_timeout(local_gateway: GatewayThread, timeout: Any) -> Non
     assert_names(reply.error(), ("parameters.timeout",))
 
 
+def _arrived(gateway: GatewayThread, model: str) -> Callable[[], int]:
+    """Rows that have reached ``model``'s (one version's) queue so far."""
+    (loaded,) = gateway.gateway.dataplane.models.versions[model].values()
+    return lambda: loaded.batcher.stats.arrived_rows
+
+
 @pytest.mark.parametrize("deadline_s", [1e-6, 1e-5, 1e-4])
-def test_grpc_tiny_deadline(grpc_infer: Any, deadline_s: float) -> None:
+def test_grpc_tiny_deadline(
+    grpc_infer: Any, local_gateway: GatewayThread, deadline_s: float
+) -> None:
     # gRPC sends deadlines rounded up to about a millisecond, and an idle ``slow`` can answer
     # in less, before the client's own timer fires. Two requests ahead of it (one running,
-    # one queued) make sure it cannot. Whether the client's deadline or the server's fires
-    # first, the code is the same; the requests around it must still succeed.
+    # one queued) make sure it cannot: sent as futures, they are waited for at the model, or
+    # all three could arrive in one read, and the queue (2) refuse the third. Whether the
+    # client's deadline or the server's fires first, the code is the same; the requests
+    # around it must still succeed.
     request = raw_request("slow", {"x": ("FP32", _SLOW_ROW)})
+    arrived = _arrived(local_gateway, "slow")
+    before = arrived()
     ahead = [grpc_infer.future(request, timeout=CALL_TIMEOUT_S) for _ in range(2)]
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while arrived() < before + 2:
+        assert time.monotonic() < deadline, "the requests ahead never reached the model"
+        time.sleep(0.0002)
     error = grpc_error(grpc_infer, request, timeout=deadline_s)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
     for call in ahead:
