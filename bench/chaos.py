@@ -27,8 +27,11 @@ saving JSON to bench/results/chaos-<stamp>.json:
 - ``full-disk``: the state dir on a full 1 MiB tmpfs (needs root to mount; skipped
   otherwise): a policy change must be refused with a clear 507 while serving goes on.
 
-The overload cases run ``--rounds`` rounds (3) per protocol, each measuring the capacity
-right before its crowd and open loop; a row's ratio is the rounds' median. ``--pin`` puts
+The overload cases run ``--rounds`` rounds (6) per protocol of ``--phase`` seconds (4) per
+load phase, each measuring the capacity right before its crowd and open loop (the speed of
+this shared machine drifts by a fifth within a minute, so a ratio compares phases seconds
+apart); a row's ratio is the rounds' median, and goodput is the model's own count of
+inferences in the middle of a phase (``steady_rate``), capacity and crowd alike. ``--pin`` puts
 the gateway on one core and the load generators on the others (``taskset``), as if they
 ran on separate machines; by default they share every core.
 
@@ -92,10 +95,13 @@ Row = dict[str, Any]
 
 
 class Workspace:
-    def __init__(self, root: Path, duration: float, rounds: int = 3, pin: bool = False) -> None:
+    def __init__(
+        self, root: Path, duration: float, rounds: int = 6, pin: bool = False, phase: float = 4.0
+    ) -> None:
         self.root = root
         self.duration = duration
         self.rounds = rounds
+        self.phase = phase
         self.pin = pin
         x = np.random.default_rng(1).standard_normal((1, INPUT_DIM)).astype(np.float32)
         self.x = x
@@ -149,18 +155,53 @@ def p99(document: dict[str, Any], *outcomes: str) -> float | None:
 
 
 def h2load(url: str, body: Path, duration: float, *shape: str) -> dict[str, int]:
+    return h2load_counts(h2load_start(url, body, duration, *shape), duration)
+
+
+def h2load_start(url: str, body: Path, duration: float, *shape: str) -> subprocess.Popen[str]:
     command = ["h2load", "-D", f"{duration:g}", *shape, "-t", "1", "-d", str(body)]
     command += ["-H", "content-type: application/grpc", "-H", "te: trailers", url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def h2load_counts(process: subprocess.Popen[str], duration: float) -> dict[str, int]:
+    out, err = process.communicate(timeout=duration + 120)
     counts = re.search(
         r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
         r"(\d+) errored, (\d+) timeout",
-        done.stdout,
+        out,
     )
     if counts is None:
-        raise RuntimeError(f"unexpected h2load output: {done.stdout[-500:]}{done.stderr}")
+        raise RuntimeError(f"unexpected h2load output: {out[-500:]}{err}")
     names = ("done", "succeeded", "failed", "errored", "timeout")
     return dict(zip(names, (int(g) for g in counts.groups()), strict=True))
+
+
+def hey_start(url: str, body: Path, duration: float, clients: int) -> subprocess.Popen[str]:
+    command = hey_command(url, body, duration, clients)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def hey_result(process: subprocess.Popen[str], duration: float) -> LoadResult:
+    out, err = process.communicate(timeout=duration + 90)
+    if process.returncode != 0:
+        raise RuntimeError(f"hey exited {process.returncode}: {err.strip()[-500:]}")
+    return parse_hey(out)
+
+
+def steady_rate(port: int, duration: float, settle: float = 1.0) -> float:
+    """Inferences per second the gateway served in the middle of a load phase of
+    ``duration`` seconds that has just started: from ``settle`` seconds in to ``settle``
+    before its end, by the model's own count. A load tool's rate divides by its whole run,
+    start-up and drain included: after ``-z``, hey waits for the requests still in flight,
+    and a crowd's refused connections are held for up to ``overload_hold_ms``, so half a
+    second of near-idle drain would count against the crowd and not against capacity."""
+    started = time.monotonic()
+    time.sleep(settle)
+    first, first_at = served(port), time.monotonic()
+    time.sleep(max(0.0, started + duration - settle - time.monotonic()))
+    last, last_at = served(port), time.monotonic()
+    return float(last - first) / (last_at - first_at)
 
 
 def served(port: int) -> int:
@@ -226,43 +267,77 @@ def overload_rounds(ws: Workspace, server: Server, http: int, grpc: int, repo: P
 
 
 def merged_rounds(rounds: list[Row]) -> Row:
-    """One row for several rounds of a case: counts summed, ratios and latencies the
-    rounds' medians."""
+    """One row for several rounds of a case: counts summed, ratios the rounds' medians, and
+    a probe's p99 over every round's samples pooled (a round's few hundred are its tail's
+    handful)."""
     summed = ("sent", "ok", "failed", "unexpected", "timeouts")
     medians = (
-        "goodput_rps", "capacity_rps", "goodput_ratio", "arrival_rps", "refusal_p99_ms",
-        "refusal_p99_ms_new", "refusal_p99_ms_kept", "probe_p99_ms_new", "probe_p99_ms_kept",
-        "control_p99_ms_new",
+        "goodput_rps", "capacity_rps", "goodput_ratio", "goodput_ratio_hey", "arrival_rps",
+        "refusal_p99_ms",
     )  # fmt: skip
     values: dict[str, Any] = {k: sum(r[k] for r in rounds) for k in summed}
     for key in medians:
         present = [r[key] for r in rounds if r.get(key) is not None]
         if present:
             values[key] = float(np.median(present))
+    refused = "RESOURCE_EXHAUSTED" if "grpc" in rounds[0]["case"] else "429"
+    for kind in ("new", "kept"):
+        documents = [r["probes"][kind] for r in rounds if "probes" in r]
+        if documents:
+            values[f"refusal_p99_ms_{kind}"] = pooled_p99(documents, refused)
+            values[f"probe_p99_ms_{kind}"] = pooled_p99(documents)
+            values[f"refusals_timed_{kind}"] = sum(d["statuses"].get(refused, 0) for d in documents)
+    controls = [r["probes"]["control"] for r in rounds if "control" in r.get("probes", {})]
+    if controls:
+        values["control_p99_ms_new"] = pooled_p99(controls)
     values["goodput_ratios"] = [r["goodput_ratio"] for r in rounds]
     values["rounds"] = rounds
     return row(rounds[0]["case"], **values)
 
 
+def pooled_p99(documents: list[dict[str, Any]], *outcomes: str) -> float | None:
+    """The p99 of probes' latencies across documents, of ``outcomes`` (default: all)."""
+    pooled = [
+        v for d in documents for o, vs in d["samples_ms"].items()
+        if not outcomes or o in outcomes for v in vs
+    ]  # fmt: skip
+    return float(np.percentile(pooled, 99)) if pooled else None
+
+
+PROBES = {
+    # A new connection every 10 ms (one client each time), and 16 kept-alive clients every
+    # 50 ms that wait the Retry-After they are sent: a few hundred refusals of each kind per
+    # round, so a p99 is not a round's one or two slowest samples; together about 1% of
+    # the crowd's requests.
+    "new": ("--connection", "new", "--interval", "0.01"),
+    "kept": ("--connection", "kept", "--clients", "16", "--interval", "0.05"),
+}
+
+
+def probes_ok_rate(*documents: dict[str, Any], ok: str, seconds: float) -> float:
+    return float(sum(d["statuses"].get(ok, 0) for d in documents)) / seconds
+
+
 def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
-    d = ws.duration
+    d = ws.phase
     url = f"http://127.0.0.1:{http}{INFER}"
     address = f"127.0.0.1:{http}"
-    capacity = run_hey(url, ws.json_body, d, 8).rps
+    load = hey_start(url, ws.json_body, d, 8)
+    capacity = steady_rate(http, d)
+    capacity_hey = hey_result(load, d).rps
     console.print(f"capacity (8 closed-loop HTTP clients): {capacity:.0f} req/s")
-    probes = [
-        loadgen("probe", "--address", address, "--body", str(ws.json_body),
-                "--duration", str(d - 1), "--connection", kind)
-        for kind in ("new", "kept")
-    ]  # fmt: skip
+    probe_args = ("--address", address, "--body", str(ws.json_body), "--duration", str(d - 1))
+    probes = [loadgen("probe", *probe_args, *PROBES[kind]) for kind in ("new", "kept")]
     # The control: a new connection each time to a route that answers 405 at once, whose
     # tail is the machine's (connection set-up on saturated cores), not a refusal's.
-    control_probe = loadgen("probe", "--address", address, "--body", str(ws.json_body),
-                            "--duration", str(d - 1), "--path", "/v2/health/ready")  # fmt: skip
+    control_probe = loadgen("probe", *probe_args, *PROBES["new"], "--path", "/v2/health/ready")
     time.sleep(0.5)
-    crowd = run_hey(url, ws.json_body, d, 256)
+    load = hey_start(url, ws.json_body, d, 256)
+    goodput = steady_rate(http, d)
+    crowd = hey_result(load, d)
     new, kept = (finished(p) for p in probes)
     control = finished(control_probe)
+    goodput -= probes_ok_rate(new, kept, ok="200", seconds=d - 1)
     timeouts = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP" not in n)
     refused = sum(int(n.split(" x ")[0]) for n in crowd.notes if "HTTP 429" in n)
     closed = row(
@@ -271,9 +346,10 @@ def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
         ok=crowd.requests - crowd.errors,
         failed=crowd.errors,
         unexpected=crowd.errors - refused,
-        goodput_rps=crowd.rps,
+        goodput_rps=goodput,
         capacity_rps=capacity,
-        goodput_ratio=crowd.rps / capacity,
+        goodput_ratio=goodput / capacity,
+        goodput_ratio_hey=crowd.rps / capacity_hey,
         refusal_p99_ms_new=p99(new, "429"),
         refusal_p99_ms_kept=p99(kept, "429"),
         probe_p99_ms_new=p99(new, *new["latency"]),
@@ -294,21 +370,21 @@ def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
 
 
 def overload_grpc_round(ws: Workspace, http: int, grpc: int) -> tuple[Row, Row]:
-    d = ws.duration
+    d = ws.phase
     grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
-    before = served(http)
-    base = h2load(grpc_url, ws.grpc_body, d, "-c", "8", "-m", "1")
-    capacity = (served(http) - before) / d
+    load = h2load_start(grpc_url, ws.grpc_body, d, "-c", "8", "-m", "1")
+    capacity = steady_rate(http, d)
+    base = h2load_counts(load, d)
     console.print(f"capacity (8 closed-loop gRPC clients): {capacity:.0f} req/s")
-    probes = [
-        loadgen("grpc-probe", "--address", f"127.0.0.1:{grpc}",
-                "--duration", str(d - 1), "--connection", kind)
-        for kind in ("new", "kept")
-    ]  # fmt: skip
+    probe_args = ("--address", f"127.0.0.1:{grpc}", "--duration", str(d - 1))
+    probes = [loadgen("grpc-probe", *probe_args, *PROBES[kind]) for kind in ("new", "kept")]
     time.sleep(0.5)
     before = served(http)
-    crowd = h2load(grpc_url, ws.grpc_body, d, "-c", "256", "-m", "1")
+    load = h2load_start(grpc_url, ws.grpc_body, d, "-c", "256", "-m", "1")
+    goodput = steady_rate(http, d)
+    crowd = h2load_counts(load, d)
     new, kept = (finished(p) for p in probes)
+    goodput -= probes_ok_rate(new, kept, ok="OK", seconds=d - 1)
     # The model's count includes the probes' answers: h2load's are the rest.
     ok = served(http) - before - new["statuses"].get("OK", 0) - kept["statuses"].get("OK", 0)
     ok = min(ok, crowd["done"])
@@ -318,9 +394,9 @@ def overload_grpc_round(ws: Workspace, http: int, grpc: int) -> tuple[Row, Row]:
         ok=ok,
         failed=crowd["done"] - ok,
         unexpected=crowd["errored"] + crowd["timeout"],
-        goodput_rps=ok / d,
+        goodput_rps=goodput,
         capacity_rps=capacity,
-        goodput_ratio=ok / d / capacity,
+        goodput_ratio=goodput / capacity,
         refusal_p99_ms_new=p99(new, "RESOURCE_EXHAUSTED"),
         refusal_p99_ms_kept=p99(kept, "RESOURCE_EXHAUSTED"),
         probe_p99_ms_new=p99(new, *new["latency"]),
@@ -664,7 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", choices=list(CASES), action="append")
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="overload: rounds per protocol (medians)"
+        "--rounds", type=int, default=6, help="overload: rounds per protocol (medians)"
+    )
+    parser.add_argument(
+        "--phase", type=float, default=4.0, help="overload: seconds of each load phase"
     )
     parser.add_argument(
         "--pin",
@@ -676,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="turnout-chaos-") as tmp:
-        ws = Workspace(Path(tmp), args.duration, args.rounds, args.pin)
+        ws = Workspace(Path(tmp), args.duration, args.rounds, args.pin, args.phase)
         for name in args.case or list(CASES):
             console.print(f"[bold]{name}")
             try:

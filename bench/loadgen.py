@@ -80,15 +80,22 @@ async def _exchange(
 
 
 def _summary(
-    latencies: dict[str, list[float]], statuses: Counter[str], **extra: Any
+    latencies: dict[str, list[float]],
+    statuses: Counter[str],
+    samples: bool = False,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Counts by outcome and latency percentiles (ms) for each outcome ("200", "429", ...)."""
+    """Counts by outcome and latency percentiles (ms) for each outcome ("200", "429", ...);
+    with ``samples``, every latency too (µs-rounded ms), so runs can be pooled."""
     percentiles = {}
     for outcome, values in latencies.items():
         if values:
             p50, p99, top = np.percentile(values, [50, 99, 100])
             percentiles[outcome] = {"p50_ms": p50, "p99_ms": p99, "max_ms": top}
-    return {"statuses": dict(statuses), "latency": percentiles, **extra}
+    document = {"statuses": dict(statuses), "latency": percentiles, **extra}
+    if samples:
+        document["samples_ms"] = {k: [round(v, 3) for v in vs] for k, vs in latencies.items()}
+    return document
 
 
 class _Client(asyncio.Protocol):
@@ -236,6 +243,7 @@ class _GrpcClient(asyncio.Protocol):
         self.next_id = 1
         self.due: dict[int, float] = {}
         self.received = 0
+        self.last: str | None = None  # the outcome of the last call answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -291,6 +299,7 @@ class _GrpcClient(asyncio.Protocol):
     def _answered(self, stream_id: int, outcome: str) -> None:
         due = self.due.pop(stream_id, None)
         if due is not None:
+            self.last = outcome
             self.run.record(outcome, due)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -425,49 +434,60 @@ async def open_loop(
 
 
 async def probe(
-    host: str, port: int, path: str, body: bytes, interval: float, duration: float, kept: bool
-) -> dict[str, Any]:
+    host: str, port: int, path: str, body: bytes, interval: float, duration: float,
+    kept: bool, clients: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    """``clients`` probes side by side, each sending every ``interval``: more clients, more
+    samples of the tail in the same seconds (a kept client asks at most once per
+    Retry-After while refused)."""
     request = _request_bytes(host, port, path, body)
     latencies: dict[str, list[float]] = {}
     statuses: Counter[str] = Counter()
-    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     deadline = time.perf_counter() + duration
-    while time.perf_counter() < deadline:
-        began = time.perf_counter()
-        wait = interval
-        outcome = "error"
-        try:
-            async with asyncio.timeout(TIMEOUT_S):
-                if connection is None:
-                    connection = await asyncio.open_connection(host, port)
-                status, headers = await _exchange(*connection, request)
-                outcome = str(status)
-                # Only the kept connection is one client that was told to wait; each new
-                # connection is a client of its own.
-                if kept and status in (429, 503) and headers.get("retry-after", "").isdigit():
-                    wait = max(interval, float(headers["retry-after"]))
-        except TimeoutError:
-            outcome = "timeout"
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+
+    async def one_client(start: float) -> None:
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        await asyncio.sleep(start)  # spread the clients over one interval
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            wait = interval
             outcome = "error"
-        statuses[outcome] += 1
-        latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)
-        if connection is not None and (not kept or outcome in ("timeout", "error")):
+            try:
+                async with asyncio.timeout(TIMEOUT_S):
+                    if connection is None:
+                        connection = await asyncio.open_connection(host, port)
+                    status, headers = await _exchange(*connection, request)
+                    outcome = str(status)
+                    # Only a kept connection is a client that was told to wait; each new
+                    # connection is a client of its own.
+                    if kept and status in (429, 503) and headers.get("retry-after", "").isdigit():
+                        wait = max(interval, float(headers["retry-after"]))
+            except TimeoutError:
+                outcome = "timeout"
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                outcome = "error"
+            statuses[outcome] += 1
+            latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)
+            if connection is not None and (not kept or outcome in ("timeout", "error")):
+                connection[1].close()
+                connection = None
+            await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
+        if connection is not None:
             connection[1].close()
-            connection = None
-        await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
-    if connection is not None:
-        connection[1].close()
-    return _summary(latencies, statuses, connection="kept" if kept else "new")
+
+    await asyncio.gather(*(one_client(interval * i / clients) for i in range(clients)))
+    return _summary(
+        latencies, statuses, samples=True, connection="kept" if kept else "new", clients=clients
+    )
 
 
 async def grpc_probe(
-    address: str, model: str, interval: float, duration: float, kept: bool
+    address: str, model: str, interval: float, duration: float, kept: bool, clients: int = 1
 ) -> dict[str, Any]:
     """``ModelInfer`` every ``interval`` over raw HTTP/2 frames (as the HTTP probe writes
-    raw requests): the time from writing the call (and, for a new connection, connecting
-    and the preface) to its trailers, so the figure is the server's, not a client
-    library's threads on a saturated machine."""
+    raw requests), from ``clients`` probes side by side: the time from writing the call
+    (and, for a new connection, connecting and the preface) to its trailers, so the figure
+    is the server's, not a client library's threads on a saturated machine."""
     from bench.harness import infer_request
     from bench.models import INPUT_DIM
 
@@ -476,31 +496,39 @@ async def grpc_probe(
     host, _, port_text = address.rpartition(":")
     run = _GrpcOpenLoop(host, int(port_text), b"\x00" + len(body).to_bytes(4) + body)
     loop = asyncio.get_running_loop()
-    client: _GrpcClient | None = None
     deadline = time.perf_counter() + duration
-    while time.perf_counter() < deadline:
-        began = time.perf_counter()
-        wait = interval
-        answered = sum(run.statuses.values())
-        try:
-            if client is None or client.transport is None:
-                _, client = await loop.create_connection(
-                    lambda: _GrpcClient(run), host, int(port_text)
-                )
-            client.send(began)
-            while sum(run.statuses.values()) == answered and time.perf_counter() < began + 10:
-                await asyncio.sleep(0.0005)
-        except OSError:
-            run.record("error", began)
-        if kept and run.answers and run.answers[-1][1] == "RESOURCE_EXHAUSTED":
-            wait = max(interval, 1.0)  # the pushback it was sent
-        if not kept and client is not None and client.transport is not None:
+
+    async def one_client(start: float) -> None:
+        client: _GrpcClient | None = None
+        await asyncio.sleep(start)
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            wait = interval
+            try:
+                if client is None or client.transport is None:
+                    _, client = await loop.create_connection(
+                        lambda: _GrpcClient(run), host, int(port_text)
+                    )
+                client.last = None
+                client.send(began)
+                while client.due and time.perf_counter() < began + 10:
+                    await asyncio.sleep(0.0005)
+            except OSError:
+                run.record("error", began)
+            if kept and client is not None and client.last == "RESOURCE_EXHAUSTED":
+                wait = max(interval, 1.0)  # the pushback it was sent
+            if not kept and client is not None and client.transport is not None:
+                client.transport.close()
+                client = None
+            await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
+        if client is not None and client.transport is not None:
             client.transport.close()
-            client = None
-        await asyncio.sleep(max(0.0, began + wait - time.perf_counter()))
-    if client is not None and client.transport is not None:
-        client.transport.close()
-    return _summary(run.latencies, run.statuses, connection="kept" if kept else "new")
+
+    await asyncio.gather(*(one_client(interval * i / clients) for i in range(clients)))
+    return _summary(
+        run.latencies, run.statuses, samples=True, connection="kept" if kept else "new",
+        clients=clients,
+    )  # fmt: skip
 
 
 async def slow_clients(
@@ -553,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.05)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connection", choices=["new", "kept"], default="new")
+    parser.add_argument("--clients", type=int, default=1, help="probe: probes side by side")
     parser.add_argument("--idle", type=int, default=0)
     parser.add_argument("--partial", type=int, default=0)
     parser.add_argument("--schedule", help="open: RATE:SECONDS,... instead of --rate/--duration")
@@ -578,9 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "grpc-open":
         work = grpc_open_loop(host, port, args.model, body, schedule, args.connections, args.series)
     elif args.mode == "probe":
-        work = probe(host, port, args.path, body, args.interval, args.duration, kept)
+        work = probe(host, port, args.path, body, args.interval, args.duration, kept, args.clients)
     elif args.mode == "grpc-probe":
-        work = grpc_probe(args.address, args.model, args.interval, args.duration, kept)
+        work = grpc_probe(
+            args.address, args.model, args.interval, args.duration, kept, args.clients
+        )
     else:
         work = slow_clients(host, port, args.idle, args.partial, args.duration)
     import uvloop

@@ -90,6 +90,20 @@ async def test_only_the_kept_probe_waits_its_retry_after(serving: tuple[int, Ser
     assert kept["connection"] == "kept" and new["connection"] == "new"
 
 
+async def test_kept_probe_clients_each_wait_their_own_retry_after(
+    serving: tuple[int, Server],
+) -> None:
+    port, server = serving
+    kept = await loadgen.probe("127.0.0.1", port, "/x", b"{}", 0.02, 0.5, kept=True, clients=4)
+    # The server alternates 200 and 429 over all connections: each client goes on at the
+    # probe's pace until its own first 429, then waits 1 s, past the 0.5 s run.
+    assert kept["statuses"]["429"] == 4
+    assert kept["clients"] == 4
+    assert sum(kept["statuses"].values()) == server.requests
+    # Every latency is kept, by outcome, so runs can be pooled.
+    assert {k: len(v) for k, v in kept["samples_ms"].items()} == kept["statuses"]
+
+
 def test_a_schedule_steps_the_rate_and_answers_group_by_the_second_they_were_due() -> None:
     times = loadgen.due_times([(4, 1.0), (8, 0.5)], start=10.0)
     assert times == [10.0, 10.25, 10.5, 10.75, 11.0, 11.125, 11.25, 11.375]
