@@ -83,10 +83,14 @@ def _summary(
     latencies: dict[str, list[float]],
     statuses: Counter[str],
     samples: bool = False,
+    sent_at: dict[str, list[float]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Counts by outcome and latency percentiles (ms) for each outcome ("200", "429", ...);
-    with ``samples``, every latency too (µs-rounded ms), so runs can be pooled."""
+    with ``samples``, every latency too (µs-rounded ms), so runs can be pooled, and with
+    ``sent_at`` when each was sent (``time.perf_counter()``, CLOCK_MONOTONIC on Linux: the
+    same clock in every process, so a caller can tell a crowd's onset from its steady
+    state)."""
     percentiles = {}
     for outcome, values in latencies.items():
         if values:
@@ -95,6 +99,8 @@ def _summary(
     document = {"statuses": dict(statuses), "latency": percentiles, **extra}
     if samples:
         document["samples_ms"] = {k: [round(v, 3) for v in vs] for k, vs in latencies.items()}
+    if sent_at is not None:
+        document["sent_at"] = {k: [round(t, 4) for t in ts] for k, ts in sent_at.items()}
     return document
 
 
@@ -442,6 +448,7 @@ async def probe(
     Retry-After while refused)."""
     request = _request_bytes(host, port, path, body)
     latencies: dict[str, list[float]] = {}
+    sent_at: dict[str, list[float]] = {}
     statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + duration
 
@@ -468,6 +475,7 @@ async def probe(
                 outcome = "error"
             statuses[outcome] += 1
             latencies.setdefault(outcome, []).append((time.perf_counter() - began) * 1e3)
+            sent_at.setdefault(outcome, []).append(began)
             if connection is not None and (not kept or outcome in ("timeout", "error")):
                 connection[1].close()
                 connection = None
@@ -477,8 +485,9 @@ async def probe(
 
     await asyncio.gather(*(one_client(interval * i / clients) for i in range(clients)))
     return _summary(
-        latencies, statuses, samples=True, connection="kept" if kept else "new", clients=clients
-    )
+        latencies, statuses, samples=True, sent_at=sent_at,
+        connection="kept" if kept else "new", clients=clients,
+    )  # fmt: skip
 
 
 async def grpc_probe(
@@ -525,9 +534,12 @@ async def grpc_probe(
             client.transport.close()
 
     await asyncio.gather(*(one_client(interval * i / clients) for i in range(clients)))
+    sent_at: dict[str, list[float]] = {}
+    for due, outcome, _ in run.answers:  # in the order of run.latencies, by outcome
+        sent_at.setdefault(outcome, []).append(due)
     return _summary(
-        run.latencies, run.statuses, samples=True, connection="kept" if kept else "new",
-        clients=clients,
+        run.latencies, run.statuses, samples=True, sent_at=sent_at,
+        connection="kept" if kept else "new", clients=clients,
     )  # fmt: skip
 
 
