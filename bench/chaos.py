@@ -71,6 +71,8 @@ from bench.harness import (
     free_port,
     gateway_config,
     hey_command,
+    hey_result,
+    hey_start,
     infer_json,
     machine_info,
     new_table,
@@ -175,18 +177,6 @@ def h2load_counts(process: subprocess.Popen[str], duration: float) -> dict[str, 
         raise RuntimeError(f"unexpected h2load output: {out[-500:]}{err}")
     names = ("done", "succeeded", "failed", "errored", "timeout")
     return dict(zip(names, (int(g) for g in counts.groups()), strict=True))
-
-
-def hey_start(url: str, body: Path, duration: float, clients: int) -> subprocess.Popen[str]:
-    command = hey_command(url, body, duration, clients)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def hey_result(process: subprocess.Popen[str], duration: float) -> LoadResult:
-    out, err = process.communicate(timeout=duration + 90)
-    if process.returncode != 0:
-        raise RuntimeError(f"hey exited {process.returncode}: {err.strip()[-500:]}")
-    return parse_hey(out)
 
 
 def steady_rate(port: int, duration: float, settle: float = 1.0) -> float:

@@ -551,12 +551,25 @@ def run_hey(
 ) -> LoadResult:
     """``hey`` against ``url``; ``threads``: the OS threads it may run Go code on at once
     (GOMAXPROCS; None: one per core)."""
-    command = hey_command(url, body, duration, concurrency)
+    return hey_result(hey_start(url, body, duration, concurrency, threads), duration)
+
+
+def hey_start(
+    url: str, body: Path, duration: float, concurrency: int, threads: int | None = None
+) -> subprocess.Popen[str]:
+    """``hey`` started in the background; :func:`hey_result` waits for its result."""
     env = None if threads is None else {**os.environ, "GOMAXPROCS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 90, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"hey exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    return parse_hey(done.stdout)
+    command = hey_command(url, body, duration, concurrency)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def hey_result(process: subprocess.Popen[str], duration: float) -> LoadResult:
+    out, err = process.communicate(timeout=duration + 90)
+    if process.returncode != 0:
+        raise RuntimeError(f"hey exited {process.returncode}: {err.strip()[-500:]}")
+    return parse_hey(out)
 
 
 def parse_hey(text: str) -> LoadResult:
