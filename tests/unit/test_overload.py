@@ -131,3 +131,49 @@ def test_one_window_of_refusals_alone_is_not_a_storm() -> None:
         overload.answers += refused + served
         tick(overload, loop, 0.0)
     assert not overload.storming and overload.storms == 0
+
+
+def refuse_and_tick(
+    overload: Overload, loop: FakeLoop, refused: int, served: int, late_s: float
+) -> None:
+    for _ in range(refused):
+        overload.hold()
+    overload.answers += refused + served
+    tick(overload, loop, late_s)
+
+
+def test_a_crowd_is_seen_on_its_second_long_turn() -> None:
+    """256 closed-loop clients arriving: each turn refuses all of them (20 ms at ~80 us a
+    refusal) and serves a batch. Storming after the second such turn, 40 ms in, not at the
+    end of a 100 ms window; the third turn's refusals are held."""
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    started = loop.now
+    refuse_and_tick(overload, loop, 256, 8, 0.020)
+    assert not overload.storming and overload.storms == 0
+    refuse_and_tick(overload, loop, 248, 8, 0.020)
+    assert overload.storming and overload.storms == 1
+    assert loop.now - started < 0.05
+    assert 0.375 <= overload.hold() <= 0.5
+
+
+def test_late_ticks_need_many_refusals_and_few_answers() -> None:
+    """Long turns that served (a slow batch on the loop's thread, a burst of admitted
+    requests) or that refused a handful are not a crowd's onset."""
+    for refused, served in ((200, 100), (20, 0)):
+        overload = Overload(0.5)
+        loop = ticking(overload)
+        for _ in range(3):  # 3 ticks 20 ms late: under one 100 ms window
+            refuse_and_tick(overload, loop, refused, served, 0.020)
+        assert not overload.storming, (refused, served)
+
+
+def test_one_late_tick_of_refusals_alone_is_not_a_storm() -> None:
+    """A stall in an open loop: the turn after it refuses the backlog, the next is short."""
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    refuse_and_tick(overload, loop, 0, 0, 0.030)  # the stall itself
+    refuse_and_tick(overload, loop, 150, 8, 0.012)  # its backlog
+    for _ in range(10):
+        refuse_and_tick(overload, loop, 3, 3, 0.001)
+    assert not overload.storming and overload.storms == 0
