@@ -157,7 +157,19 @@ def test_a_crowd_is_seen_on_its_second_long_turn() -> None:
     assert 0.375 <= overload.hold() <= 0.5
 
 
-def test_late_ticks_need_many_refusals_and_few_answers() -> None:
+def test_a_ramping_crowd_is_seen_without_any_late_tick() -> None:
+    """hey's 256 clients connecting over a few dozen ms: each 5 ms tick refuses 50-70 and
+    serves 4, every turn short (0-3 ms late)."""
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    refuse_and_tick(overload, loop, 20, 6, 0.001)
+    refuse_and_tick(overload, loop, 60, 8, 0.002)
+    assert not overload.storming
+    refuse_and_tick(overload, loop, 64, 4, 0.001)
+    assert overload.storming and overload.storms == 1
+
+
+def test_ticks_need_many_refusals_and_few_answers() -> None:
     """Long turns that served (a slow batch on the loop's thread, a burst of admitted
     requests) or that refused a handful are not a crowd's onset."""
     for refused, served in ((200, 100), (20, 0)):
