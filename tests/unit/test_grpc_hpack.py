@@ -61,6 +61,25 @@ def test_a_repeated_block_is_answered_from_the_cache_while_the_table_stands() ->
     assert decoder.decode(again) == reference.decode(again) != headers
 
 
+def test_connections_sending_the_same_first_block_share_its_decoding() -> None:
+    """A crowd of new connections from one client sends the same first block: decoded
+    once, and each connection's table is left as decoding it would leave it (the next
+    block's dynamic indexes resolve alike)."""
+    first = bytes.fromhex("828684418cf1e3c2e5f23a6ba0ab90f4ff")  # RFC 7541 C.4.1, inserts
+    second = bytes.fromhex("828684be5886a8eb10649cbf")  # C.4.2: index 62 is C.4.1's insert
+    one, two = HeaderDecoder(), HeaderDecoder()
+    decoded = one.decode(first)
+    assert decoded == FIRST
+    assert two.decode(first) is decoded  # the first connection's decoding
+    for decoder in (one, two):
+        assert decoder.decode(second) == [*FIRST, ("cache-control", "no-cache")]
+        assert decoder._used == one._used
+    # Other limits decode afresh: the same bytes may be refused or left in another table.
+    small = HeaderDecoder(max_table_size=64)
+    again = small.decode(first)
+    assert again == FIRST and again is not decoded
+
+
 @pytest.mark.parametrize(
     "block",
     [b"\x82\x3f", b"\x40\x85ab", b"\x41\x0f", b"\x3f\xe1\xff\xff\xff\xff\x0f", b"\x80"],
