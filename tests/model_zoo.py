@@ -102,7 +102,7 @@ def mlp(path: Path, features: int = 16, hidden: int = 32, classes: int = 3, seed
     _save(helper.make_graph(nodes, "mlp", [x], [y], initializer=inits), path)
 
 
-def slow(path: Path, width: int = 512, depth: int = 40) -> None:
+def slow(path: Path, width: int = 512, depth: int = 400) -> None:
     """FP32 [batch, width] through ``depth`` MatMuls sharing one weight: milliseconds per row."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
@@ -140,8 +140,9 @@ def standard_repository(root: Path) -> Path:
             "mlp": (mlp, {"max_batch_size": 32, "max_queue_delay_us": 2000}, [1]),
             "slow": (
                 slow,
-                # A model slower than any batch the loop's thread runs itself (0.6 ms on
-                # one machine, under the 1 ms default): on a worker, as a slow model is.
+                # A slow model on a worker (``inline_max_us: 0``), 5-6 ms a row: longer than
+                # a deadline timer's granularity (about a millisecond on either side), so a
+                # call queued behind another always outlives a tiny deadline.
                 {
                     "max_batch_size": 1,
                     "max_queue_size": 2,

@@ -72,8 +72,9 @@ class HeaderDecoder:
             self._entries = list(entries)
             return headers
         headers, _ = self._decode(block)
-        if len(_FIRST_BLOCKS) < _CACHED_BLOCKS:
-            _FIRST_BLOCKS[key] = (headers, tuple(self._entries), self._used, self._table_size)
+        if len(_FIRST_BLOCKS) >= _CACHED_BLOCKS:
+            del _FIRST_BLOCKS[next(iter(_FIRST_BLOCKS))]  # the oldest: clients come and go
+        _FIRST_BLOCKS[key] = (headers, tuple(self._entries), self._used, self._table_size)
         return headers
 
     def _decode(self, block: bytes) -> tuple[list[Header], bool]:

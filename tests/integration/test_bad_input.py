@@ -786,9 +786,10 @@ def _arrived(gateway: GatewayThread, model: str) -> Callable[[], int]:
 def test_grpc_tiny_deadline(
     grpc_infer: Any, local_gateway: GatewayThread, deadline_s: float
 ) -> None:
-    # gRPC sends deadlines rounded up to about a millisecond, and an idle ``slow`` can answer
+    # gRPC sends deadlines rounded up to about a millisecond, and an idle model can answer
     # in less, before the client's own timer fires. Two requests ahead of it (one running,
-    # one queued) make sure it cannot: sent as futures, they are waited for at the model, or
+    # one queued, 5-6 ms each) make sure it cannot: sent as futures, they are waited for at
+    # the model (with ``slow`` at 0.6 ms a row, the tiny call still got its answer once), or
     # all three could arrive in one read, and the queue (2) refuse the third. Whether the
     # client's deadline or the server's fires first, the code is the same; the requests
     # around it must still succeed.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hpack
 import pytest
 
-from gateway.grpc.hpack import HeaderDecoder, HpackError, encode_headers
+from gateway.grpc.hpack import _FIRST_BLOCKS, HeaderDecoder, HpackError, encode_headers
 
 FIRST = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com")]
 
@@ -78,6 +78,15 @@ def test_connections_sending_the_same_first_block_share_its_decoding() -> None:
     small = HeaderDecoder(max_table_size=64)
     again = small.decode(first)
     assert again == FIRST and again is not decoded
+
+
+def test_the_shared_first_blocks_are_bounded_and_keep_the_newest() -> None:
+    blocks = [hpack.Encoder().encode([(":authority", f"client-{i}")]) for i in range(100)]
+    for block in blocks:
+        HeaderDecoder().decode(block)
+    assert len(_FIRST_BLOCKS) <= 64
+    assert (4096, 65536, blocks[-1]) in _FIRST_BLOCKS
+    assert (4096, 65536, blocks[0]) not in _FIRST_BLOCKS
 
 
 @pytest.mark.parametrize(
