@@ -464,28 +464,24 @@ async def test_a_partial_batch_waits_while_every_replica_runs_one(
     await answers(running + leftovers + later)
 
 
-async def test_a_slow_models_partial_batch_takes_a_spare_slot(make: Factory) -> None:
-    """Batches that take longer than the queue delay (here: not measured yet, so taken as
-    long): waiting for one to end would hold requests past the delay they were allowed."""
-    batcher, model = make(max_batch_size=4, max_inflight_batches=2, max_queue_delay_us=1000)
-    model.hold()
-    running = submit_all(batcher, [rows_of(i) for i in range(4)])
-    await until(lambda: model.active == 1)
-    leftover = submit_all(batcher, [rows_of(10)])
-    await until(lambda: model.active == 2)
-    assert model.batches == [4, 1]
-    model.release()
-    await answers(running + leftover)
-
-
-async def test_a_partial_batch_goes_to_an_idle_replica(make: Factory) -> None:
-    """Two replicas, one busy: the other takes a partial batch once its delay is over,
-    however fast the batches are."""
+@pytest.mark.parametrize(
+    ("replicas", "measured", "delay_us"),
+    [(1, False, 1000), (2, True, 20_000)],
+    ids=["slow-model", "idle-replica"],
+)
+async def test_a_partial_batch_takes_a_spare_slot(
+    make: Factory, replicas: int, measured: bool, delay_us: int
+) -> None:
+    """A model whose batches take longer than the queue delay (here: not measured yet, so
+    taken as long): waiting for one to end would hold requests past the delay they were
+    allowed. Or two replicas, one busy: the other takes a partial batch once its delay is
+    over, however fast the batches are."""
     batcher, model = make(
-        max_batch_size=4, max_inflight_batches=2, replicas=2, max_queue_delay_us=20_000
+        max_batch_size=4, max_inflight_batches=2, replicas=replicas, max_queue_delay_us=delay_us
     )
-    await answers(submit_all(batcher, [rows_of(i) for i in range(4)]))  # a fast batch
-    model.batches.clear()
+    if measured:
+        await answers(submit_all(batcher, [rows_of(i) for i in range(4)]))  # a fast batch
+        model.batches.clear()
     model.hold()
     running = submit_all(batcher, [rows_of(i) for i in range(4)])
     await until(lambda: model.active == 1)
