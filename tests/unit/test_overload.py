@@ -136,22 +136,25 @@ def test_one_window_of_refusals_alone_is_not_a_storm() -> None:
 def refuse_and_tick(
     overload: Overload, loop: FakeLoop, refused: int, served: int, late_s: float
 ) -> None:
-    for _ in range(refused):
+    """One tick's answers, the served spread among the refused as a turn sends them."""
+    for i in range(refused):
+        overload.answers += 1 + served * (i + 1) // refused - served * i // refused
         overload.hold()
-    overload.answers += refused + served
+    if not refused:
+        overload.answers += served
     tick(overload, loop, late_s)
 
 
 def test_a_crowd_is_seen_on_its_second_long_turn() -> None:
-    """256 closed-loop clients arriving: each turn refuses all of them (20 ms at ~80 us a
-    refusal) and serves a batch. Storming after the second such turn, 40 ms in, not at the
-    end of a 100 ms window; the third turn's refusals are held."""
+    """100 closed-loop clients arriving (fewer than a herd): each turn refuses all of them
+    and serves a batch. Storming after the second such turn, not at the end of a 100 ms
+    window; the third turn's refusals are held."""
     overload = Overload(0.5)
     loop = ticking(overload)
     started = loop.now
-    refuse_and_tick(overload, loop, 256, 8, 0.020)
+    refuse_and_tick(overload, loop, 100, 8, 0.010)
     assert not overload.storming and overload.storms == 0
-    refuse_and_tick(overload, loop, 248, 8, 0.020)
+    refuse_and_tick(overload, loop, 96, 8, 0.010)
     assert overload.storming and overload.storms == 1
     assert loop.now - started < 0.05
     assert 0.375 <= overload.hold() <= 0.5
@@ -185,7 +188,32 @@ def test_one_late_tick_of_refusals_alone_is_not_a_storm() -> None:
     overload = Overload(0.5)
     loop = ticking(overload)
     refuse_and_tick(overload, loop, 0, 0, 0.030)  # the stall itself
-    refuse_and_tick(overload, loop, 150, 8, 0.012)  # its backlog
+    refuse_and_tick(overload, loop, 100, 8, 0.012)  # its backlog (10 ms at 10k/s)
     for _ in range(10):
         refuse_and_tick(overload, loop, 3, 3, 0.001)
     assert not overload.storming and overload.storms == 0
+
+
+def test_a_herd_is_held_within_the_turn_that_reads_it() -> None:
+    """256 new clients in one turn: from the 128th refusal on (each served request being
+    rarer than a fifth of them), the rest are held, before any tick."""
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    tick(overload, loop, 0.0)
+    holds = []
+    for i in range(256):
+        overload.answers += 1 + (i % 8 == 0)  # the refusal, and a served request now and then
+        holds.append(overload.hold())
+    assert holds[:127] == [0.0] * 127
+    assert all(0.375 <= h <= 0.5 for h in holds[127:])
+    assert overload.storming and overload.storms == 1
+
+
+def test_a_turn_that_serves_as_it_refuses_is_no_herd() -> None:
+    overload = Overload(0.5)
+    loop = ticking(overload)
+    tick(overload, loop, 0.0)
+    for _ in range(400):
+        overload.answers += 2  # one refused, one served
+        assert overload.hold() == 0.0
+    assert not overload.storming
