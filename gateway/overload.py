@@ -3,15 +3,17 @@
 A closed-loop client that is refused sends its next request at once, so a crowd of them
 fills the event loop with refusals: every batch completion and every admitted request's
 answer then waits behind them, and goodput collapses (2% of capacity at 256 clients on a
-model with an 8-request queue). The loop's lag is the harm itself: how late a timer fires
-is how long any ready callback waits its turn. While the loop lags (the median lag of a
-100 ms window of ticks reaches a few ms: each turn is long, not one callback slow), a
-connection refused for overload is not read again for ``hold_s``
-(:mod:`gateway.http.protocol`), so its next request waits in the kernel, costing nothing.
+model with an 8-request queue). While the loop is overrun, a connection refused for
+overload is not read again for ``hold_s`` (:mod:`gateway.http.protocol`), so its next
+request waits in the kernel, costing nothing.
 
-Arrivals that merely exceed capacity (an open loop) keep the loop on time: their refusals
-are cheap enough, and their connections are read as usual. Once storming, the state lasts
-while many connections are held (the crowd is still there) and ends soon after they leave.
+Overrun is measured three ways, each at its own speed: the loop's lag (the median of a
+100 ms window of ticks reaches a few ms: each turn is long, not one callback slow);
+refusals outnumbering what is served, five to one, over two windows or two 5 ms ticks
+running (a crowd whose turns stay short); and a herd within the one turn that reads it.
+Arrivals that merely exceed capacity (an open loop) refuse about as many as they serve and
+are not held unless the loop itself falls behind. Once storming, the state lasts while
+many connections are held (the crowd is still there) and ends soon after they leave.
 """
 
 from __future__ import annotations
