@@ -265,8 +265,8 @@ class Batcher:
         is wasted when a running batch would end within the delay its requests were
         allowed anyway: under a crowd of 256 clients the MLP's batches of 4 carried 2.9-3.1
         rows on average, 3.6-3.8 with this (``max_queue_size: 8``, batches on the loop's
-        thread, whose long turns make every delay timer late). A slow model's partial
-        batch still takes a spare slot, so its wait stays bounded by the delay.
+        thread). A slow model's partial batch still takes a spare slot, so its wait stays
+        bounded by the delay.
 
         Called when a batch ends, right there rather than by a task woken for it: under
         overload every loop turn is shared with new arrivals, so a freed slot is filled in

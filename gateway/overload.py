@@ -71,7 +71,7 @@ class Overload:
         self._churned = False  # the last window was churning
         self._tick_refusals = 0
         self._tick_answers = 0
-        self._burst = False  # the last tick came late after a turn of refusals
+        self._burst = False  # the last tick refused many and served few
         self._window: list[float] = []  # this window's tick lags
         self._window_start: float | None = None
         self._storm_until = 0.0
