@@ -103,11 +103,8 @@ class Overload:
         turn reads only the clients refused before it. An open loop refuses that many
         between two ticks only after a stall (at 10,000 arrivals a second, one of 13 ms or
         more), and then its refused connections are held for one storm: backpressure."""
-        refused = self.refusals - self._tick_refusals
-        if refused < self.herd_refusals or self._loop is None:
-            return False
-        served = self.answers - self._tick_answers - refused
-        if refused < self.refusal_ratio * served:
+        refused, served = self._since(self._tick_refusals, self._tick_answers)
+        if self._loop is None or not self._mostly_refused(refused, served, self.herd_refusals):
             return False
         self._overrun(self._loop.time(), f"{refused} refusals in one turn", refused, served)
         return True
@@ -135,10 +132,9 @@ class Overload:
         # closed-loop clients is refused, not held, every turn until it is said. An open
         # loop over capacity refuses about as many as it serves; its stall (a GC) makes
         # one such tick, not two.
-        refused = self.refusals - self._tick_refusals
-        served = self.answers - self._tick_answers - refused
+        refused, served = self._since(self._tick_refusals, self._tick_answers)
         self._tick_refusals, self._tick_answers = self.refusals, self.answers
-        burst = refused >= self.burst_refusals and refused >= self.refusal_ratio * served
+        burst = self._mostly_refused(refused, served, self.burst_refusals)
         if burst and self._burst:
             self._overrun(now, f"{refused} refusals since the last tick", refused, served)
         self._burst = burst
@@ -149,24 +145,33 @@ class Overload:
             median = lags[len(lags) // 2]
             self._window.clear()
             self._window_start = now
-            refused = self.refusals - self._window_refusals
-            served = self.answers - self._window_answers - refused
+            refused, served = self._since(self._window_refusals, self._window_answers)
             self._window_refusals, self._window_answers = self.refusals, self.answers
             # Or refusals are most of what the loop answers: closed-loop clients retrying
             # at once keep every turn busy (the batch cycle waits a turn at each step)
             # although no turn is long; an open loop twice over capacity refuses about as
             # many as it serves.
-            churning = refused >= self.min_refusals and refused >= self.refusal_ratio * served
+            churning = self._mostly_refused(refused, served, self.min_refusals)
             # Two windows running: a stall of the batcher alone (a GC) can make one window
             # of an open loop look like this.
             churned, self._churned = self._churned and churning, churning
             if median >= self.lag_threshold_s or churned:
-                lagged = f"a median lag of {median * 1e3:.0f} ms over {self.sustain_s * 1e3:.0f} ms"
-                self._overrun(now, lagged, refused, served)
+                why = f"a median lag of {median * 1e3:.0f} ms over {self.sustain_s * 1e3:.0f} ms"
+                if churned:
+                    why = f"refusals {self.refusal_ratio:g}x what was served, two windows running"
+                self._overrun(now, why, refused, served)
         if self.held >= self.min_held and now < self._storm_until:
             self._storm_until = max(self._storm_until, now + self.hold_s)
         self._due = now + self.interval_s
         self._handle = self._loop.call_at(self._due, self._tick)
+
+    def _since(self, refusals: int, answers: int) -> tuple[int, int]:
+        """Refused and served since the counts were ``refusals`` and ``answers``."""
+        refused = self.refusals - refusals
+        return refused, self.answers - answers - refused
+
+    def _mostly_refused(self, refused: int, served: int, at_least: int) -> bool:
+        return refused >= at_least and refused >= self.refusal_ratio * served
 
     def _overrun(self, now: float, why: str, refused: int, served: int) -> None:
         if now >= self._storm_until:
