@@ -70,6 +70,11 @@ _NOT_METADATA = frozenset(
 )
 _MESSAGE_LIMIT = 4096  # grpc-message characters sent (a long error is cut)
 
+_TRAILERS_ONLY: dict[tuple[grpc.StatusCode, str], bytes] = {}
+"""The encoded head of an error answer, by status and message: under overload every refusal
+sends the same one (64 kept, the oldest dropped: messages that name a request vary)."""
+_CACHED_ANSWERS = 64
+
 Header = tuple[str, str]
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -230,6 +235,9 @@ class GrpcConnection(asyncio.Protocol):
         self.continued: tuple[int, int, bytearray] | None = None  # stream, flags, block
         self.going_away = False
         self.paused = False
+        self.multiplexing = False
+        """It sent a call while another was open: never held (:meth:`_hold`)."""
+        self._next_frame = 0  # where the frame after the one being read starts
         self._release: asyncio.TimerHandle | None = None
         self._preface_timer: asyncio.TimerHandle | None = None
         self._gathering: list[bytes] | None = None  # writes held while frames are read
@@ -305,6 +313,7 @@ class GrpcConnection(asyncio.Protocol):
                     break
                 payload = bytes(buf[i + 9 : i + 9 + length])
                 i += 9 + length
+                self._next_frame = i
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
         except _ConnectionError as exc:
             self._fail(exc.code, exc.message)
@@ -462,6 +471,8 @@ class GrpcConnection(asyncio.Protocol):
             if self.going_away or len(self.streams) >= self.server.max_concurrent_streams:
                 self._reset(stream_id, REFUSED_STREAM)
                 return
+            if self.streams:
+                self.multiplexing = True
             stream = _Stream(stream_id, self.peer_window)
             stream.headers = headers
             self.streams[stream_id] = stream
@@ -592,13 +603,18 @@ class GrpcConnection(asyncio.Protocol):
         self._answer_error(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _hold(self) -> None:
-        """A call refused for overload: while the loop is overrun, a connection with no
-        other call open is not read for a while (its next call waits in the kernel), as
-        HTTP holds a refused connection. One with calls open is a multiplexing client (a
-        pool, a proxy): holding it would stall every call it sends meanwhile and release
-        them as one burst, so it is read on. The hold never exceeds the refusal's
-        ``grpc-retry-pushback-ms``."""
-        if self.streams:
+        """A call refused for overload: while the loop is overrun, a connection that sends
+        one call at a time is not read for a while (its next call waits in the kernel), as
+        HTTP holds a refused connection. One that multiplexes (a pool, a proxy, an open
+        loop), seen by a call sent while another was open, here or already read behind
+        this one, is read on: holding it would stall every call it sends meanwhile and
+        release them as one burst (an open loop of 16 such connections served a quarter of
+        capacity once its connections were held between their calls). The hold never
+        exceeds the refusal's ``grpc-retry-pushback-ms``."""
+        buf, at = self.buffer, self._next_frame
+        if not self.multiplexing and len(buf) - at >= 9 and buf[at + 3] == HEADERS:
+            self.multiplexing = True
+        if self.streams or self.multiplexing:
             return
         hold = self.server.overload.hold()
         if hold and self.transport is not None and self._release is None:
@@ -641,15 +657,19 @@ class GrpcConnection(asyncio.Protocol):
         trailing: list[Header] | None = None,
     ) -> None:
         """A trailers-only answer: status, content type and the gRPC status at once."""
-        headers = [
-            (":status", "200"),
-            ("content-type", _GRPC_CONTENT_TYPE),
-            ("grpc-status", _status(code)),
-            ("grpc-message", _percent(message)),
-        ]
+        block = _TRAILERS_ONLY.get((code, message))
+        if block is None:
+            block = encode_headers([
+                (":status", "200"),
+                ("content-type", _GRPC_CONTENT_TYPE),
+                ("grpc-status", _status(code)),
+                ("grpc-message", _percent(message)),
+            ])  # fmt: skip
+            if len(_TRAILERS_ONLY) >= _CACHED_ANSWERS:
+                del _TRAILERS_ONLY[next(iter(_TRAILERS_ONLY))]
+            _TRAILERS_ONLY[code, message] = block
         if trailing:
-            headers.extend(trailing)
-        block = encode_headers(headers)
+            block += encode_headers(trailing)
         self._send_last(stream, self._headers_frames(stream.id, block, True))
 
     def _send_last(self, stream: _Stream, frames: bytes) -> None:

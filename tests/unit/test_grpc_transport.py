@@ -355,10 +355,13 @@ def test_a_protocol_error_is_a_goaway() -> None:
     run(scenario)
 
 
-@pytest.mark.parametrize("others_open", [False, True])
-def test_a_refused_lone_call_holds_its_connection_while_storming(others_open: bool) -> None:
-    """An admission refusal while the loop is overrun: a connection with no other call open
-    is not read for the hold; one multiplexing other calls is read on."""
+@pytest.mark.parametrize("case", ["lone", "others open", "one behind", "multiplexed before"])
+def test_a_refused_call_holds_its_connection_while_storming_unless_it_multiplexes(
+    case: str,
+) -> None:
+    """An admission refusal while the loop is overrun: a connection that sends one call at
+    a time is not read for the hold; one that multiplexes is read on, whether another call
+    is open now, was sent behind the refused one, or was open beside another earlier."""
     overload = Overload(0.3)
     overload._loop = asyncio.new_event_loop()  # storming needs a clock: any loop's
     overload._storm_until = float("inf")
@@ -372,15 +375,36 @@ def test_a_refused_lone_call_holds_its_connection_while_storming(others_open: bo
         async with serving(overload=overload, admissions={ECHO: admission}) as (server, connect):
             client = await connect()
             await client.handshake()
-            if others_open:
-                client.call(1, grpc_message("slow"))
-            client.call(3, grpc_message("refuse"))
-            answer = await client.answer(3)
+            if case == "multiplexed before":  # two calls open at once, both answered
+                client.writer.write(
+                    frame(HEADERS, 0x4, 1, request_headers())
+                    + frame(DATA, 0x1, 1, grpc_message())
+                    + frame(HEADERS, 0x4, 3, request_headers())
+                    + frame(DATA, 0x1, 3, grpc_message())
+                )
+                assert status(await client.answer(1)) == ("0", None)
+                assert status(await client.answer(3)) == ("0", None)
+            if case == "others open":
+                client.call(5, grpc_message("slow"))
+            if case == "one behind":  # the refused call and the next in one write
+                client.writer.write(
+                    frame(HEADERS, 0x4, 7, request_headers())
+                    + frame(DATA, 0x1, 7, grpc_message("refuse"))
+                    + frame(HEADERS, 0x4, 9, request_headers())
+                    + frame(DATA, 0x1, 9, grpc_message())
+                )
+            else:
+                client.call(7, grpc_message("refuse"))
+            answer = await client.answer(7)
             assert status(answer) == ("8", "full")
             assert dict(answer["headers"])["grpc-retry-pushback-ms"] == "1000"
             (connection,) = server.connections
-            assert connection.paused is not others_open
-            assert overload.held == (0 if others_open else 1)
+            held = case == "lone"
+            assert connection.paused is held
+            assert connection.multiplexing is not held
+            assert overload.held == int(held)
+            if case == "one behind":  # read on at once: the call behind is answered
+                assert status(await asyncio.wait_for(client.answer(9), 0.2)) == ("0", None)
 
     run(scenario)
     overload._loop.close()

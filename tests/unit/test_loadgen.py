@@ -166,6 +166,28 @@ async def test_the_grpc_open_loop_reads_each_calls_status_from_its_trailers() ->
     assert set(probe["statuses"]) <= {"OK", "RESOURCE_EXHAUSTED"}
 
 
+def test_a_calls_status_is_read_without_the_decoder_only_where_the_table_is_untouched() -> None:
+    """The gRPC open loop reads ``grpc-status`` straight from a block of static indexes and
+    plain literals that leave the table alone (what the gateway sends); a block that
+    indexes a field, uses Huffman or a table size update goes to the HPACK decoder."""
+    from hpack import Encoder
+
+    from gateway.grpc.hpack import HeaderDecoder, encode_headers
+
+    trailers = [
+        (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "8"),
+        ("grpc-message", "full"), ("traceparent", "00-1-2-01"),
+    ]  # fmt: skip
+    assert loadgen._grpc_status(encode_headers(trailers)) == "8"
+    assert loadgen._grpc_status(encode_headers([(":status", "200")])) is None
+    assert loadgen._grpc_status(b"\x88\x00\x0bgrpc-status\x05") is loadgen._UNREAD  # cut
+    for huffman in (False, True):
+        block = Encoder().encode(trailers, huffman=huffman)  # indexes, maybe Huffman
+        assert loadgen._grpc_status(block) is loadgen._UNREAD
+        assert dict(HeaderDecoder().decode(block))["grpc-status"] == "8"
+    assert loadgen._grpc_status(b"\x3f\xe1\x1f" + encode_headers(trailers)) is loadgen._UNREAD
+
+
 async def test_the_open_loop_opens_no_more_connections_than_its_pool_holds() -> None:
     """A slow server: requests due while every connection is busy wait for one (their
     latency still counted from when they were due) instead of opening more."""
