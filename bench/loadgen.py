@@ -311,6 +311,7 @@ class _GrpcClient(asyncio.Protocol):
         self.received = 0
         self.last: str | None = None  # the outcome of the last call answered
         self.outgoing: list[bytes] = []  # calls framed and not yet written
+        self.waiter: asyncio.Future[None] | None = None  # a probe's: set when none is open
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -377,12 +378,19 @@ class _GrpcClient(asyncio.Protocol):
         if due is not None:
             self.last = outcome
             self.run.record(outcome, due)
+            if not self.due:
+                self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for due in self.due.values():
             self.run.record("error", due)
         self.due.clear()
         self.transport = None
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 class _GrpcOpenLoop(_Answers):
@@ -604,10 +612,13 @@ async def grpc_probe(
                         lambda: _GrpcClient(run), host, int(port_text)
                     )
                 client.last = None
+                # Awaited, not polled: a 0.5 ms sleep returns at once on uvloop, and the
+                # probe (at nice -10) spun a core the gateway needed while it waited.
+                client.waiter = loop.create_future()
                 client.send(began)
                 run.flush()
-                while client.due and time.perf_counter() < began + 10:
-                    await asyncio.sleep(0.0005)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(client.waiter, TIMEOUT_S)
             except OSError:
                 run.record("error", began)
             if kept and client is not None and client.last == "RESOURCE_EXHAUSTED":
