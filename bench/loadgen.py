@@ -51,7 +51,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.grpc.hpack import HeaderDecoder, encode_headers
+from gateway.grpc.hpack import HeaderDecoder, HpackError, decode_integer, encode_headers
 
 TIMEOUT_S = 10.0
 _TICK_S = 0.001  # the open loops' shortest sleep: uvloop's timer resolution
@@ -255,47 +255,30 @@ def _grpc_status(block: bytes) -> str | None:
         while i < end:
             first = block[i]
             if first & 0x80:  # an indexed field: the static table's only
-                index, i = _prefixed(block, i, 7)
+                index, i = decode_integer(block, i, 7)
                 if index > 61:
                     return _UNREAD
                 continue
             if first & 0xE0:
                 return _UNREAD  # incremental indexing (0x40) or a table size update (0x20)
-            index, i = _prefixed(block, i, 4)
+            index, i = decode_integer(block, i, 4)
             name = b""
             if index == 0:  # a literal name
                 if block[i] & 0x80:
                     return _UNREAD
-                n, i = _prefixed(block, i, 7)
+                n, i = decode_integer(block, i, 7)
                 name, i = block[i : i + n], i + n
             elif index > 61:
                 return _UNREAD
             if block[i] & 0x80:
                 return _UNREAD
-            n, i = _prefixed(block, i, 7)
+            n, i = decode_integer(block, i, 7)
             if name == _GRPC_STATUS_NAME:
                 status = block[i : i + n].decode("latin-1")
             i += n
-    except IndexError:
+    except (IndexError, HpackError):
         return _UNREAD
     return status if i == end else _UNREAD
-
-
-def _prefixed(block: bytes, i: int, bits: int) -> tuple[int, int]:
-    """An HPACK integer with a ``bits``-bit prefix at ``i`` (RFC 7541 5.1); where it ends."""
-    mask = (1 << bits) - 1
-    value = block[i] & mask
-    i += 1
-    if value < mask:
-        return value, i
-    shift = 0
-    while True:
-        byte = block[i]
-        i += 1
-        value += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, i
 
 
 class _GrpcClient(asyncio.Protocol):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
-__all__ = ["HeaderDecoder", "HpackError", "encode_headers"]
+__all__ = ["HeaderDecoder", "HpackError", "decode_integer", "encode_headers"]
 
 Header = tuple[str, str]
 
@@ -85,14 +85,14 @@ class HeaderDecoder:
         while i < end:
             first = block[i]
             if first & 0x80:  # indexed field
-                index, i = _integer(block, i, 7)
+                index, i = decode_integer(block, i, 7)
                 header = self._entry(index)
             elif first & 0x40:  # literal, added to the table
                 header, i = self._literal(block, i, 6)
                 self._insert(header)
                 changed = True
             elif first & 0x20:  # dynamic table size update
-                new_size, i = _integer(block, i, 5)
+                new_size, i = decode_integer(block, i, 5)
                 if new_size > self.max_table_size:
                     raise HpackError(f"table size {new_size} above {self.max_table_size}")
                 self._table_size = new_size
@@ -116,7 +116,7 @@ class HeaderDecoder:
         raise HpackError(f"header index {index} is not in the table")
 
     def _literal(self, block: bytes, i: int, prefix: int) -> tuple[Header, int]:
-        index, i = _integer(block, i, prefix)
+        index, i = decode_integer(block, i, prefix)
         if index:
             name = self._entry(index)[0]
         else:
@@ -140,7 +140,7 @@ class HeaderDecoder:
             self._used -= len(name) + len(value) + _ENTRY_OVERHEAD
 
 
-def _integer(block: bytes, i: int, prefix: int) -> tuple[int, int]:
+def decode_integer(block: bytes, i: int, prefix: int) -> tuple[int, int]:
     """RFC 7541 5.1: an integer in the low ``prefix`` bits of ``block[i]``, continued in
     7-bit groups; and the index after it."""
     if i >= len(block):
@@ -166,7 +166,7 @@ def _string(block: bytes, i: int) -> tuple[str, int]:
     if i >= len(block):
         raise HpackError("header block ends before a string")
     huffman = block[i] & 0x80
-    length, i = _integer(block, i, 7)
+    length, i = decode_integer(block, i, 7)
     end = i + length
     if end > len(block):
         raise HpackError("header block ends inside a string")
