@@ -241,32 +241,28 @@ class GrpcConnection(asyncio.Protocol):
         self._release: asyncio.TimerHandle | None = None
         self._preface_timer: asyncio.TimerHandle | None = None
         self._gathering: list[bytes] | None = None  # writes held while frames are read
-        self.peer = ""
+        self._peer: str | None = None
 
     # -- the connection ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
-        address = transport.get_extra_info("peername")
-        if isinstance(address, tuple):
-            self.peer = f"ipv4:{address[0]}:{address[1]}"
         self.server.connections.add(self)
-        settings = [
-            (_SETTINGS_MAX_STREAMS, self.server.max_concurrent_streams),
-            (_SETTINGS_WINDOW, _WINDOW),
-            (_SETTINGS_FRAME_SIZE, _MAX_FRAME_IN),
-            (_SETTINGS_HEADER_LIST, _MAX_HEADER_LIST),
-        ]
-        payload = b"".join(struct.pack(">HL", k, v) for k, v in settings)
-        transport.write(
-            _frame(SETTINGS, 0, 0, payload)
-            + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", _WINDOW - _DEFAULT_WINDOW))
-        )
+        transport.write(self.server.preface)
         if self.server.stopping:
             self.go_away()
         # A connection that never says it speaks HTTP/2 is not kept (slow or idle clients).
         self._preface_timer = self.loop.call_later(self.server.preface_timeout_s, self._close_now)
+
+    @property
+    def peer(self) -> str:
+        """``ipv4:host:port``, asked of the socket once it is needed (a served call's
+        context, a log line): a crowd's refused connections never need it."""
+        if self._peer is None:
+            address = self.transport.get_extra_info("peername") if self.transport else None
+            self._peer = f"ipv4:{address[0]}:{address[1]}" if isinstance(address, tuple) else ""
+        return self._peer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -762,6 +758,18 @@ class GrpcServer:
         self.max_message_bytes = max_message_bytes
         self.overload = overload
         self.max_concurrent_streams = max_concurrent_streams or _DEFAULT_MAX_STREAMS
+        settings = [
+            (_SETTINGS_MAX_STREAMS, self.max_concurrent_streams),
+            (_SETTINGS_WINDOW, _WINDOW),
+            (_SETTINGS_FRAME_SIZE, _MAX_FRAME_IN),
+            (_SETTINGS_HEADER_LIST, _MAX_HEADER_LIST),
+        ]
+        payload = b"".join(struct.pack(">HL", k, v) for k, v in settings)
+        self.preface = _frame(SETTINGS, 0, 0, payload) + _frame(
+            WINDOW_UPDATE, 0, 0, struct.pack(">L", _WINDOW - _DEFAULT_WINDOW)
+        )
+        """What the server says first on every connection (RFC 9113 3.4): its SETTINGS
+        and the connection's larger receive window."""
         self.admissions = admissions or {}
         self.ssl_context = ssl_context
         self.connections: set[GrpcConnection] = set()

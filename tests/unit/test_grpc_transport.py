@@ -40,7 +40,8 @@ async def echo(request: Any, context: CallContext) -> Any:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted: é 100%")
     if request.model_name == "boom":
         raise RuntimeError("handler bug")
-    context.set_trailing_metadata((("x-seen", dict(context.invocation_metadata())["x-who"]),))
+    seen = dict(context.invocation_metadata())["x-who"]
+    context.set_trailing_metadata((("x-seen", seen), ("x-peer", context.peer())))
     times = int(request.id or "1")
     return Response(model_name="echo", raw_output_contents=[request.raw_input_contents[0] * times])
 
@@ -167,6 +168,8 @@ def test_a_unary_call_answers_headers_data_and_trailers() -> None:
             headers = dict(answer["headers"])
             assert headers[":status"] == "200" and headers["content-type"] == "application/grpc"
             assert status(answer) == ("0", None) and headers["x-seen"] == "tester"
+            host, port = client.writer.get_extra_info("sockname")
+            assert headers["x-peer"] == f"ipv4:{host}:{port}"  # the client, as the server sees it
             response = Response.FromString(answer["data"][5:])
             assert response.raw_output_contents[0] == b"xyz"
             # A second call on the same connection, headers now from the cache.
