@@ -54,6 +54,7 @@ STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 
 _SETTINGS_TABLE_SIZE, _SETTINGS_MAX_STREAMS, _SETTINGS_WINDOW = 0x1, 0x3, 0x4
 _SETTINGS_FRAME_SIZE, _SETTINGS_HEADER_LIST = 0x5, 0x6
 
+_DEFER_S = 0.001  # a first read put off waits one poll of the loop (uvloop: 1 ms timers)
 _DEFAULT_WINDOW = 65_535
 _WINDOW = 4 << 20
 """What each stream and the connection may send us before we acknowledge: one window
@@ -239,6 +240,7 @@ class GrpcConnection(asyncio.Protocol):
         """It sent a call while another was open: never held (:meth:`_hold`)."""
         self._next_frame = 0  # where the frame after the one being read starts
         self._release: asyncio.TimerHandle | None = None
+        self._deferred: asyncio.TimerHandle | None = None  # a first read put off
         self._preface_timer: asyncio.TimerHandle | None = None
         self._gathering: list[bytes] | None = None  # writes held while frames are read
         self._peer: str | None = None
@@ -273,14 +275,41 @@ class GrpcConnection(asyncio.Protocol):
             self._release.cancel()
             self._release = None
             self.server.overload.held -= 1
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         for stream in list(self.streams.values()):
             self._forget(stream, cancel=True)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self.paused:
+            return
+        if not self.preface_read and not self.server.overload.first_read_now():
+            self._defer_first_read()
+            return
+        self._read_frames()
+
+    def _defer_first_read(self) -> None:
+        """A new connection past this loop turn's share of first reads is read a turn or
+        two later (:meth:`Overload.first_read_now`)."""
+        assert self.transport is not None
         if not self.paused:
-            self._read_frames()
+            self.paused = True
+            self.transport.pause_reading()
+        self._deferred = self.loop.call_later(_DEFER_S, self._first_read)
+
+    def _first_read(self) -> None:
+        self._deferred = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.server.overload.first_read_now(again=True):
+            self._defer_first_read()
+            return
+        self.paused = False
+        self.transport.resume_reading()
+        self._read_frames()
 
     def _read_frames(self) -> None:
         buf = self.buffer

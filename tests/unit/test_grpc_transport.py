@@ -413,6 +413,35 @@ def test_a_refused_call_holds_its_connection_while_storming_unless_it_multiplexe
     overload._loop.close()
 
 
+def test_a_crowd_that_connects_at_once_is_read_in_slices_and_every_call_answered() -> None:
+    """40 connections whose preface, SETTINGS and first call arrive together: a loop turn
+    reads 4 of them (``first_reads_per_turn``), the rest a turn or more later; every call
+    is answered, and a connection already open is read meanwhile."""
+    overload = Overload(0.5, first_reads_per_turn=4)
+
+    async def scenario() -> None:
+        async with serving(overload=overload) as (_, connect):
+            early = await connect()
+            await early.handshake()
+            crowd = [await connect() for _ in range(40)]
+            await asyncio.sleep(0.05)  # every connection accepted before any bytes come
+            for client in crowd:
+                client.writer.write(
+                    PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 0x4, 1, request_headers())
+                    + frame(DATA, 0x1, 1, grpc_message(data=b"crowd"))
+                )  # fmt: skip
+            early.call(1, grpc_message(data=b"early"))
+            answer = await asyncio.wait_for(early.answer(1), 5)
+            assert Response.FromString(answer["data"][5:]).raw_output_contents[0] == b"early"
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(client.answer(1) for client in crowd)), 10
+            )
+            assert [status(a) for a in answers] == [("0", None)] * 40
+            assert overload.deferred_first_reads > 0
+
+    run(scenario)
+
+
 def test_a_silent_connection_is_closed_after_the_preface_timeout() -> None:
     async def scenario() -> None:
         async with serving(preface_timeout_s=0.2) as (_, connect):

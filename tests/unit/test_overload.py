@@ -3,6 +3,7 @@ machine driven tick by tick on a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.overload import Overload
@@ -217,3 +218,23 @@ def test_a_turn_that_serves_as_it_refuses_is_no_herd() -> None:
         overload.answers += 2  # one refused, one served
         assert overload.hold() == 0.0
     assert not overload.storming
+
+
+def test_a_turn_reads_its_share_of_new_connections_and_those_put_off_have_their_own() -> None:
+    """Past ``first_reads_per_turn`` new connections in one loop turn, the next are put
+    off; a later turn starts a new share, and connections put off before ask from a share
+    of their own, so a newcomer is not queued behind a whole crowd."""
+    overload = Overload(0.5, first_reads_per_turn=3)
+
+    async def turns() -> list[list[bool]]:
+        first = [overload.first_read_now() for _ in range(5)]
+        await asyncio.sleep(0)  # the next turn
+        again = [overload.first_read_now(again=True) for _ in range(4)]
+        newcomer = overload.first_read_now()
+        return [first, again, [newcomer]]
+
+    first, again, newcomer = asyncio.run(turns())
+    assert first == [True, True, True, False, False]
+    assert again == [True, True, True, False]
+    assert newcomer == [True]
+    assert overload.deferred_first_reads == 3
