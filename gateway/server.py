@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -72,6 +73,7 @@ __all__ = [
     "build_emitter",
     "build_policy_store",
     "monitor_address",
+    "reserve_descriptor_table",
     "run_gateway",
 ]
 
@@ -526,9 +528,41 @@ async def _serve_until_signalled(settings: ServerSettings) -> int:
     return 0
 
 
+DESCRIPTOR_TABLE = 65_536
+"""File descriptors the process's table is grown to hold at start (at most the soft
+``RLIMIT_NOFILE``)."""
+
+
+def reserve_descriptor_table(size: int = DESCRIPTOR_TABLE) -> int:
+    """Grow the kernel's file descriptor table to ``size`` slots now, while the process
+    has one thread; return the slots reserved (0 when it could not).
+
+    Linux grows a process's table by doubling when an accepted socket needs a slot past
+    its end, and a process with threads (ONNX Runtime's, the executor's) then waits for an
+    RCU grace period: under a crowd that connects at once, the event loop's thread blocked
+    in ``accept`` for 10-12 ms (``expand_files`` in a scheduler trace), every connection
+    waiting with it. Taking a descriptor at the last slot once grows the table for good
+    (it never shrinks); it costs 8 bytes a slot."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    last = min(size, soft if soft != resource.RLIM_INFINITY else size) - 1
+    try:
+        probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        high = fcntl.fcntl(probe, fcntl.F_DUPFD_CLOEXEC, last)  # the lowest free slot >= last
+    except OSError:
+        return 0
+    finally:
+        os.close(probe)
+    os.close(high)
+    return last + 1
+
+
 def run_gateway(settings: ServerSettings) -> int:
     import uvloop
 
+    reserve_descriptor_table()
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
