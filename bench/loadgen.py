@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -295,6 +296,8 @@ class _GrpcClient(asyncio.Protocol):
         self.last: str | None = None  # the outcome of the last call answered
         self.outgoing: list[bytes] = []  # calls framed and not yet written
         self.waiter: asyncio.Future[None] | None = None  # a probe's: set when none is open
+        self.limit = 1 << 31
+        """The server's SETTINGS_MAX_CONCURRENT_STREAMS: no more calls open at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -303,6 +306,11 @@ class _GrpcClient(asyncio.Protocol):
             _H2_PREFACE + _h2_frame(0x4, 0, 0, settings)
             + _h2_frame(0x8, 0, 0, struct.pack(">L", _H2_WINDOW - 65_535))
         )  # fmt: skip
+
+    @property
+    def room(self) -> bool:
+        """Whether one more call may be opened under the server's stream limit."""
+        return len(self.due) < self.limit
 
     def send(self, due: float) -> None:
         """Frames the call; :meth:`flush` writes every call due at once in one send."""
@@ -347,8 +355,13 @@ class _GrpcClient(asyncio.Protocol):
                     self._answered(stream_id, "no trailers")
             elif kind == 0x3:  # RST_STREAM
                 self._answered(stream_id, "reset")
-            elif kind == 0x4 and not flags & 0x1:  # SETTINGS: acknowledge
+            elif kind == 0x4 and not flags & 0x1:  # SETTINGS: heed, acknowledge
+                for at in range(0, length - length % 6, 6):
+                    key, value = struct.unpack_from(">HL", payload, at)
+                    if key == 0x3:  # SETTINGS_MAX_CONCURRENT_STREAMS
+                        self.limit = value
                 self.transport.write(_h2_frame(0x4, 0x1, 0))
+                self.run.send_waiting(self)
             elif kind == 0x6 and not flags & 0x1:  # PING: answer
                 self.transport.write(_h2_frame(0x6, 0x1, 0, payload))
         del buf[:i]
@@ -361,6 +374,7 @@ class _GrpcClient(asyncio.Protocol):
         if due is not None:
             self.last = outcome
             self.run.record(outcome, due)
+            self.run.send_waiting(self)
             if not self.due:
                 self._wake()
 
@@ -382,6 +396,11 @@ class _GrpcOpenLoop(_Answers):
         self.host, self.port, self.message = host, port, message
         path = "/inference.GRPCInferenceService/ModelInfer"
         self.unflushed: list[_GrpcClient] = []  # clients with calls framed, not yet sent
+        self.clients: list[_GrpcClient] = []
+        self.waiting: collections.deque[float] = collections.deque()
+        """Calls due while every connection had as many open as the server allows, by
+        due time: each is sent as a call ends (HTTP/2 clients queue so, as grpc-core
+        does), its latency counted from when it was due."""
         self.header_block = encode_headers([
             (":method", "POST"), (":scheme", "http"), (":path", path),
             (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
@@ -394,6 +413,33 @@ class _GrpcOpenLoop(_Answers):
             client.flush()
         self.unflushed.clear()
 
+    def send(self, i: int, due: float) -> None:
+        """Call ``i``, due at ``due``: on the next connection round robin with room under
+        its stream limit, or behind the calls already waiting for one."""
+        clients = self.clients
+        if self.waiting:
+            self.waiting.append(due)
+            return
+        for k in range(len(clients)):
+            client = clients[(i + k) % len(clients)]
+            if client.transport is not None and client.room:
+                client.send(due)
+                return
+        if all(client.transport is None for client in clients):
+            self.record("error", due)
+        else:
+            self.waiting.append(due)
+
+    def send_waiting(self, client: _GrpcClient) -> None:
+        """A call ended on ``client`` (or its limit rose): send the calls waiting there
+        while it has room; written when the read that freed it ends."""
+        while self.waiting and client.room and client.transport is not None:
+            client.send(self.waiting.popleft())
+        if client.outgoing:
+            client.flush()
+            if client in self.unflushed:
+                self.unflushed.remove(client)
+
 
 async def grpc_open_loop(
     host: str, port: int, model: str, message: bytes, schedule: list[tuple[float, float]],
@@ -405,21 +451,15 @@ async def grpc_open_loop(
     for _ in range(connections):
         _, client = await loop.create_connection(lambda: _GrpcClient(run), host, port)
         clients.append(client)
+    run.clients = clients
     await asyncio.sleep(0.05)  # the SETTINGS exchange
-
-    def send(i: int, due: float) -> None:
-        client = clients[i % connections]
-        if client.transport is None:
-            run.record("error", due)
-        else:
-            client.send(due)
 
     def close() -> None:
         for client in clients:
             if client.transport is not None:
                 client.transport.close()
 
-    return await _drive(run, schedule, send, close, lambda: connections, series, run.flush)
+    return await _drive(run, schedule, run.send, close, lambda: connections, series, run.flush)
 
 
 async def _drive(

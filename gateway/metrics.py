@@ -275,8 +275,15 @@ class GatewayCollector(Collector):
         )
         yield GaugeMetricFamily(
             "turnout_overload_held_connections",
-            "HTTP connections refused for overload and not read until their hold ends",
+            "Connections (HTTP, and gRPC sending one call at a time) refused for overload "
+            "and not read until their hold ends",
             value=overload.held,
+        )
+        yield GaugeMetricFamily(
+            "turnout_overload_throttled_connections",
+            "Multiplexing gRPC connections refused for overload whose stream limit is "
+            "lowered until their hold ends",
+            value=overload.throttled,
         )
         yield CounterMetricFamily(
             "turnout_overload_storms",

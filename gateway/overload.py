@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+from collections.abc import Callable
 
 __all__ = ["Overload"]
 
@@ -50,6 +52,8 @@ class Overload:
         burst_refusals: int = 32,
         herd_refusals: int = 128,
         first_reads_per_turn: int = 16,
+        busy_share: float = 0.95,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.hold_s = hold_s
         self.lag_threshold_s = lag_threshold_s
@@ -61,6 +65,9 @@ class Overload:
         self.burst_refusals = burst_refusals
         self.herd_refusals = herd_refusals
         self.first_reads_per_turn = first_reads_per_turn
+        self.busy_share = busy_share
+        self._cpu_clock = cpu_clock
+        """The loop thread's CPU seconds (read on the loop's thread, in its ticks)."""
         self.deferred_first_reads = 0
         """New connections read a turn later than they arrived (:meth:`first_read_now`)."""
         self._first_reads = 0  # this turn's new connections read at once
@@ -68,7 +75,9 @@ class Overload:
         self.lag_s = 0.0
         """The last tick's lateness."""
         self.held = 0
-        """Connections not being read right now (kept by the HTTP protocol)."""
+        """Connections not being read right now (kept by the transports)."""
+        self.throttled = 0
+        """Multiplexing gRPC connections whose stream limit is lowered right now."""
         self.storms = 0
         """Times the state was entered, for metrics and tests."""
         self.refusals = 0
@@ -83,6 +92,7 @@ class Overload:
         self._burst = False  # the last tick refused many and served few
         self._window: list[float] = []  # this window's tick lags
         self._window_start: float | None = None
+        self._window_cpu = 0.0  # the loop thread's CPU time when the window started
         self._storm_until = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -164,6 +174,7 @@ class Overload:
         self.lag_s = now - self._due
         if self._window_start is None:
             self._window_start = now
+            self._window_cpu = self._cpu_clock()
         self._window.append(self.lag_s)
         # A crowd's onset, seen within two ticks that each refused many and served few: a
         # window took 100-250 ms to say the same (a crowd that ramps up keeps each turn
@@ -182,8 +193,10 @@ class Overload:
             # a loop whose every turn is long is, even when each tick is only a little late.
             lags = sorted(self._window)
             median = lags[len(lags) // 2]
+            cpu = self._cpu_clock()
+            busy = (cpu - self._window_cpu) / (now - self._window_start)
             self._window.clear()
-            self._window_start = now
+            self._window_start, self._window_cpu = now, cpu
             refused, served = self._since(self._window_refusals, self._window_answers)
             self._window_refusals, self._window_answers = self.refusals, self.answers
             # Or refusals are most of what the loop answers: closed-loop clients retrying
@@ -194,12 +207,21 @@ class Overload:
             # Two windows running: a stall of the batcher alone (a GC) can make one window
             # of an open loop look like this.
             churned, self._churned = self._churned and churning, churning
-            if median >= self.lag_threshold_s or churned:
+            # Or the loop's thread never rests and refuses at least as much as it serves:
+            # an open loop at twice capacity over multiplexed gRPC connections keeps every
+            # turn short (no lag) and refuses about half; each refusal takes loop time
+            # from the calls served.
+            saturated = (
+                busy >= self.busy_share and refused >= self.min_refusals and refused >= served
+            )
+            if median >= self.lag_threshold_s or churned or saturated:
                 why = f"a median lag of {median * 1e3:.0f} ms over {self.sustain_s * 1e3:.0f} ms"
                 if churned:
                     why = f"refusals {self.refusal_ratio:g}x what was served, two windows running"
+                elif saturated and median < self.lag_threshold_s:
+                    why = f"the loop busy {busy:.0%} of {self.sustain_s * 1e3:.0f} ms, refusing"
                 self._overrun(now, why, refused, served)
-        if self.held >= self.min_held and now < self._storm_until:
+        if self.held + self.throttled >= self.min_held and now < self._storm_until:
             self._storm_until = max(self._storm_until, now + self.hold_s)
         self._due = now + self.interval_s
         self._handle = self._loop.call_at(self._due, self._tick)

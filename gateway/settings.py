@@ -223,8 +223,10 @@ class ServerSettings(BaseSettings):
     """While the event loop is overrun by refusals, an HTTP connection refused for overload
     (429), or a gRPC connection that sends one call at a time (RESOURCE_EXHAUSTED), is not
     read again for this long, so closed-loop clients retrying at once cannot starve
-    admitted requests. At most 1000: the Retry-After (``grpc-retry-pushback-ms``) a
-    refusal carries. 0: never."""
+    admitted requests; a gRPC connection that multiplexes has its stream limit
+    (SETTINGS_MAX_CONCURRENT_STREAMS) lowered to the calls it has open for this long, then
+    doubled back every eighth of it. At most 1000: the Retry-After
+    (``grpc-retry-pushback-ms``) a refusal carries. 0: never."""
 
     http_head_timeout_s: float = Field(default=10.0, gt=0)
     """An HTTP connection that sends no request head, or only part of one, for this long

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import logging
 import ssl
 import struct
@@ -237,7 +238,15 @@ class GrpcConnection(asyncio.Protocol):
         self.going_away = False
         self.paused = False
         self.multiplexing = False
-        """It sent a call while another was open: never held (:meth:`_hold`)."""
+        """It sent a call while another was open: never held, throttled (:meth:`_hold`)."""
+        self.max_streams = server.max_concurrent_streams
+        """The stream limit in force: the last one the peer acknowledged."""
+        self._limits_sent: collections.deque[int] = collections.deque(
+            [server.max_concurrent_streams]  # the preface's
+        )
+        """Stream limits sent in SETTINGS and not acknowledged yet, oldest first."""
+        self._throttle: asyncio.TimerHandle | None = None  # raises a lowered stream limit
+        self._limit_said = server.max_concurrent_streams  # the last stream limit sent
         self._next_frame = 0  # where the frame after the one being read starts
         self._release: asyncio.TimerHandle | None = None
         self._deferred: asyncio.TimerHandle | None = None  # a first read put off
@@ -278,6 +287,10 @@ class GrpcConnection(asyncio.Protocol):
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None
+        if self._throttle is not None:
+            self._throttle.cancel()
+            self._throttle = None
+            self.server.overload.throttled -= 1
         for stream in list(self.streams.values()):
             self._forget(stream, cancel=True)
         self.transport = None
@@ -445,6 +458,10 @@ class GrpcConnection(asyncio.Protocol):
         if stream_id != 0 or len(payload) % 6:
             raise _ConnectionError(PROTOCOL_ERROR, "bad SETTINGS")
         if flags & ACK:
+            if payload:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self._limits_sent:
+                self.max_streams = self._limits_sent.popleft()
             return
         for offset in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HL", payload, offset)
@@ -493,7 +510,7 @@ class GrpcConnection(asyncio.Protocol):
             if stream_id % 2 == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "a client stream id must be odd")
             self.last_stream = stream_id
-            if self.going_away or len(self.streams) >= self.server.max_concurrent_streams:
+            if self.going_away or len(self.streams) >= self.max_streams:
                 self._reset(stream_id, REFUSED_STREAM)
                 return
             if self.streams:
@@ -630,16 +647,23 @@ class GrpcConnection(asyncio.Protocol):
     def _hold(self) -> None:
         """A call refused for overload: while the loop is overrun, a connection that sends
         one call at a time is not read for a while (its next call waits in the kernel), as
-        HTTP holds a refused connection. One that multiplexes (a pool, a proxy, an open
-        loop), seen by a call sent while another was open, here or already read behind
-        this one, is read on: holding it would stall every call it sends meanwhile and
-        release them as one burst (an open loop of 16 such connections served a quarter of
-        capacity once its connections were held between their calls). The hold never
-        exceeds the refusal's ``grpc-retry-pushback-ms``."""
+        HTTP holds a refused connection; one that multiplexes is throttled instead. The
+        hold never exceeds the refusal's ``grpc-retry-pushback-ms``.
+
+        A connection multiplexes (a pool, a proxy, an open loop) when it sent a call while
+        another was open, here or already read behind this one. Not reading it would stall
+        every call it sends meanwhile and release them as one burst (an open loop of 16
+        such connections served a quarter of capacity once they were held between their
+        calls), so its SETTINGS lower its stream limit to the calls it has open (at least
+        one) for the hold: a client that honours the limit, as HTTP/2 clients must, sends
+        a call as one of its calls ends and queues the rest, as a held HTTP client's
+        requests wait for its connection, instead of having half of them refused."""
         buf, at = self.buffer, self._next_frame
         if not self.multiplexing and len(buf) - at >= 9 and buf[at + 3] == HEADERS:
             self.multiplexing = True
         if self.streams or self.multiplexing:
+            if self.transport is not None:
+                self._throttle_streams()
             return
         hold = self.server.overload.hold()
         if hold and self.transport is not None and self._release is None:
@@ -647,6 +671,43 @@ class GrpcConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self._release = self.loop.call_later(hold, self._resume)
             self.server.overload.held += 1
+
+    def _throttle_streams(self) -> None:
+        """While the loop is overrun, a refused call lowers the connection's stream limit to
+        the calls it has open (at least one) for a hold, then the limit doubles every
+        eighth of a hold back to the server's: a client queueing calls behind the limit
+        (an open loop's backlog) would send them all at once if it came back in one step,
+        and most of such a burst is refused."""
+        hold = self.server.overload.hold()  # counted whatever is done with it
+        open_now = max(1, len(self.streams))
+        if not hold or (self._throttle is not None and open_now >= self._limit_said):
+            return  # not overrun, or already held down at least as far
+        if self._throttle is None:
+            self.server.overload.throttled += 1
+        else:
+            self._throttle.cancel()
+        self._limit_streams(open_now)
+        self._throttle = self.loop.call_later(hold, self._raise_limit, hold / 8)
+
+    def _limit_streams(self, limit: int) -> None:
+        """Say a new SETTINGS_MAX_CONCURRENT_STREAMS; it is in force once acknowledged
+        (RFC 9113 6.5.3: until then the peer may still open streams up to the old one)."""
+        self._limit_said = limit
+        self._limits_sent.append(limit)
+        self._write(_frame(SETTINGS, 0, 0, struct.pack(">HL", _SETTINGS_MAX_STREAMS, limit)))
+
+    def _raise_limit(self, step_s: float) -> None:
+        self._throttle = None
+        if self.transport is None or self.transport.is_closing():
+            self.server.overload.throttled -= 1
+            return
+        full = self.server.max_concurrent_streams
+        limit = min(full, 2 * self._limit_said)
+        self._limit_streams(limit)
+        if limit < full:
+            self._throttle = self.loop.call_later(step_s, self._raise_limit, step_s)
+        else:
+            self.server.overload.throttled -= 1
 
     def _resume(self) -> None:
         self._release = None

@@ -406,8 +406,70 @@ def test_a_refused_call_holds_its_connection_while_storming_unless_it_multiplexe
             assert connection.paused is held
             assert connection.multiplexing is not held
             assert overload.held == int(held)
+            assert overload.throttled == int(not held)  # its stream limit lowered instead
             if case == "one behind":  # read on at once: the call behind is answered
                 assert status(await asyncio.wait_for(client.answer(9), 0.2)) == ("0", None)
+
+    run(scenario)
+    overload._loop.close()
+
+
+def test_a_multiplexing_connection_refused_while_storming_gets_a_lower_stream_limit() -> None:
+    """While the loop is overrun, a refused call on a connection that multiplexes lowers
+    the connection's SETTINGS_MAX_CONCURRENT_STREAMS to the calls it has open (at least
+    one) for the hold: in force once the client acknowledges it (a stream past it is
+    refused with REFUSED_STREAM, one opened before the acknowledgement is served). Then
+    the limit doubles back to the server's own, so a client's queued calls do not all
+    come at once."""
+    overload = Overload(0.3)
+    overload._loop = asyncio.new_event_loop()
+    overload._storm_until = float("inf")
+
+    def admission(request: Any, metadata: Any) -> Any:
+        if request.model_name == "refuse":
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, "full", [("grpc-retry-pushback-ms", "1000")]
+        return None
+
+    async def limit_said(client: RawClient) -> int:
+        while True:
+            kind, flags, _, payload = await client.frame()
+            if kind == SETTINGS and not flags & 0x1:
+                key, value = struct.unpack(">HL", payload)
+                assert key == 0x3  # SETTINGS_MAX_CONCURRENT_STREAMS alone
+                return int(value)
+
+    async def scenario() -> None:
+        async with serving(overload=overload, admissions={ECHO: admission}) as (server, connect):
+            client = await connect()
+            await client.handshake()
+            assert client.settings[0x3] == 1024
+            client.call(1, grpc_message("slow"))  # open while the next two are sent
+            client.call(3, grpc_message("refuse"))
+            assert status(await client.answer(3)) == ("8", "full")
+            assert await limit_said(client) == 1  # the slow call
+            (connection,) = server.connections
+            assert overload.throttled == 1 and overload.held == 0 and not connection.paused
+            client.call(5, grpc_message())  # sent before the acknowledgement: served
+            assert status(await client.answer(5)) == ("0", None)
+            client.writer.write(frame(SETTINGS, 1, 0))  # the acknowledgement
+            await asyncio.sleep(0.05)
+            assert connection.max_streams == 1
+            client.call(7, grpc_message())  # the slow call is still open: one too many
+            assert (await client.answer(7))["reset"] == 7  # REFUSED_STREAM
+            # The hold (0.225-0.3 s) ends; the limit doubles every eighth of it after.
+            started = asyncio.get_running_loop().time()
+            limits = [await limit_said(client)]
+            assert overload.throttled == 1
+            while limits[-1] < 1024:
+                limits.append(await limit_said(client))
+            assert limits == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+            assert asyncio.get_running_loop().time() - started < 2.0
+            assert overload.throttled == 0
+            client.writer.write(frame(SETTINGS, 1, 0) * len(limits))
+            await asyncio.sleep(0.05)
+            assert connection.max_streams == 1024
+            client.call(9, grpc_message())  # beside the slow call again
+            assert status(await client.answer(9)) == ("0", None)
 
     run(scenario)
     overload._loop.close()

@@ -221,3 +221,45 @@ async def test_the_open_loop_opens_no_more_connections_than_its_pool_holds() -> 
     # 100 requests due in 0.25 s over 3 connections answering in 20 ms each: the last
     # waited for a connection far longer than one answer takes.
     assert max(v["max_ms"] for v in result["latency"].values()) > 200
+
+
+def test_the_grpc_open_loop_keeps_to_the_servers_stream_limit() -> None:
+    """When the server lowers SETTINGS_MAX_CONCURRENT_STREAMS (the gateway does, while
+    overrun), calls past the limit wait, oldest first, and go out as calls end or the
+    limit rises: as HTTP/2 clients queue, instead of opening streams the server refuses."""
+    import struct
+
+    from gateway.grpc.hpack import encode_headers
+
+    class Transport:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(bytes(data))
+
+    def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+        return loadgen._h2_frame(kind, flags, stream_id, payload)
+
+    def limit(streams: int) -> bytes:
+        return frame(0x4, 0, 0, struct.pack(">HL", 0x3, streams))
+
+    run = loadgen._GrpcOpenLoop("127.0.0.1", 1, b"\0\0\0\0\0")
+    clients = [loadgen._GrpcClient(run) for _ in range(2)]
+    for client in clients:
+        client.connection_made(Transport())  # type: ignore[arg-type]
+        client.data_received(limit(1))
+    run.clients = clients
+    for i, due in enumerate([1.0, 2.0, 3.0, 4.0]):
+        run.send(i, due)
+    run.flush()
+    assert [client.due for client in clients] == [{1: 1.0}, {1: 2.0}]
+    assert list(run.waiting) == [3.0, 4.0]
+    ok = encode_headers([(":status", "200"), ("grpc-status", "0")])
+    clients[0].data_received(frame(0x1, 0x5, 1, ok))  # its call ends: the oldest goes out
+    assert run.statuses == {"OK": 1}
+    assert clients[0].due == {3: 3.0} and list(run.waiting) == [4.0]
+    clients[1].data_received(limit(4))  # the limit rises: the last one goes out at once
+    assert clients[1].due == {1: 2.0, 3: 4.0} and not run.waiting
+    sent = b"".join(clients[1].transport.written)  # type: ignore[union-attr]
+    assert sent.count(run.header_block) == 2

@@ -109,6 +109,26 @@ def test_refusals_outnumbering_answers_are_a_storm_while_the_loop_is_on_time() -
     assert not open_loop.storming and open_loop.storms == 0
 
 
+def test_a_loop_that_never_rests_and_refuses_as_much_as_it_serves_is_a_storm() -> None:
+    """An open loop at twice capacity over multiplexed gRPC connections: every turn short
+    (no lag), about as many refused as served, and the loop's thread busy all the time.
+    Busy only half the time, or serving most of what it answers, it is not."""
+    cases = {"saturated": (1.0, 3, 3), "half busy": (0.5, 3, 3), "mostly served": (1.0, 3, 9)}
+    storms = {}
+    for name, (busy, refused, served) in cases.items():
+        cpu = [0.0]
+        overload = Overload(0.5, cpu_clock=lambda cpu=cpu: cpu[0])
+        loop = ticking(overload)
+        for _ in range(60):
+            for _ in range(refused):
+                overload.hold()
+            overload.answers += refused + served
+            cpu[0] += busy * overload.interval_s  # the loop's thread until the tick
+            tick(overload, loop, 0.0)
+        storms[name] = overload.storms
+    assert storms == {"saturated": 1, "half busy": 0, "mostly served": 0}
+
+
 def test_a_few_refusals_are_not_a_storm_whatever_the_ratio() -> None:
     overload = Overload(0.5)
     loop = ticking(overload)
