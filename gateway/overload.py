@@ -4,19 +4,21 @@ A closed-loop client that is refused sends its next request at once, so a crowd 
 fills the event loop with refusals: every batch completion and every admitted request's
 answer then waits behind them, and goodput collapses (2% of capacity at 256 clients on a
 model with an 8-request queue). While the loop is overrun, a connection refused for
-overload is not read again for ``hold_s`` (:mod:`gateway.http.protocol`), so its next
-request waits in the kernel, costing nothing.
+overload is not read again for ``hold_s`` (:mod:`gateway.http.protocol`,
+:mod:`gateway.grpc.transport`), so its next request waits in the kernel, costing nothing;
+a gRPC connection that multiplexes has its stream limit lowered instead.
 
 A crowd of new gRPC connections is read in slices: at most ``first_reads_per_turn`` new
 connections' first bytes a loop turn, the rest a millisecond later.
 
-Overrun is measured three ways, each at its own speed: the loop's lag (the median of a
+Overrun is measured four ways, each at its own speed: the loop's lag (the median of a
 100 ms window of ticks reaches a few ms: each turn is long, not one callback slow);
 refusals outnumbering what is served, five to one, over two windows or two 5 ms ticks
-running (a crowd whose turns stay short); and a herd within the one turn that reads it.
-Arrivals that merely exceed capacity (an open loop) refuse about as many as they serve and
-are not held unless the loop itself falls behind. Once storming, the state lasts while
-many connections are held (the crowd is still there) and ends soon after they leave.
+running (a crowd whose turns stay short); a herd within the one turn that reads it; and a
+loop whose thread never rests in a window while it refuses as much as it serves (an open
+loop at twice capacity, its turns short). Arrivals that merely exceed capacity, with the
+loop to spare, are not held. Once storming, the state lasts while many connections are
+held or throttled (the crowd is still there) and ends soon after they leave.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class Overload:
     lag of a ``sustain_s`` window reaches ``lag_threshold_s``, or two windows running each
     refused (at least ``min_refusals``) ``refusal_ratio`` times what they served, or two
     ticks running did (at least ``burst_refusals`` each), or, at once, the refusals since
-    the last tick did (at least ``herd_refusals``)."""
+    the last tick did (at least ``herd_refusals``), or a window's refusals (at least
+    ``min_refusals``) were at least what it served while the loop's thread was busy
+    ``busy_share`` of it (``cpu_clock``, the thread's CPU seconds)."""
 
     def __init__(
         self,
