@@ -73,7 +73,8 @@ class Overload:
         self._cpu_clock = cpu_clock
         """The loop thread's CPU seconds (read on the loop's thread, in its ticks)."""
         self.deferred_first_reads = 0
-        """New connections read a turn later than they arrived (:meth:`first_read_now`)."""
+        """New connections read a turn or more later than they arrived, each counted once
+        (:meth:`first_read_now`)."""
         self._first_reads = 0  # this turn's new connections read at once
         self._later_reads = 0  # and those put off before
         self.lag_s = 0.0
@@ -155,7 +156,7 @@ class Overload:
         else:
             self._first_reads += 1
             allowed = self._first_reads <= self.first_reads_per_turn
-        if not allowed:
+        if not allowed and not again:
             self.deferred_first_reads += 1
         return allowed
 

@@ -249,7 +249,7 @@ class GrpcConnection(asyncio.Protocol):
         self._limit_said = server.max_concurrent_streams  # the last stream limit sent
         self._next_frame = 0  # where the frame after the one being read starts
         self._release: asyncio.TimerHandle | None = None
-        self._deferred: asyncio.TimerHandle | None = None  # a first read put off
+        self.deferred = False  # its first read put off (:meth:`GrpcServer.put_off`)
         self._preface_timer: asyncio.TimerHandle | None = None
         self._gathering: list[bytes] | None = None  # writes held while frames are read
         self._peer: str | None = None
@@ -284,9 +284,6 @@ class GrpcConnection(asyncio.Protocol):
             self._release.cancel()
             self._release = None
             self.server.overload.held -= 1
-        if self._deferred is not None:
-            self._deferred.cancel()
-            self._deferred = None
         if self._throttle is not None:
             self._throttle.cancel()
             self._throttle = None
@@ -305,20 +302,19 @@ class GrpcConnection(asyncio.Protocol):
         self._read_frames()
 
     def _defer_first_read(self) -> None:
-        """A new connection past this loop turn's share of first reads is read a turn or
-        two later (:meth:`Overload.first_read_now`)."""
+        """A new connection past this loop turn's share of first reads waits in the
+        server's queue of them (:meth:`GrpcServer.put_off`)."""
         assert self.transport is not None
         if not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self._deferred = self.loop.call_later(_DEFER_S, self._first_read)
+        self.deferred = True
+        self.server.put_off(self)
 
-    def _first_read(self) -> None:
-        self._deferred = None
+    def first_read(self) -> None:
+        """Its turn came in the server's queue of first reads put off."""
+        self.deferred = False
         if self.transport is None or self.transport.is_closing():
-            return
-        if not self.server.overload.first_read_now(again=True):
-            self._defer_first_read()
             return
         self.paused = False
         self.transport.resume_reading()
@@ -866,8 +862,29 @@ class GrpcServer:
         self.stopping = False
         self.blocked_answers = 0
         """Answers that waited for the peer's flow-control window (for tests)."""
+        self._put_off: collections.deque[GrpcConnection] = collections.deque()
+        self._reading_put_off: asyncio.TimerHandle | None = None
         self._methods: dict[str, Any] = {}
         self._server: asyncio.Server | None = None
+
+    def put_off(self, connection: GrpcConnection) -> None:
+        """A new connection's first read, put off past its loop turn: read in order of
+        arrival, ``first_reads_per_turn`` of them a millisecond (one timer for all of them:
+        a timer each, re-armed each turn, had cost a crowd of 256 connections ~200 timer
+        callbacks a millisecond while it was read)."""
+        self._put_off.append(connection)
+        if self._reading_put_off is None:
+            loop = asyncio.get_running_loop()
+            self._reading_put_off = loop.call_later(_DEFER_S, self._read_put_off)
+
+    def _read_put_off(self) -> None:
+        self._reading_put_off = None
+        waiting = self._put_off
+        while waiting and self.overload.first_read_now(again=True):
+            waiting.popleft().first_read()
+        if waiting:
+            loop = asyncio.get_running_loop()
+            self._reading_put_off = loop.call_later(_DEFER_S, self._read_put_off)
 
     def method(self, path: str) -> Any:
         """The method handler for ``/package.Service/Method``, or None."""
@@ -896,6 +913,9 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         """Stop listening, let open calls finish for up to ``grace`` seconds, then close."""
         self.stopping = True
+        if self._reading_put_off is not None:
+            self._reading_put_off.cancel()
+            self._reading_put_off = None
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
