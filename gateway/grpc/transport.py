@@ -63,6 +63,7 @@ update per 2 MiB received, so large tensors flow without waiting for round trips
 _MAX_FRAME_IN = 1 << 20
 _MAX_HEADER_LIST = 64 << 10
 _DEFAULT_MAX_STREAMS = 1024
+_UNACKNOWLEDGED_LIMITS = 16  # stream limits sent and not acknowledged, past which none more
 _MAX_WINDOW = (1 << 31) - 1
 
 _GRPC_CONTENT_TYPE = "application/grpc"
@@ -249,7 +250,6 @@ class GrpcConnection(asyncio.Protocol):
         self._limit_said = server.max_concurrent_streams  # the last stream limit sent
         self._next_frame = 0  # where the frame after the one being read starts
         self._release: asyncio.TimerHandle | None = None
-        self.deferred = False  # its first read put off (:meth:`GrpcServer.put_off`)
         self._preface_timer: asyncio.TimerHandle | None = None
         self._gathering: list[bytes] | None = None  # writes held while frames are read
         self._peer: str | None = None
@@ -308,12 +308,10 @@ class GrpcConnection(asyncio.Protocol):
         if not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self.deferred = True
         self.server.put_off(self)
 
     def first_read(self) -> None:
         """Its turn came in the server's queue of first reads put off."""
-        self.deferred = False
         if self.transport is None or self.transport.is_closing():
             return
         self.paused = False
@@ -678,6 +676,8 @@ class GrpcConnection(asyncio.Protocol):
         open_now = max(1, len(self.streams))
         if not hold or (self._throttle is not None and open_now >= self._limit_said):
             return  # not overrun, or already held down at least as far
+        if len(self._limits_sent) > _UNACKNOWLEDGED_LIMITS:
+            return  # a peer that does not acknowledge SETTINGS is not sent more of them
         if self._throttle is None:
             self.server.overload.throttled += 1
         else:

@@ -475,6 +475,36 @@ def test_a_multiplexing_connection_refused_while_storming_gets_a_lower_stream_li
     overload._loop.close()
 
 
+def test_a_peer_that_never_acknowledges_settings_is_not_sent_limits_without_end() -> None:
+    """Throttling sends SETTINGS; a peer that never acknowledges them is not throttled
+    again once 16 are outstanding, so what the connection keeps for them stays bounded."""
+    overload = Overload(0.02)  # short holds: many throttle and raise cycles
+    overload._loop = asyncio.new_event_loop()
+    overload._storm_until = float("inf")
+
+    def admission(request: Any, metadata: Any) -> Any:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "full", [("grpc-retry-pushback-ms", "1000")]
+
+    async def scenario() -> None:
+        async with serving(overload=overload, admissions={ECHO: admission}) as (server, connect):
+            client = await connect()
+            await client.handshake()  # acknowledges the preface's SETTINGS, and no more
+            client.writer.write(  # two calls at once: it multiplexes
+                frame(HEADERS, 0x4, 1, request_headers()) + frame(DATA, 0x1, 1, grpc_message())
+                + frame(HEADERS, 0x4, 3, request_headers()) + frame(DATA, 0x1, 3, grpc_message())
+            )  # fmt: skip
+            for stream_id in range(5, 125, 2):
+                client.call(stream_id, grpc_message())
+                assert status(await client.answer(stream_id)) == ("8", "full")
+                await asyncio.sleep(0.01)
+            (connection,) = server.connections
+            assert connection.multiplexing
+            assert 0 < len(connection._limits_sent) <= 16 + 10  # a throttle, then its ramp
+
+    run(scenario)
+    overload._loop.close()
+
+
 def test_a_crowd_that_connects_at_once_is_read_in_slices_and_every_call_answered() -> None:
     """40 connections whose preface, SETTINGS and first call arrive together: a loop turn
     reads 4 of them (``first_reads_per_turn``), the rest a turn or more later; every call
