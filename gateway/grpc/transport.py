@@ -676,7 +676,7 @@ class GrpcConnection(asyncio.Protocol):
         open_now = max(1, len(self.streams))
         if not hold or (self._throttle is not None and open_now >= self._limit_said):
             return  # not overrun, or already held down at least as far
-        if len(self._limits_sent) > _UNACKNOWLEDGED_LIMITS:
+        if len(self._limits_sent) >= _UNACKNOWLEDGED_LIMITS:
             return  # a peer that does not acknowledge SETTINGS is not sent more of them
         if self._throttle is None:
             self.server.overload.throttled += 1
