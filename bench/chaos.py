@@ -34,9 +34,9 @@ The overload cases run ``--rounds`` rounds (6) per protocol of ``--phase`` secon
 load phase, each measuring the capacity right before its crowd and open loop (the speed of
 this shared machine drifts by a fifth within a minute, so a ratio compares phases seconds
 apart); a row's ratio is the rounds' median, and goodput is the model's own count of
-inferences in the middle of a phase (``steady_rate``), capacity and crowd alike. ``--pin`` puts
-the gateway on one core and the load generators on the others (``taskset``), as if they
-ran on separate machines; by default they share every core.
+inferences in the middle of a phase (``steady_rate``), capacity, crowd and open loop
+alike. ``--pin`` puts the gateway on one core and the load generators on the others
+(``taskset``), as if they ran on separate machines; by default they share every core.
 
 One case at a time with ``--case``; ``--duration`` sets the load phases' length.
 """
