@@ -247,7 +247,6 @@ class GrpcConnection(asyncio.Protocol):
         )
         """Stream limits sent in SETTINGS and not acknowledged yet, oldest first."""
         self._throttle: asyncio.TimerHandle | None = None  # raises a lowered stream limit
-        self._limit_said = server.max_concurrent_streams  # the last stream limit sent
         self._next_frame = 0  # where the frame after the one being read starts
         self._release: asyncio.TimerHandle | None = None
         self._preface_timer: asyncio.TimerHandle | None = None
@@ -685,10 +684,14 @@ class GrpcConnection(asyncio.Protocol):
         self._limit_streams(open_now)
         self._throttle = self.loop.call_later(hold, self._raise_limit, hold / 8)
 
+    @property
+    def _limit_said(self) -> int:
+        """The last stream limit sent, acknowledged or not."""
+        return self._limits_sent[-1] if self._limits_sent else self.max_streams
+
     def _limit_streams(self, limit: int) -> None:
         """Say a new SETTINGS_MAX_CONCURRENT_STREAMS; it is in force once acknowledged
         (RFC 9113 6.5.3: until then the peer may still open streams up to the old one)."""
-        self._limit_said = limit
         self._limits_sent.append(limit)
         self._write(_frame(SETTINGS, 0, 0, struct.pack(">HL", _SETTINGS_MAX_STREAMS, limit)))
 
