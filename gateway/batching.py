@@ -34,6 +34,7 @@ from gateway.errors import (
     ServerShuttingDown,
     TurnoutError,
 )
+from gateway.precise_timer import PreciseTimer
 from gateway.settings import ModelConfig
 from turnout_contract.records import BatchTensors, BatchTiming, Placement, Tensors
 
@@ -111,8 +112,9 @@ class Batcher:
         self._batch_s = float("inf")  # a batch's time, a moving average (unknown: long)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None  # dispatches a batch whose delay is over
-        self._timer_at = 0.0
+        # Dispatches a batch whose delay is over. Precise: the delay is often under the
+        # loop's millisecond, which a plain loop timer would spin on.
+        self._timer: PreciseTimer | None = None
         self._dispatch_due = False
         self._batch_tasks: set[asyncio.Task[None]] = set()
         # One timer for every request's deadline, not one each: (deadline, seq, request),
@@ -289,17 +291,12 @@ class Batcher:
                 self._start(batch)
 
     def _wake_at(self, due: float) -> None:
-        if self._timer is not None and self._timer_at <= due:
+        if self._timer is None:
+            assert self._loop is not None
+            self._timer = PreciseTimer(self._loop, self._dispatch)
+        elif self._timer.due is not None and self._timer.due <= due:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-        assert self._loop is not None
-        self._timer_at = due
-        self._timer = self._loop.call_later(due - time.perf_counter(), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch()
+        self._timer.arm(due)
 
     def _full_enough(self) -> bool:
         rows = self._queued_rows
@@ -475,7 +472,7 @@ class Batcher:
         while (self._queue or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._timer is not None:
-            self._timer.cancel()
+            self._timer.close()
             self._timer = None
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
