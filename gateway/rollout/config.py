@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AccuracyGate",
@@ -58,6 +58,16 @@ class LatencyGate(_Section):
             raise ValueError("quantiles must be in (0, 1)")
         return quantiles
 
+    @model_validator(mode="after")
+    def _check_slack(self) -> LatencyGate:
+        # "No worse" tests the share above the threshold against 1 - q + slack, a rate
+        # that must stay under 1 for every quantile.
+        if self.slack >= min(self.quantiles):
+            raise ValueError(
+                f"slack ({self.slack}) must be below the smallest quantile ({min(self.quantiles)})"
+            )
+        return self
+
 
 class DriftGate(_Section):
     """Prediction drift: the canary's output means against the stable version's."""
@@ -90,7 +100,9 @@ class AccuracyGate(_Section):
 class Guards(_Section):
     """Absolute limits, whatever the stable version does."""
 
-    max_error_rate: float = Field(default=0.2, gt=0, le=1)
+    max_error_rate: float = Field(default=0.2, gt=0, lt=1)
+    """The ceiling on the canary's error rate, proven above it to roll back (below 1: no
+    rate can be proven above 1)."""
     p99_ceiling_ms: float | None = Field(default=None, gt=0)
     consecutive_failures: int = Field(default=5, ge=1)
     """The trip-wire: this many failed canary requests in a row roll back at once."""

@@ -135,7 +135,12 @@ class RolloutController:
         for model, policy in self.store.all().items():
             state = rollout_state(policy)
             if state is not None and state.phase in ACTIVE:
-                await self._tick_model(model, policy, state)
+                try:
+                    await self._tick_model(model, policy, state)
+                except Exception:
+                    # One model's failure is logged each tick; every other model's rollout
+                    # goes on (one raising model had stopped every rollout's ticks).
+                    log.exception("rollout of '%s': the tick failed", model)
                 continue
             experiment = policy.experiment
             if experiment is not None and experiment.get("phase") == "running":

@@ -68,6 +68,7 @@ __all__ = [
     "ab_lift_batch",
     "bernoulli_variance",
     "default_exceedance_prior",
+    "default_slack",
     "error_rate_difference",
     "error_rate_difference_batch",
     "exceedance_rate",
@@ -587,6 +588,12 @@ def default_exceedance_prior(bound: float) -> tuple[float, float]:
     return 1.0, (1.0 - mean) / mean
 
 
+def default_slack(bound: float) -> float:
+    """``min(bound, (1 - bound) / 2)``: "no worse" proves the rate below twice the bound, or,
+    for bounds of 1/3 and up (where twice is 2/3 or more), below halfway from it to 1."""
+    return min(bound, 0.5 * (1.0 - bound))
+
+
 def exceedance_rate_batch(
     exceedances: npt.ArrayLike,
     n: npt.ArrayLike,
@@ -601,7 +608,7 @@ def exceedance_rate_batch(
     _check_alpha(alpha)
     if not 0.0 < bound < 1.0:
         raise ValueError("bound must be in (0, 1)")
-    slack_ = bound if slack is None else slack
+    slack_ = default_slack(bound) if slack is None else slack
     upper_null = bound + slack_
     if not (slack_ >= 0.0 and upper_null < 1.0):
         raise ValueError("need slack >= 0 and bound + slack < 1")
@@ -654,7 +661,8 @@ def exceedance_rate(
 
     "No worse" is the mirror image: H0: ``p >= p0 + slack`` is rejected when ``m_n /
     max_{p >= p0 + slack} L_n(p) >= 1/alpha``, with the same mixture. ``slack`` defaults to
-    ``bound`` ("no_worse" proves the rate is below twice the bound). ``prior`` ``(a, b)``
+    :func:`default_slack` (``bound`` below 1/3: "no_worse" proves the rate is below twice
+    the bound). ``prior`` ``(a, b)``
     defaults to :func:`default_exceedance_prior`. ``min_n`` is not needed for validity; it
     only holds decisions back.
     """

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from gateway.rollout import controller as controller_module
 from gateway.rollout.config import RolloutConfig
-from gateway.rollout.controller import decide
+from gateway.rollout.controller import RolloutController, decide
 from gateway.rollout.evidence import Evidence, VersionEvidence
 from gateway.rollout.gates import Accuracy, InputDrift, evaluate
-from gateway.rollout.state import RolloutState
+from gateway.rollout.state import ACTIVE, RolloutState
 from gateway.routing.store import PolicyStore
 from turnout_contract.records import SERVER, BatchTensors, BatchTiming, RequestRecord
 from turnout_contract.trace import TraceContext
@@ -95,6 +97,37 @@ def test_each_kind_of_bad_canary_fails_its_gate() -> None:
     for _ in range(5):
         tripped.add(record(1, 500))
     assert verdicts(config, stable, tripped)["trip_wire"] == "fail"
+
+
+def test_a_ceiling_of_half_or_more_is_evaluated_not_raised() -> None:
+    """Every ceiling the config accepts evaluates: the exceedance test's "no worse" null sat
+    at twice the ceiling, so from 0.5 up each evaluation raised and the rollout never moved."""
+    stable = filled(3000)
+    for ceiling in (0.5, 0.8, 0.99):
+        config = RolloutConfig(guards={"max_error_rate": ceiling})
+        assert verdicts(config, stable, filled(400, errors=40))["max_error_rate"] == "pass"
+    assert (
+        verdicts(RolloutConfig(guards={"max_error_rate": 0.5}), stable, filled(400, errors=360))[
+            "max_error_rate"
+        ]
+        == "fail"
+    )
+    slow = RolloutConfig(latency={"quantiles": [0.5], "slack": 0.45})
+    assert verdicts(slow, stable, filled(200, total_s=0.04))["latency_p50"] == "fail"
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "named"),
+    [
+        ("guards", {"max_error_rate": 1.0}, "max_error_rate"),
+        ("latency", {"quantiles": [0.5, 0.99], "slack": 0.5}, "slack"),
+    ],
+)
+def test_a_gate_that_could_not_be_evaluated_is_refused_with_its_field(
+    section: str, value: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ValidationError, match=named):
+        RolloutConfig.model_validate({section: value})
 
 
 def test_little_evidence_holds() -> None:
@@ -190,3 +223,27 @@ def test_one_lease_holder_until_it_expires(tmp_path: Path) -> None:
     time.sleep(0.35)  # the holder stopped renewing: its lease runs out
     assert other.acquire_lease("rollout:m", "b", 0.3) == "b"
     assert other.acquire_lease("rollout:other", "b", 0.3) == "b"
+
+
+async def test_one_model_whose_tick_fails_does_not_stop_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Store:
+        def all(self) -> dict[str, object]:
+            return {"broken": object(), "fine": object()}
+
+    active = state()
+    assert active.phase in ACTIVE
+    monkeypatch.setattr(controller_module, "rollout_state", lambda policy: active)
+    controller = RolloutController(Store(), Evidence())  # type: ignore[arg-type]
+    ticked: list[str] = []
+
+    async def tick_model(model: str, policy: object, state: RolloutState) -> None:
+        ticked.append(model)
+        if model == "broken":
+            raise ValueError("a gate could not be evaluated")
+
+    monkeypatch.setattr(controller, "_tick_model", tick_model)
+    await controller.tick()
+    assert ticked == ["broken", "fine"]
+    assert "rollout of 'broken': the tick failed" in caplog.text

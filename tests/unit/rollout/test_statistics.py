@@ -36,6 +36,7 @@ from gateway.rollout.statistics import (
     ab_lift_batch,
     bernoulli_variance,
     default_exceedance_prior,
+    default_slack,
     error_rate_difference,
     error_rate_difference_batch,
     exceedance_rate,
@@ -265,6 +266,13 @@ def test_exceedance_decisions_and_latency_wrapper() -> None:
     assert latency_exceedance(10, 3000, quantile=0.99).decision is Decision.NO_WORSE
     with pytest.raises(ValueError):
         exceedance_rate(1, 10, 0.6, slack=0.5)
+    # The default slack keeps the upper null under 1 for every bound in (0, 1).
+    assert [default_slack(b) for b in (0.01, 0.2, 0.5, 0.9)] == pytest.approx(
+        [0.01, 0.2, 0.25, 0.05]
+    )
+    assert exceedance_rate(90, 100, 0.5).decision is Decision.WORSE
+    assert exceedance_rate(40, 1000, 0.5).decision is Decision.NO_WORSE  # below 0.75
+    assert exceedance_rate(1, 10, 0.95).decision is Decision.NO_WORSE  # below 0.975
     with pytest.raises(ValueError):
         latency_exceedance(1, 10, quantile=1.0)
 
