@@ -115,8 +115,9 @@ class RolloutConfig(_Section):
     """Shortest time a step lasts."""
     min_requests: int = Field(default=200, ge=1)
     """Fewest canary requests a step needs before it may advance."""
-    alpha: float = Field(default=0.05, gt=0, lt=1)
-    """Error rate of each sequential test, valid under continuous monitoring."""
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    """Error rate of each sequential test, valid under continuous monitoring (below 0.5,
+    which the tests need: a larger one would make every evaluation raise)."""
     pause_after_s: float = Field(default=300.0, gt=0)
     """A step that cannot decide (no traffic, no labels) this long is paused with a reason."""
     tick_s: float = Field(default=0.25, gt=0, le=5)

@@ -33,7 +33,7 @@ class ExperimentState(BaseModel):
     split: list[int]
     """Percent of traffic per arm, summing to 100."""
     metric: Metric = "accuracy"
-    alpha: float = Field(default=0.05, gt=0, lt=1)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)  # as the sequential tests need
     tau: float = Field(default=0.05, gt=0)
     """Mixing scale of the lift's mSPRT: about the smallest difference worth finding fast."""
     equivalence_margin: float = Field(default=0.01, ge=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -121,10 +120,11 @@ def test_a_ceiling_of_half_or_more_is_evaluated_not_raised() -> None:
     [
         ("guards", {"max_error_rate": 1.0}, "max_error_rate"),
         ("latency", {"quantiles": [0.5, 0.99], "slack": 0.5}, "slack"),
+        ("alpha", 0.5, "alpha"),
     ],
 )
 def test_a_gate_that_could_not_be_evaluated_is_refused_with_its_field(
-    section: str, value: dict[str, Any], named: str
+    section: str, value: object, named: str
 ) -> None:
     with pytest.raises(ValidationError, match=named):
         RolloutConfig.model_validate({section: value})

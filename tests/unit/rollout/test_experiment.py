@@ -57,3 +57,8 @@ def test_the_state_validates_arms_and_split() -> None:
     for fields in ({"arms": [1, 1]}, {"split": [50]}, {"split": [70, 40]}, {"arms": [1]}):
         with pytest.raises(ValidationError):
             state(**fields)
+    # An alpha the sequential tests cannot take is refused up front, not at every evaluation.
+    with pytest.raises(ValidationError, match="alpha"):
+        state(alpha=0.5)
+    high = state(alpha=0.49)
+    assert evaluate_experiment(high, [100, 100], [rate(80, 100), rate(90, 100)])["decision"]
