@@ -3,9 +3,7 @@
 uvloop's timers count whole milliseconds: ``call_later`` rounds a delay to the nearest one
 and runs a delay under half a millisecond at the loop's next turn. A batcher waiting 500 us
 for a partial batch to fill therefore re-armed its timer every turn until due, spinning the
-loop (its dispatch ran 262 times for one request in a unit test): with one client
-(``hey -c 1``, the bench's MLP) the gateway spent 1,020-1,100 us of CPU per request,
-706-775 us with this timer.
+loop (its dispatch ran 262 times for one request in a unit test).
 
 On Linux a timerfd (``timerfd_create(2)``, called through ctypes: ``os`` has it from Python
 3.13) becomes readable at the instant asked and wakes the loop's poll then, at the cost of a
@@ -23,8 +21,8 @@ What is left of the trade, measured with ``python -m bench.revisions --base 7904
 --concurrency 1 2 4 16`` (the spinning batcher against this one, six alternating rounds):
 CPU per request 910 -> 496 us with one client, 463 -> 323 with two, 257 -> 226 with four;
 req/s 0.95-0.99 of the spinning loop's (paired medians), whose busy polling reads arrivals
-sooner. On a machine with cores to spare for polling the old trade might be the better one;
-on a shared one a core is not ours to burn.
+sooner. Where a core can be spent on polling, the spinning loop's trade may be the better
+one; where the gateway shares its cores with replicas or clients, it is not.
 """
 
 from __future__ import annotations
@@ -84,8 +82,7 @@ class PreciseTimer:
 
     ``arm`` replaces the instant armed before; ``due`` is the instant armed, None when the
     timer is idle. The callback runs on the loop, once per arming, once ``due`` has come.
-    ``close`` releases the timerfd; a timer dropped without it releases it
-    when collected.
+    ``close`` releases the timerfd; a timer dropped without it releases it when collected.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

@@ -662,9 +662,8 @@ def exceedance_rate(
     "No worse" is the mirror image: H0: ``p >= p0 + slack`` is rejected when ``m_n /
     max_{p >= p0 + slack} L_n(p) >= 1/alpha``, with the same mixture. ``slack`` defaults to
     :func:`default_slack` (``bound`` below 1/3: "no_worse" proves the rate is below twice
-    the bound). ``prior`` ``(a, b)``
-    defaults to :func:`default_exceedance_prior`. ``min_n`` is not needed for validity; it
-    only holds decisions back.
+    the bound). ``prior`` ``(a, b)`` defaults to :func:`default_exceedance_prior`. ``min_n``
+    is not needed for validity; it only holds decisions back.
     """
     batch = exceedance_rate_batch(
         exceedances, n, bound, slack=slack, alpha=alpha, prior=prior, min_n=min_n
