@@ -61,10 +61,11 @@ class LatencyGate(_Section):
     @model_validator(mode="after")
     def _check_slack(self) -> LatencyGate:
         # "No worse" tests the share above the threshold against 1 - q + slack, a rate
-        # that must stay under 1 for every quantile.
-        if self.slack >= min(self.quantiles):
+        # that must stay under 1 for every quantile (by a margin rounding cannot eat).
+        q = min(self.quantiles)
+        if (1.0 - q) + self.slack > 0.999:
             raise ValueError(
-                f"slack ({self.slack}) must be below the smallest quantile ({min(self.quantiles)})"
+                f"slack ({self.slack}) must be at most the smallest quantile ({q}) less 0.001"
             )
         return self
 
@@ -100,9 +101,9 @@ class AccuracyGate(_Section):
 class Guards(_Section):
     """Absolute limits, whatever the stable version does."""
 
-    max_error_rate: float = Field(default=0.2, gt=0, lt=1)
-    """The ceiling on the canary's error rate, proven above it to roll back (below 1: no
-    rate can be proven above 1)."""
+    max_error_rate: float = Field(default=0.2, gt=0, le=0.99)
+    """The ceiling on the canary's error rate, proven above it to roll back (at most 0.99:
+    no rate can be proven above 1, and the test's prior degenerates next to it)."""
     p99_ceiling_ms: float | None = Field(default=None, gt=0)
     consecutive_failures: int = Field(default=5, ge=1)
     """The trip-wire: this many failed canary requests in a row roll back at once."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.rollout import controller as controller_module
@@ -247,3 +249,68 @@ async def test_one_model_whose_tick_fails_does_not_stop_the_others(
     await controller.tick()
     assert ticked == ["broken", "fine"]
     assert "rollout of 'broken': the tick failed" in caplog.text
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> RolloutConfig:
+    """Any rollout config the schema accepts, with extreme values likelier than usual."""
+
+    def unit(*, low: float = 0.0, high: float = 1.0, lows: bool = True) -> float:
+        return draw(st.floats(low, high, exclude_min=not lows, exclude_max=high < 1.0 or not lows))
+
+    quantiles = draw(st.lists(st.floats(0.001, 1 - 1e-6), min_size=1, max_size=3))
+    return RolloutConfig.model_validate(
+        {
+            "alpha": draw(st.floats(1e-9, 0.5, exclude_max=True)),
+            "error_rate": {
+                "margin": unit(),
+                "tolerance": unit(lows=False),
+                "tau": draw(st.floats(1e-9, 1e6)),
+            },
+            "latency": {
+                "quantiles": quantiles,
+                "margin_ms": draw(st.floats(0, 1e6)),
+                "slack": draw(st.floats(0, min(min(quantiles) - 0.001, 0.5))),
+            },
+            "drift": {
+                "margin_sd": draw(st.floats(1e-9, 1e6)),
+                "tau_sd": draw(st.floats(1e-9, 1e6)),
+            },
+            "accuracy": {"margin": unit(), "tau": draw(st.floats(1e-9, 1e6))},
+            "guards": {
+                "max_error_rate": draw(st.floats(1e-9, 0.99)),
+                "p99_ceiling_ms": draw(st.none() | st.floats(1e-6, 1e6)),
+                "consecutive_failures": draw(st.integers(1, 1000)),
+            },
+        }
+    )
+
+
+EVIDENCE = {
+    "none": lambda: VersionEvidence(),
+    "few": lambda: filled(3, errors=1),
+    "healthy": lambda: filled(400),
+    "failing": lambda: filled(200, errors=200),
+    "slow": lambda: filled(300, total_s=0.5),
+    "drifted": lambda: filled(300, y=5.0),
+}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    config=configs(),
+    stable=st.sampled_from(sorted(EVIDENCE)),
+    canary=st.sampled_from(sorted(EVIDENCE)),
+    accuracy=st.none() | st.tuples(st.integers(0, 500), st.integers(0, 500)),
+)
+def test_every_config_the_schema_accepts_evaluates_without_raising(
+    config: RolloutConfig, stable: str, canary: str, accuracy: tuple[int, int] | None
+) -> None:
+    """A config that passed validation must never make a gate raise at evaluation: that
+    stalls the rollout (a ceiling of 0.5 or more once did, on every tick)."""
+    counts = None
+    if accuracy is not None:
+        counts = (Accuracy(500, accuracy[0]), Accuracy(500, accuracy[1]))
+    gates = evaluate(config, EVIDENCE[stable](), EVIDENCE[canary](), counts)
+    assert {g.decision for g in gates} <= {"pass", "hold", "fail"}
+    assert [g.name for g in gates][:2] == ["trip_wire", "max_error_rate"]
