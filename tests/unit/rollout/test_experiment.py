@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.rollout.experiment import ArmOutcome, ExperimentState, evaluate_experiment
@@ -62,3 +64,47 @@ def test_the_state_validates_arms_and_split() -> None:
         state(alpha=0.5)
     high = state(alpha=0.49)
     assert evaluate_experiment(high, [100, 100], [rate(80, 100), rate(90, 100)])["decision"]
+
+
+@st.composite
+def experiments(draw: st.DrawFn) -> ExperimentState:
+    """Any experiment the schema accepts: 2-4 arms, any split, alpha, tau and margin."""
+    arms = draw(st.integers(2, 4))
+    cuts = sorted(draw(st.sets(st.integers(1, 99), min_size=arms - 1, max_size=arms - 1)))
+    split = [b - a for a, b in zip([0, *cuts], [*cuts, 100], strict=True)]
+    return state(
+        arms=list(range(1, arms + 1)),
+        split=split,
+        alpha=draw(st.floats(1e-9, 0.5, exclude_max=True)),
+        tau=draw(st.floats(1e-9, 1e6)),
+        equivalence_margin=draw(st.floats(0, 1e3)),
+    )
+
+
+@st.composite
+def outcomes(draw: st.DrawFn) -> ArmOutcome | None:
+    n = draw(st.integers(0, 5000))
+    if draw(st.booleans()):  # labels: a share of correct answers
+        return rate(draw(st.integers(0, n)), n) if n else draw(st.none() | st.just(rate(0, 1)))
+    mean = draw(st.floats(-1e6, 1e6))
+    return draw(st.none()) if n == 0 else ArmOutcome(n, mean, draw(st.floats(0, 1e6)))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(experiment=experiments(), data=st.data())
+def test_every_experiment_the_schema_accepts_evaluates_without_raising(
+    experiment: ExperimentState, data: st.DataObject
+) -> None:
+    """Whatever was accepted at the start, and whatever feedback arrives, the status reads
+    a decision instead of raising (a raise would break every read of the experiment)."""
+    arms = len(experiment.arms)
+    assigned = data.draw(st.lists(st.integers(0, 100_000), min_size=arms, max_size=arms))
+    found = data.draw(st.lists(outcomes(), min_size=arms, max_size=arms))
+    result = evaluate_experiment(experiment, assigned, found)
+    assert len(result["arms"]) == arms
+    assert result["decision"] in {
+        "sample_ratio_mismatch",
+        "keep_running",
+        "control wins",
+        "no_difference",
+    } or result["decision"].startswith("winner: ")
