@@ -15,6 +15,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.batching import Batcher, Tensors
 from gateway.errors import (
@@ -614,6 +616,79 @@ def test_a_partial_batch_waits_without_spinning_the_loop() -> None:
         assert time.perf_counter() - started >= 400e-6
         assert dispatch.call_count <= 3  # arrival, timer, the batch's end
         await batcher.close(drain_timeout_s=2)
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@st.composite
+def batching_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """Any per-model batching knobs the schema accepts, small enough to run quickly."""
+    max_batch = draw(st.integers(0, 8))
+    preferred = draw(st.lists(st.integers(1, max(max_batch, 1)), max_size=3)) if max_batch else []
+    return {
+        "max_batch_size": max_batch,
+        "preferred_batch_sizes": preferred,
+        "max_queue_delay_us": draw(st.sampled_from([0, 100, 500, 2000])),
+        "max_queue_size": draw(st.integers(1, 12)),
+        "max_inflight_batches": draw(st.none() | st.integers(1, 3)),
+    }
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    knobs=batching_configs(),
+    batchable=st.booleans(),
+    replicas=st.integers(1, 3),
+    requests=st.lists(
+        st.tuples(st.integers(1, 10), st.sampled_from([2, 3]), st.booleans(), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_any_config_answers_every_request_with_its_rows_or_a_clear_refusal(
+    knobs: dict[str, Any],
+    batchable: bool,
+    replicas: int,
+    requests: list[tuple[int, int, bool, bool]],
+) -> None:
+    """Whatever the knobs and whatever arrives (rows, inner widths that cannot share a call,
+    arrivals together or a turn apart, some with a deadline already short), every request
+    ends: its own rows doubled, or InvalidInput (more rows than a batch), QueueFull or
+    DeadlineExceeded. No batch passes ``max_batch_size`` rows; unbatched, a call carries one
+    request."""
+
+    async def main() -> None:
+        model = FakeModel()
+        config = ModelConfig(**knobs)
+        batcher = Batcher("m/1", model, config, batchable=batchable, replicas=replicas)
+        batcher.start()
+        tasks: list[tuple[Tensors, asyncio.Task[Tensors]]] = []
+        for i, (rows, width, later, short) in enumerate(requests):
+            if later:
+                await asyncio.sleep(0)
+            request = rows_of(*range(i * 10, i * 10 + rows), width=width)
+            timeout = 1e-4 if short else None
+            tasks.append((request, asyncio.create_task(batcher.submit(request, rows, timeout))))
+        await asyncio.wait([t for _, t in tasks], timeout=10)
+        for request, task in tasks:
+            assert task.done(), "a request never ended"
+            error = task.exception()
+            if error is None:
+                check_answer(request, task.result())
+            else:
+                assert isinstance(error, InvalidInput | QueueFull | DeadlineExceeded), error
+        for call in model.seen:
+            owners = {int(v) // 10 for v in call["x"][:, 0]}  # request i's rows are i*10+
+            if batchable and config.max_batch_size:
+                assert len(call["x"]) <= config.max_batch_size
+            else:
+                assert len(owners) == 1  # one request per call
+        await batcher.close(drain_timeout_s=2)
+        assert batcher.queue_depth == 0
 
     loop = uvloop.new_event_loop()
     try:
