@@ -219,7 +219,7 @@ class ServerSettings(BaseSettings):
     time; 8 took gRPC from about 0.5x to 0.7-0.8x of HTTP's req/s (docs/architecture.md).
     The calls of one connection all go to one server."""
 
-    overload_hold_ms: int = Field(default=500, ge=0, le=1000)
+    overload_hold_ms: int = Field(default=1000, ge=0, le=1000)
     """While the event loop is overrun by refusals, an HTTP connection refused for overload
     (429), or a gRPC connection that sends one call at a time (RESOURCE_EXHAUSTED), is not
     read again for this long, so closed-loop clients retrying at once cannot starve

@@ -52,7 +52,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "grpc_max_concurrent_streams": None,
         "grpc_transport": "turnout",
         "grpc_servers": 8,
-        "overload_hold_ms": 500,
+        "overload_hold_ms": 1000,
         "http_head_timeout_s": 10.0,
         "overload_lag_ms": 3.0,
         "drain_timeout_s": 30.0,
