@@ -331,13 +331,28 @@ def probes_ok_rate(*documents: dict[str, Any], ok: str, seconds: float) -> float
     return float(sum(d["statuses"].get(ok, 0) for d in documents)) / seconds
 
 
+def http_capacity(ws: Workspace, http: int) -> tuple[float, float]:
+    """What 8 closed-loop HTTP clients get in a phase: by the model's count in its middle,
+    and by hey's own rate."""
+    load = hey_start(f"http://127.0.0.1:{http}{INFER}", ws.json_body, ws.phase, 8)
+    capacity = steady_rate(http, ws.phase)
+    return capacity, hey_result(load, ws.phase).rps
+
+
+def http_open_loop(ws: Workspace, http: int, rate: float) -> tuple[float, dict[str, Any]]:
+    """The HTTP open loop at ``rate`` for a phase: the model's goodput in its middle, and
+    the generator's document."""
+    generator = loadgen("open", "--address", f"127.0.0.1:{http}", "--body", str(ws.json_body),
+                        "--duration", str(ws.phase), "--rate", f"{rate:.0f}")  # fmt: skip
+    goodput = steady_rate(http, ws.phase)
+    return goodput, finished(generator)
+
+
 def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
     d = ws.phase
     url = f"http://127.0.0.1:{http}{INFER}"
     address = f"127.0.0.1:{http}"
-    load = hey_start(url, ws.json_body, d, 8)
-    capacity = steady_rate(http, d)
-    capacity_hey = hey_result(load, d).rps
+    capacity, capacity_hey = http_capacity(ws, http)
     console.print(f"capacity (8 closed-loop HTTP clients): {capacity:.0f} req/s")
     time.sleep(0.5)
     load = hey_start(url, ws.json_body, d, 256)
@@ -385,10 +400,7 @@ def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
     )
     time.sleep(3)
     rate = 2 * capacity
-    generator = loadgen("open", "--address", address, "--body", str(ws.json_body),
-                        "--duration", str(d), "--rate", f"{rate:.0f}")  # fmt: skip
-    goodput = steady_rate(http, d)
-    open_loop = finished(generator)
+    goodput, open_loop = http_open_loop(ws, http, rate)
     opened = open_loop_row("overload-open-http", open_loop, "200", "429", capacity, rate, goodput)
     time.sleep(1)
     return closed, opened

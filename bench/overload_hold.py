@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.chaos import INFER, OVERLOADED, Workspace, finished, loadgen, steady_rate
+from bench.chaos import INFER, OVERLOADED, Workspace, http_capacity, http_open_loop
 from bench.harness import (
     RESULTS_DIR,
     Server,
@@ -27,8 +27,6 @@ from bench.harness import (
     console,
     exit_on_sigterm,
     fmt,
-    hey_result,
-    hey_start,
     machine_info,
     new_table,
     run_hey,
@@ -39,15 +37,10 @@ from bench.models import build_repository
 
 def open_loop_round(ws: Workspace, http: int) -> dict[str, Any]:
     """One round on one gateway: its capacity, then the open loop at twice it."""
-    url = f"http://127.0.0.1:{http}{INFER}"
-    load = hey_start(url, ws.json_body, ws.phase, 8)
-    capacity = steady_rate(http, ws.phase)
-    hey_result(load, ws.phase)
+    capacity, _ = http_capacity(ws, http)
     time.sleep(0.5)
-    generator = loadgen("open", "--address", f"127.0.0.1:{http}", "--body", str(ws.json_body),
-                        "--duration", str(ws.phase), "--rate", f"{2 * capacity:.0f}")  # fmt: skip
-    goodput = steady_rate(http, ws.phase)
-    statuses = finished(generator).get("statuses", {})
+    goodput, document = http_open_loop(ws, http, 2 * capacity)
+    statuses = document.get("statuses", {})
     time.sleep(2)  # the storm's holds end before the next phase
     return {
         "capacity_rps": capacity,
