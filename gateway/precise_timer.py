@@ -90,7 +90,6 @@ class PreciseTimer:
         self._callback = callback
         self.due: float | None = None
         self.lateness_s = 0.0
-        self._armed_for = 0.0  # the instant the timerfd was set to: due less the lateness
         self._handle: asyncio.Handle | None = None  # the fallback's timer, or the spin
         self._fd = -1
         if _TIMERFD is not None:
@@ -112,7 +111,6 @@ class PreciseTimer:
         self.due = due
         delay = due - time.perf_counter()
         if self._fd >= 0:
-            self._armed_for = due - self.lateness_s
             # An it_value of zero would disarm it: a due instant already past waits 1 us.
             sleep = max(delay - self.lateness_s, 1e-6)
             seconds = int(sleep)
@@ -150,7 +148,11 @@ class PreciseTimer:
             os.read(self._fd, 8)  # the count of expiries; reading it clears readiness
         except BlockingIOError:
             return  # re-armed or cancelled after it expired: that expiry no longer counts
-        late = min(max(time.perf_counter() - self._armed_for, 0.0), MAX_LATENESS_S)
+        if self.due is None:
+            return
+        # The timerfd was set for due less the lateness (which only changes here).
+        woke = time.perf_counter() - (self.due - self.lateness_s)
+        late = min(max(woke, 0.0), MAX_LATENESS_S)
         self.lateness_s += (late - self.lateness_s) * _LEARNING_RATE
         self._fire()
 
