@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import gc
 import json
 import logging
@@ -32,6 +33,7 @@ import grpc
 import uvicorn
 from prometheus_client import start_http_server
 
+from gateway.acceptor import Acceptor, listening_socket
 from gateway.admin.experiment import ExperimentAdmin
 from gateway.admin.grpc import TrafficServicer
 from gateway.admin.http import AdminHttp
@@ -163,15 +165,6 @@ def _sidecar_port(settings: ServerSettings) -> tuple[int, IO[str] | None]:
             DEFAULT_SIDECAR_PORT, port, ADDRESS_FILE,
         )  # fmt: skip
     return port, None
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
 
 
 class ServingView:
@@ -320,7 +313,7 @@ class Gateway:
         self._grpc: list[grpc.aio.Server | GrpcServer] = []
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
-        self._http_socket: socket.socket | None = None
+        self._http_acceptor: Acceptor | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -338,8 +331,8 @@ class Gateway:
         if self.certificates is not None:
             self._tls_task = loop.create_task(self.certificates.watch())
         self.overload.start()
-        self._http_socket = _bind(s.host, s.http_port)
-        self.http_port = self._http_socket.getsockname()[1]
+        http_socket = listening_socket(s.host, s.http_port)
+        self.http_port = http_socket.getsockname()[1]
         app = HttpApp(
             self.dataplane,
             s.max_request_bytes,
@@ -352,12 +345,13 @@ class Gateway:
                 s.metrics_port, addr=s.host, registry=self.metrics
             )
             self.metrics_port = self._metrics_server.server_port
+        protocol_class = HoldingProtocol.watching(
+            self.overload, s.http_head_timeout_s, app.refusal_from_head
+        )
         config = uvicorn.Config(
             app,
             loop="none",
-            http=HoldingProtocol.watching(
-                self.overload, s.http_head_timeout_s, app.refusal_from_head
-            ),
+            http=protocol_class,
             lifespan="off",
             access_log=False,
             # No X-Forwarded-* rewriting: nothing reads the client address, and the
@@ -372,16 +366,26 @@ class Gateway:
             # chain into this very context, which every later handshake uses.
             config.load()
             config.ssl = self.certificates.context
-        self._http = uvicorn.Server(config)
-        # _serve, not serve: the gateway installs its own signal handlers.
-        self._http_task = asyncio.get_running_loop().create_task(
-            self._http._serve(sockets=[self._http_socket])
-        )
-        while not self._http.started:
+        self._http = server = uvicorn.Server(config)
+        # _serve, not serve: the gateway installs its own signal handlers. No sockets:
+        # uvicorn serves the connections the gateway's acceptor takes in (uvloop's own
+        # server accepts one a loop turn, gateway/acceptor.py).
+        self._http_task = asyncio.get_running_loop().create_task(server._serve(sockets=[]))
+        while not server.started:
             if self._http_task.done():
                 self._http_task.result()
                 raise RuntimeError("HTTP server exited during start-up")
             await asyncio.sleep(0.01)
+        protocol = functools.partial(
+            protocol_class,
+            config=config,
+            server_state=server.server_state,
+            app_state=server.lifespan.state,
+        )
+        self._http_acceptor = Acceptor(
+            http_socket, protocol, ssl_context=config.ssl, backlog=config.backlog
+        )
+        self._http_acceptor.start()
         if self.monitor is not None:
             self.monitor.start()
         self.write_address_file()
@@ -415,7 +419,7 @@ class Gateway:
             # SO_REUSEPORT would let the servers share the port with another process's
             # listener too: a port that a plain bind finds taken is refused, as it is with
             # one server.
-            _bind(s.host, port).close()
+            listening_socket(s.host, port).close()
         for _ in range(s.grpc_servers):
             server = build_grpc_server(
                 self.dataplane, s.max_request_bytes, s.grpc_max_concurrent_streams,
@@ -437,6 +441,8 @@ class Gateway:
         if self.monitor is not None:
             self.monitor.stop_restarting()
         stops: list[Any] = [server.stop(grace) for server in self._grpc]
+        if self._http_acceptor is not None:
+            self._http_acceptor.close()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             stops.append(self._http_task)

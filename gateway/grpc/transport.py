@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 
+from gateway.acceptor import Acceptor, listening_socket
 from gateway.grpc.hpack import HeaderDecoder, HpackError, encode_headers
 from gateway.overload import Overload
 
@@ -868,7 +869,7 @@ class GrpcServer:
         self._put_off: collections.deque[GrpcConnection] = collections.deque()
         self._reading_put_off: asyncio.TimerHandle | None = None
         self._methods: dict[str, Any] = {}
-        self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
 
     def put_off(self, connection: GrpcConnection) -> None:
         """A new connection's first read, put off past its loop turn: read in order of
@@ -906,12 +907,16 @@ class GrpcServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (the one picked when ``port`` is 0)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: GrpcConnection(self), host, port, ssl=self.ssl_context, backlog=1024
+        # The gateway's acceptor, not loop.create_server: uvloop's accepts one connection
+        # a loop turn, and a crowd that connects at once then waits hundreds of ms.
+        self._acceptor = Acceptor(
+            listening_socket(host, port),
+            lambda: GrpcConnection(self),
+            ssl_context=self.ssl_context,
+            backlog=1024,
         )
-        sockets = self._server.sockets
-        return int(sockets[0].getsockname()[1])
+        self._acceptor.start()
+        return self._acceptor.port
 
     async def stop(self, grace: float) -> None:
         """Stop listening, let open calls finish for up to ``grace`` seconds, then close."""
@@ -919,8 +924,8 @@ class GrpcServer:
         if self._reading_put_off is not None:
             self._reading_put_off.cancel()
             self._reading_put_off = None
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         for connection in list(self.connections):
             connection.go_away()
         loop = asyncio.get_running_loop()
@@ -930,5 +935,3 @@ class GrpcServer:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()

@@ -1,0 +1,141 @@
+"""The acceptor takes every waiting connection in one loop turn, on uvloop and asyncio.
+
+TLS through it (handshakes, plain clients and clients without a certificate refused) is
+tested on the gateway's ports in ``tests/integration/test_tls.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from gateway.acceptor import Acceptor, listening_socket
+
+LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
+    "uvloop": uvloop.run,
+    "asyncio": asyncio.run,
+}
+
+
+class Echo(asyncio.Protocol):
+    made: list[int]  # the loop turn each connection was made in
+    turn: list[int]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(self.turn[0])
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+def counting_turns(loop: asyncio.AbstractEventLoop, turn: list[int]) -> None:
+    def tick() -> None:
+        turn[0] += 1
+        loop.call_soon(tick)
+
+    loop.call_soon(tick)
+
+
+def echo_protocol() -> tuple[type[Echo], list[int], list[int]]:
+    made: list[int] = []
+    turn = [0]
+    return type("Counted", (Echo,), {"made": made, "turn": turn}), made, turn
+
+
+@pytest.mark.parametrize("runner", LOOPS.values(), ids=LOOPS.keys())
+def test_a_crowd_waiting_to_be_accepted_is_taken_in_one_turn(
+    runner: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    protocol, made, turn = echo_protocol()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol)
+        acceptor.start()
+        # The loop is blocked while 200 clients connect: all wait in the kernel's queue.
+        clients = [socket.create_connection(("127.0.0.1", acceptor.port)) for _ in range(200)]
+        counting_turns(loop, turn)
+        while len(made) < 200:
+            await asyncio.sleep(0)
+        # uvloop's own servers take one a turn: 200 turns for this crowd.
+        assert acceptor.accepted == 200
+        assert max(made) - min(made) <= 1, sorted(set(made))
+        for client in clients:  # each is served: its bytes come back
+            client.sendall(b"ping")
+        for client in clients:
+            client.settimeout(5)
+            assert await loop.run_in_executor(None, client.recv, 4) == b"ping"
+            client.close()
+        acceptor.close()
+
+    runner(main())
+
+
+@pytest.mark.parametrize("runner", LOOPS.values(), ids=LOOPS.keys())
+def test_a_closed_acceptor_takes_no_more_connections(
+    runner: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    protocol, made, _ = echo_protocol()
+
+    async def main() -> None:
+        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol)
+        acceptor.start()
+        port = acceptor.port
+        acceptor.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        await asyncio.sleep(0.01)
+        assert made == [] and acceptor.accepted == 0
+
+    runner(main())
+
+
+class RunningOutOfDescriptors:
+    """A listening socket whose next ``accept`` fails as if the process had no descriptor
+    left (EMFILE), once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.failures = 1
+        self.accepts = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.accepts += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_out_of_descriptors_pauses_accepting_then_takes_the_waiting_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    protocol, made, _ = echo_protocol()
+
+    async def main() -> None:
+        sock = RunningOutOfDescriptors(listening_socket("127.0.0.1", 0))
+        acceptor = Acceptor(sock, protocol)  # type: ignore[arg-type]
+        acceptor.start()
+        client = socket.create_connection(("127.0.0.1", acceptor.port))
+        started = time.monotonic()
+        while not made:
+            await asyncio.sleep(0.005)
+        # One failed accept, then none until the pause ended (not one a turn), then it.
+        assert time.monotonic() - started >= 0.09
+        assert sock.accepts <= 3, sock.accepts
+        assert acceptor.accepted == 1
+        client.close()
+        acceptor.close()
+
+    uvloop.run(main())
+    assert "accepting paused" in caplog.text and "Too many open files" in caplog.text
