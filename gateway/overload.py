@@ -8,8 +8,8 @@ overload is not read again for ``hold_s`` (:mod:`gateway.http.protocol`,
 :mod:`gateway.grpc.transport`), so its next request waits in the kernel, costing nothing;
 a gRPC connection that multiplexes has its stream limit lowered instead.
 
-A crowd of new gRPC connections is read in slices: at most ``first_reads_per_turn`` new
-connections' first bytes a loop turn, the rest a millisecond later.
+A crowd of new connections is read in slices: at most ``first_reads_per_turn`` new
+connections' first bytes a loop turn, the rest a millisecond later (:meth:`Overload.put_off`).
 
 Overrun is measured four ways, each at its own speed: the loop's lag (the median of a
 100 ms window of ticks reaches a few ms: each turn is long, not one callback slow);
@@ -27,11 +27,15 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 
 __all__ = ["Overload"]
 
 log = logging.getLogger(__name__)
+
+PUT_OFF_S = 0.001
+"""A first read put off waits one poll of the loop (uvloop's timers have 1 ms steps)."""
 
 
 class Overload:
@@ -77,6 +81,8 @@ class Overload:
         (:meth:`first_read_now`)."""
         self._first_reads = 0  # this turn's new connections read at once
         self._later_reads = 0  # and those put off before
+        self._put_off: deque[Callable[[], None]] = deque()
+        self._reading_put_off: asyncio.TimerHandle | None = None
         self.lag_s = 0.0
         """The last tick's lateness."""
         self.held = 0
@@ -146,8 +152,9 @@ class Overload:
         median of 4 alternating rounds: 24.5 ms before, 10.8 ms with 16 a turn; a new
         connection's, 4.5 and 7.3 ms). Connections put off have a share of their own, so
         one that arrives after the crowd does not queue behind all of it. HTTP's
-        connections do not ask: there the same rule made new connections' refusals
-        slower (p99 9.8 and 31.2 ms) and was not kept."""
+        connections ask too since the gateway accepts a crowd in one turn
+        (:mod:`gateway.acceptor`); while uvloop accepted one connection a turn, the
+        accept was the slower queue and the same rule had only made HTTP refusals slower."""
         if self._first_reads == 0 and self._later_reads == 0:
             asyncio.get_running_loop().call_soon(self._next_turn)
         if again:
@@ -163,6 +170,26 @@ class Overload:
     def _next_turn(self) -> None:
         self._first_reads = self._later_reads = 0
 
+    def put_off(self, first_read: Callable[[], None]) -> None:
+        """A new connection's first read, refused by :meth:`first_read_now`: called in
+        order of arrival, ``first_reads_per_turn`` of them a millisecond (one timer for all
+        of them: a timer each, re-armed each turn, had cost a crowd of 256 connections ~200
+        timer callbacks a millisecond while it was read). ``first_read`` checks that its
+        connection is still open."""
+        self._put_off.append(first_read)
+        if self._reading_put_off is None:
+            loop = asyncio.get_running_loop()
+            self._reading_put_off = loop.call_later(PUT_OFF_S, self._read_put_off)
+
+    def _read_put_off(self) -> None:
+        self._reading_put_off = None
+        waiting = self._put_off
+        while waiting and self.first_read_now(again=True):
+            waiting.popleft()()
+        if waiting:
+            loop = asyncio.get_running_loop()
+            self._reading_put_off = loop.call_later(PUT_OFF_S, self._read_put_off)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._due = self._loop.time() + self.interval_s
@@ -172,6 +199,9 @@ class Overload:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        if self._reading_put_off is not None:
+            self._reading_put_off.cancel()
+            self._reading_put_off = None
 
     def _tick(self) -> None:
         assert self._loop is not None

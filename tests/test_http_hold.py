@@ -6,6 +6,7 @@ gateway's app does, /ok answers 200)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from gateway.acceptor import Acceptor, listening_socket
 from gateway.http.protocol import REFUSED_KEY, HoldingProtocol
 from gateway.overload import Overload
 
@@ -43,18 +45,27 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 HEAD_TIMEOUT_S = 0.3
 
 
+FIRST_READS_PER_TURN = 4
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[int, Overload]]:
-    overload = Storming(HOLD_S)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    """Served as the gateway serves: uvicorn with no socket of its own, the gateway's
+    acceptor making each connection's protocol."""
+    overload = Storming(HOLD_S, first_reads_per_turn=FIRST_READS_PER_TURN)
     protocol = HoldingProtocol.watching(overload, HEAD_TIMEOUT_S)
     config = uvicorn.Config(app, http=protocol, lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server._serve(sockets=[sock]))
+    task = asyncio.create_task(server._serve(sockets=[]))
     while not server.started:
         await asyncio.sleep(0.01)
-    yield sock.getsockname()[1], overload
+    made = functools.partial(
+        protocol, config=config, server_state=server.server_state, app_state={}
+    )
+    acceptor = Acceptor(listening_socket("127.0.0.1", 0), made)
+    acceptor.start()
+    yield acceptor.port, overload
+    acceptor.close()
     server.should_exit = True
     await task
 
@@ -130,3 +141,29 @@ async def test_silent_and_half_sent_connections_are_closed_after_the_head_timeou
     assert await served_one.get("/ok") == 200
     for connection in (silent, half, served_one):
         connection.close()
+
+
+async def test_a_crowd_of_new_connections_is_read_in_slices_and_all_answered(
+    served: tuple[int, Overload],
+) -> None:
+    """24 clients connect and send at once (the loop is blocked meanwhile): the acceptor
+    takes them in one turn, the next turn reads the first bytes of 4, and the rest are read
+    a millisecond later, 4 at a time; every one is answered."""
+    port, overload = served
+    request = b"GET /ok HTTP/1.1\r\nhost: t\r\n\r\n"
+    crowd = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+    for client in crowd:
+        client.sendall(request)
+        client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(loop.sock_recv(client, 4096) for client in crowd)), 10
+    )
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+    assert overload.deferred_first_reads >= 24 - 2 * FIRST_READS_PER_TURN
+    # A connection read after its wait is an ordinary one: its next request is read at once.
+    crowd[-1].setblocking(True)
+    crowd[-1].sendall(request)
+    assert (await loop.run_in_executor(None, crowd[-1].recv, 4096)).startswith(b"HTTP/1.1 200 ")
+    for client in crowd:
+        client.close()

@@ -56,7 +56,6 @@ STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 
 _SETTINGS_TABLE_SIZE, _SETTINGS_MAX_STREAMS, _SETTINGS_WINDOW = 0x1, 0x3, 0x4
 _SETTINGS_FRAME_SIZE, _SETTINGS_HEADER_LIST = 0x5, 0x6
 
-_DEFER_S = 0.001  # a first read put off waits one poll of the loop (uvloop: 1 ms timers)
 _DEFAULT_WINDOW = 65_535
 _WINDOW = 4 << 20
 """What each stream and the connection may send us before we acknowledge: one window
@@ -303,12 +302,12 @@ class GrpcConnection(asyncio.Protocol):
 
     def _defer_first_read(self) -> None:
         """A new connection past this loop turn's share of first reads waits in the
-        server's queue of them (:meth:`GrpcServer.put_off`)."""
+        overload's queue of them (:meth:`Overload.put_off`)."""
         assert self.transport is not None
         if not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self.server.put_off(self)
+        self.server.overload.put_off(self.first_read)
 
     def first_read(self) -> None:
         """Its turn came in the server's queue of first reads put off."""
@@ -866,29 +865,8 @@ class GrpcServer:
         self.stopping = False
         self.blocked_answers = 0
         """Answers that waited for the peer's flow-control window (for tests)."""
-        self._put_off: collections.deque[GrpcConnection] = collections.deque()
-        self._reading_put_off: asyncio.TimerHandle | None = None
         self._methods: dict[str, Any] = {}
         self._acceptor: Acceptor | None = None
-
-    def put_off(self, connection: GrpcConnection) -> None:
-        """A new connection's first read, put off past its loop turn: read in order of
-        arrival, ``first_reads_per_turn`` of them a millisecond (one timer for all of them:
-        a timer each, re-armed each turn, had cost a crowd of 256 connections ~200 timer
-        callbacks a millisecond while it was read)."""
-        self._put_off.append(connection)
-        if self._reading_put_off is None:
-            loop = asyncio.get_running_loop()
-            self._reading_put_off = loop.call_later(_DEFER_S, self._read_put_off)
-
-    def _read_put_off(self) -> None:
-        self._reading_put_off = None
-        waiting = self._put_off
-        while waiting and self.overload.first_read_now(again=True):
-            waiting.popleft().first_read()
-        if waiting:
-            loop = asyncio.get_running_loop()
-            self._reading_put_off = loop.call_later(_DEFER_S, self._read_put_off)
 
     def method(self, path: str) -> Any:
         """The method handler for ``/package.Service/Method``, or None."""
@@ -921,9 +899,6 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         """Stop listening, let open calls finish for up to ``grace`` seconds, then close."""
         self.stopping = True
-        if self._reading_put_off is not None:
-            self._reading_put_off.cancel()
-            self._reading_put_off = None
         if self._acceptor is not None:
             self._acceptor.close()
         for connection in list(self.connections):

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 connection: uvicorn's httptools protocol, with three things for overload.
+"""The HTTP/1.1 connection: uvicorn's httptools protocol, with four things for overload.
 
 - **Refusal from the head.** As soon as an inference request's head is parsed, the data
   plane may refuse it (every queue of the model full): the connection writes the whole 429
@@ -9,6 +9,8 @@
   nothing, while the refusal itself went out at once. New connections, and connections
   that were served, are read as before. The hold never exceeds the Retry-After the refusal
   carried, so a client that honours it never notices.
+- **Slices of a crowd.** At most ``first_reads_per_turn`` new connections' first bytes are
+  read a loop turn, the rest a millisecond later (:meth:`Overload.first_read_now`).
 - **A head timeout.** A connection that sends no head, or part of one, is closed.
 """
 
@@ -101,12 +103,34 @@ class HoldingProtocol(HttpToolsProtocol):
         self._in_head = False
         self._discarding = False  # the body of a request already refused from its head
         self._one_write: _OneWrite | None = None
+        self._fresh = True  # nothing read on this connection yet
+        self._first_bytes = b""  # what its first read brought, while that read is put off
 
     # A connection that sends nothing, or half a request head, is closed after
     # head_timeout_s (a 408 for the half head): slow clients cannot hold sockets forever.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
+
+    # A crowd's new connections are read in slices (Overload.first_read_now): accepted in
+    # one turn, 256 of them made the next turn read, parse and refuse 256 requests, 20-30 ms
+    # in which every established connection waited, and so did the next new one.
+    def data_received(self, data: bytes) -> None:
+        if self._fresh:
+            self._fresh = False
+            if not self.overload.first_read_now():
+                self._first_bytes = data
+                self.flow.pause_reading()
+                self.overload.put_off(self._first_read)
+                return
+        super().data_received(data)
+
+    def _first_read(self) -> None:
+        data, self._first_bytes = self._first_bytes, b""
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
