@@ -540,26 +540,42 @@ def goodput(rate: float, ok: int, total: int) -> float:
     return rate * ok / total if total else 0.0
 
 
-def hey_command(url: str, body: Path, duration: float, concurrency: int) -> list[str]:
-    """``hey`` POSTing the JSON ``body`` to ``url`` from ``concurrency`` closed-loop clients."""
+def hey_command(
+    url: str, body: Path, duration: float, concurrency: int, keepalive: bool = True
+) -> list[str]:
+    """``hey`` POSTing the JSON ``body`` to ``url`` from ``concurrency`` closed-loop clients
+    (without ``keepalive``: a new connection for every request)."""
     command = ["hey", "-z", f"{duration:g}s", "-c", str(concurrency), "-m", "POST"]
+    if not keepalive:
+        command.append("-disable-keepalive")
     return [*command, "-T", "application/json", "-D", str(body), url]
 
 
 def run_hey(
-    url: str, body: Path, duration: float, concurrency: int, threads: int | None = None
+    url: str,
+    body: Path,
+    duration: float,
+    concurrency: int,
+    threads: int | None = None,
+    keepalive: bool = True,
 ) -> LoadResult:
     """``hey`` against ``url``; ``threads``: the OS threads it may run Go code on at once
     (GOMAXPROCS; None: one per core)."""
-    return hey_result(hey_start(url, body, duration, concurrency, threads), duration)
+    process = hey_start(url, body, duration, concurrency, threads, keepalive)
+    return hey_result(process, duration)
 
 
 def hey_start(
-    url: str, body: Path, duration: float, concurrency: int, threads: int | None = None
+    url: str,
+    body: Path,
+    duration: float,
+    concurrency: int,
+    threads: int | None = None,
+    keepalive: bool = True,
 ) -> subprocess.Popen[str]:
     """``hey`` started in the background; :func:`hey_result` waits for its result."""
     env = None if threads is None else {**os.environ, "GOMAXPROCS": str(threads)}
-    command = hey_command(url, body, duration, concurrency)
+    command = hey_command(url, body, duration, concurrency, keepalive)
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -713,8 +729,10 @@ def measure_rounds(
     concurrency: int,
     rounds: int,
     label: str = "monitor",
+    keepalive: bool = True,
 ) -> list[Run]:
-    """``rounds`` load runs per server, alternating which goes first, with CPU per request."""
+    """``rounds`` load runs per server, alternating which goes first, with CPU per request
+    (without ``keepalive``, each request on a new connection)."""
     runs: list[Run] = []
     modes = list(servers)
     for index in range(rounds):
@@ -727,9 +745,8 @@ def measure_rounds(
             assert server.proc is not None
             cpu_before = cpu_snapshot(server.proc.pid)
             try:
-                result = run_hey(
-                    f"http://127.0.0.1:{port}{INFER_PATH}", body, duration, concurrency
-                )
+                url = f"http://127.0.0.1:{port}{INFER_PATH}"
+                result = run_hey(url, body, duration, concurrency, keepalive=keepalive)
             except Exception as exc:
                 run.error = str(exc)[:500]
                 console.print(f"[red]{label} {mode} round {index}: {run.error}")

@@ -9,6 +9,7 @@ latency, rows per batch and the gateway's CPU per request; the verdict line per
 concurrency is the median of the paired working/base ratios. Usage:
 
   python -m bench.revisions --base REV [--concurrency 1 2 4] [--duration 5] [--rounds 6]
+      [--new-connections]   (each request on a new connection: what accepting costs)
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 16])
     parser.add_argument("--duration", type=float, default=5, help="seconds per load run")
     parser.add_argument("--rounds", type=int, default=6, help="base/working pairs per level")
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="each request on a new connection (hey -disable-keepalive)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                     concurrency,
                     args.rounds,
                     f"c{concurrency}",
+                    keepalive=not args.new_connections,
                 )
                 levels[concurrency] = Comparison.of(runs, args.rounds)
         finally:
@@ -145,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             "working": working,
             "duration_s": args.duration,
             "rounds": args.rounds,
-            "http_load": "hey -z D -c C, alternating base/working",
+            "http_load": "hey -z D -c C"
+            + (" -disable-keepalive" if args.new_connections else "")
+            + ", alternating base/working",
+            "new_connections": args.new_connections,
             "model": "MLP 256-1024-1024-10, FP32, one row per request",
         },
         # Each level's runs and summaries say "off" for the base and "on" for the working tree.

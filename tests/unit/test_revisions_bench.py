@@ -26,3 +26,13 @@ def test_the_base_gateway_imports_from_the_path_put_first(tmp_path: Path) -> Non
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     assert revisions.imported_from(env) == str(package / "__init__.py")
     assert revisions.imported_from({**os.environ, "PYTHONPATH": ""}) != str(package / "__init__.py")
+
+
+def test_new_connections_turn_keepalive_off_in_hey() -> None:
+    from bench.harness import hey_command
+
+    body = Path("body.json")
+    assert "-disable-keepalive" not in hey_command("http://x/infer", body, 5, 16)
+    command = hey_command("http://x/infer", body, 5, 16, keepalive=False)
+    assert command[:7] == ["hey", "-z", "5s", "-c", "16", "-m", "POST"]
+    assert "-disable-keepalive" in command and command[-1] == "http://x/infer"
