@@ -385,7 +385,7 @@ class Gateway:
         self._http_acceptor = Acceptor(
             http_socket, protocol, ssl_context=config.ssl, backlog=config.backlog
         )
-        self._http_acceptor.start()
+        await self._http_acceptor.start()
         if self.monitor is not None:
             self.monitor.start()
         self.write_address_file()

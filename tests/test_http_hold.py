@@ -63,7 +63,7 @@ async def served() -> AsyncIterator[tuple[int, Overload]]:
         protocol, config=config, server_state=server.server_state, app_state={}
     )
     acceptor = Acceptor(listening_socket("127.0.0.1", 0), made)
-    acceptor.start()
+    await acceptor.start()
     yield acceptor.port, overload
     acceptor.close()
     server.should_exit = True

@@ -893,7 +893,7 @@ class GrpcServer:
             ssl_context=self.ssl_context,
             backlog=1024,
         )
-        self._acceptor.start()
+        await self._acceptor.start()
         return self._acceptor.port
 
     async def stop(self, grace: float) -> None:
