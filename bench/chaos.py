@@ -361,8 +361,8 @@ def overload_http_round(ws: Workspace, http: int) -> tuple[Row, Row]:
     time.sleep(3)  # the crowd's holds end before the next phase
     # The same crowd again, now timed by the probes: a new connection each time, one
     # kept-alive connection, and the control (a new connection each time to a route that
-    # answers 405 at once, whose tail is the machine's: connection set-up on saturated
-    # cores, not a refusal's).
+    # answers 405 at once: its tail is a new connection's, accepting and setting it up
+    # under the crowd, not a refusal's).
     probe_args = ("--address", address, "--body", str(ws.json_body), "--duration", str(d - 1))
     probes = [loadgen("probe", *probe_args, *PROBES[kind]) for kind in ("new", "kept")]
     control_probe = loadgen("probe", *probe_args, *PROBES["new"], "--path", "/v2/health/ready")
