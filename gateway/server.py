@@ -368,8 +368,8 @@ class Gateway:
             config.ssl = self.certificates.context
         self._http = server = uvicorn.Server(config)
         # _serve, not serve: the gateway installs its own signal handlers. No sockets:
-        # uvicorn serves the connections the gateway's acceptor takes in (uvloop's own
-        # server accepts one a loop turn, gateway/acceptor.py).
+        # uvicorn serves the connections the gateway's acceptor takes in (which drains a
+        # crowd waiting to be accepted in one loop turn, gateway/acceptor.py).
         self._http_task = asyncio.get_running_loop().create_task(server._serve(sockets=[]))
         while not server.started:
             if self._http_task.done():

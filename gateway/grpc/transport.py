@@ -310,7 +310,7 @@ class GrpcConnection(asyncio.Protocol):
         self.server.overload.put_off(self.first_read)
 
     def first_read(self) -> None:
-        """Its turn came in the server's queue of first reads put off."""
+        """Its turn came in the overload's queue of first reads put off."""
         if self.transport is None or self.transport.is_closing():
             return
         self.paused = False
@@ -885,8 +885,8 @@ class GrpcServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (the one picked when ``port`` is 0)."""
-        # The gateway's acceptor, not loop.create_server: uvloop's accepts one connection
-        # a loop turn, and a crowd that connects at once then waits hundreds of ms.
+        # The gateway's acceptor: the loop's server, which accepts one connection a loop
+        # turn on uvloop, and a drain that takes a crowd waiting behind it in one turn.
         self._acceptor = Acceptor(
             listening_socket(host, port),
             lambda: GrpcConnection(self),
