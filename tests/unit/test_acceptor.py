@@ -1,19 +1,28 @@
 """The acceptor drains a crowd waiting to be accepted in one loop turn, on uvloop and
 asyncio, and leaves a connection that comes alone to the loop's own server.
 
-TLS through it (handshakes, plain clients and clients without a certificate refused) is
-tested on the gateway's ports in ``tests/integration/test_tls.py``."""
+TLS on the gateway's ports (tritonclient, plain clients and clients without a certificate
+refused) is tested in ``tests/integration/test_tls.py``; here, a drained crowd's handshakes."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import errno
+import ipaddress
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.acceptor import Acceptor, listening_socket
 
@@ -162,3 +171,76 @@ def test_a_drain_out_of_descriptors_rests_while_the_server_goes_on(
     uvloop.run(main())
     assert "draining the accept queue paused" in caplog.text
     assert "Too many open files" in caplog.text
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, and the key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acceptor test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_a_drained_crowd_gets_its_tls_handshakes(tmp_path: Path) -> None:
+    """The drain's own path to a protocol (``connect_accepted_socket`` with the server's TLS
+    context): 40 clients queued at once each complete a handshake and are echoed, and a
+    plain-text client among them is closed without harm to the rest."""
+    cert, key = self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    protocol, made, _ = echo_protocol()
+
+    def talk(raw: socket.socket) -> bytes:
+        raw.settimeout(10)
+        with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as client:
+            client.sendall(b"ping")
+            return client.recv(4)
+
+    def plain(raw: socket.socket) -> bytes:
+        raw.settimeout(10)
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        with raw:
+            return raw.recv(100)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol, ssl_context=server_context)
+        await acceptor.start()
+        # The loop is blocked while they connect: all wait in the kernel's queue.
+        crowd = [socket.create_connection(("127.0.0.1", acceptor.port)) for _ in range(41)]
+        with ThreadPoolExecutor(max_workers=41) as pool:
+            answers = await asyncio.gather(
+                loop.run_in_executor(pool, plain, crowd[20]),
+                *(loop.run_in_executor(pool, talk, c) for c in crowd[:20] + crowd[21:]),
+            )
+        assert answers[0] == b""  # the plain-text client: closed, nothing said
+        assert answers[1:] == [b"ping"] * 40
+        assert len(made) == 40 and acceptor.accepted + acceptor.drained == 41
+        assert acceptor.drained >= 30, (acceptor.accepted, acceptor.drained)
+        acceptor.close()
+
+    uvloop.run(main())
