@@ -4,8 +4,6 @@ a certificate replaced on disk served at the next handshake without a restart.""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import socket
 import ssl
 import subprocess
@@ -19,10 +17,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from certificates import certificate, new_key, write_pem
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from gateways import EVENTUALLY_S, GatewayThread, local_settings, running
 
 TOKEN = "s" * 24
@@ -39,61 +37,21 @@ class Pki:
     ca_cert: x509.Certificate
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def issue(
     pki_dir: Path, stem: str, common: str, ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate, server: bool,
 ) -> tuple[Path, Path]:  # fmt: skip
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    cert_path, key_path = pki_dir / f"{stem}.pem", pki_dir / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    key = new_key()
+    hosts = ("localhost", "127.0.0.1") if server else ()
+    cert = certificate(common, key, issuer=ca_cert, issuer_key=ca_key, hosts=hosts)
+    return write_pem(pki_dir, stem, cert, key)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("turnout test CA"))
-        .issuer_name(_name("turnout test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_key = new_key()
+    ca_cert = certificate("turnout test CA", ca_key, ca=True)
     ca = folder / "ca.pem"
     ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     cert, key = issue(folder, "server", "localhost", ca_key, ca_cert, server=True)

@@ -7,9 +7,7 @@ refused) is tested in ``tests/integration/test_tls.py``; here, a drained crowd's
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import errno
-import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -19,10 +17,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certificates import certificate, new_key, write_pem
 
 from gateway.acceptor import Acceptor, listening_socket
 
@@ -173,44 +168,16 @@ def test_a_drain_out_of_descriptors_rests_while_the_server_goes_on(
     assert "Too many open files" in caplog.text
 
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 signed by its own key, and the key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acceptor test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_a_drained_crowd_gets_its_tls_handshakes(tmp_path: Path) -> None:
     """The drain's own path to a protocol (``connect_accepted_socket`` with the server's TLS
     context): 40 clients queued at once each complete a handshake and are echoed, and a
     plain-text client among them is closed without harm to the rest."""
-    cert, key = self_signed(tmp_path)
+    key = new_key()
+    cert, key_file = write_pem(
+        tmp_path, "server", certificate("acceptor test", key, hosts=["127.0.0.1"]), key
+    )
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
+    server_context.load_cert_chain(cert, key_file)
     client_context = ssl.create_default_context(cafile=str(cert))
     protocol, made, _ = echo_protocol()
 
