@@ -69,6 +69,7 @@ class Acceptor:
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 4096,
         per_turn: int = 4096,
+        on_drained: Callable[[int], None] | None = None,
     ) -> None:
         self.sock = sock
         self.protocol_factory = protocol_factory
@@ -76,6 +77,8 @@ class Acceptor:
         self.backlog = backlog
         self.per_turn = per_turn
         """At most this many drained in one turn (the rest in the next turns)."""
+        self.on_drained = on_drained
+        """Told how many connections each drain took (a crowd's size, as it arrives)."""
         self.accepted = 0
         """Connections accepted by the loop's server (for tests and the curious)."""
         self.drained = 0
@@ -144,23 +147,29 @@ class Acceptor:
         self._draining = False
 
     def _drain(self) -> None:
-        for _ in range(self.per_turn):
-            try:
-                connection, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                self._stop_draining()  # the queue is empty: the loop's server will do
-                return
-            except ConnectionAbortedError:
-                continue  # the client gave up while it waited in the queue
-            except OSError as exc:  # out of descriptors or memory
-                log.warning("draining the accept queue paused for %.0f s: %s", _REST_S, exc)
-                self._stop_draining()
-                assert self._loop is not None
-                self._rest_until = self._loop.time() + _REST_S
-                return
-            self.drained += 1
-            connection.setblocking(False)
-            self._serve(connection)
+        taken = 0
+        try:
+            for _ in range(self.per_turn):
+                try:
+                    connection, _ = self.sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    self._stop_draining()  # the queue is empty: the loop's server will do
+                    return
+                except ConnectionAbortedError:
+                    continue  # the client gave up while it waited in the queue
+                except OSError as exc:  # out of descriptors or memory
+                    log.warning("draining the accept queue paused for %.0f s: %s", _REST_S, exc)
+                    self._stop_draining()
+                    assert self._loop is not None
+                    self._rest_until = self._loop.time() + _REST_S
+                    return
+                taken += 1
+                connection.setblocking(False)
+                self._serve(connection)
+        finally:
+            self.drained += taken
+            if taken and self.on_drained is not None:
+                self.on_drained(taken)
 
     def _serve(self, connection: socket.socket) -> None:
         loop = self._loop

@@ -383,7 +383,11 @@ class Gateway:
             app_state=server.lifespan.state,
         )
         self._http_acceptor = Acceptor(
-            http_socket, protocol, ssl_context=config.ssl, backlog=config.backlog
+            http_socket,
+            protocol,
+            ssl_context=config.ssl,
+            backlog=config.backlog,
+            on_drained=self.overload.arrived,
         )
         await self._http_acceptor.start()
         if self.monitor is not None:

@@ -892,6 +892,7 @@ class GrpcServer:
             lambda: GrpcConnection(self),
             ssl_context=self.ssl_context,
             backlog=1024,
+            on_drained=self.overload.arrived,
         )
         await self._acceptor.start()
         return self._acceptor.port

@@ -61,7 +61,8 @@ def test_a_crowd_waiting_to_be_accepted_is_taken_in_one_turn(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol)
+        crowds: list[int] = []
+        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol, on_drained=crowds.append)
         await acceptor.start()
         # The loop is blocked while 200 clients connect: all wait in the kernel's queue.
         clients = [socket.create_connection(("127.0.0.1", acceptor.port)) for _ in range(200)]
@@ -73,6 +74,8 @@ def test_a_crowd_waiting_to_be_accepted_is_taken_in_one_turn(
         assert acceptor.accepted + acceptor.drained == 200
         if isinstance(loop, uvloop.Loop):  # asyncio's server accepts in a loop itself
             assert acceptor.drained >= 190, (acceptor.accepted, acceptor.drained)
+            assert max(crowds) >= 190  # the overload is told of the crowd as it arrives
+        assert sum(crowds) == acceptor.drained
         assert max(made) - min(made) <= 3, sorted(set(made))
         for client in clients:  # each is served: its bytes come back
             client.sendall(b"ping")
@@ -112,7 +115,8 @@ def test_a_connection_that_comes_alone_is_the_loop_servers_own() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol)
+        crowds: list[int] = []
+        acceptor = Acceptor(listening_socket("127.0.0.1", 0), protocol, on_drained=crowds.append)
         await acceptor.start()
         for _ in range(20):
             client = socket.create_connection(("127.0.0.1", acceptor.port))
@@ -121,7 +125,7 @@ def test_a_connection_that_comes_alone_is_the_loop_servers_own() -> None:
             assert await loop.run_in_executor(None, client.recv, 4) == b"ping"
             client.close()
         assert (acceptor.accepted, acceptor.drained) == (20, 0)
-        assert len(made) == 20
+        assert len(made) == 20 and crowds == []
         acceptor.close()
 
     uvloop.run(main())

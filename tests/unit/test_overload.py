@@ -258,3 +258,30 @@ def test_a_turn_reads_its_share_of_new_connections_and_those_put_off_have_their_
     assert again == [True, True, True, False]
     assert newcomer == [True]
     assert overload.deferred_first_reads == 2  # connections put off, each counted once
+
+
+def test_a_crowd_of_new_connections_is_held_from_its_first_refusal() -> None:
+    """The acceptor took 40 connections at once: for a window, the first refusal starts a
+    storm (before any tick could see one), so no crowd connection retries at once."""
+    overload = Overload(0.5, crowd_connections=16)
+    loop = ticking(overload)
+    tick(overload, loop, 0.0)
+    overload.arrived(40)
+    overload.answers += 1
+    hold = overload.hold()
+    assert 0.375 <= hold <= 0.5
+    assert overload.storming and overload.storms == 1
+
+
+def test_a_few_connections_at_once_or_a_crowd_long_gone_hold_nothing() -> None:
+    overload = Overload(0.5, crowd_connections=16, sustain_s=0.1)
+    loop = ticking(overload)
+    tick(overload, loop, 0.0)
+    overload.arrived(15)  # fewer than a crowd
+    overload.answers += 1
+    assert overload.hold() == 0.0
+    overload.arrived(64)
+    loop.now += 0.1  # the window after the crowd's arrival has passed
+    overload.answers += 1
+    assert overload.hold() == 0.0
+    assert not overload.storming and overload.storms == 0
