@@ -91,6 +91,9 @@ class DataPlane:
         """Requests per served model taken up and not yet answered."""
         self.arriving: dict[str, int] = {}
         """Per model: requests let in on their heads, not at a queue yet (:meth:`reserve`)."""
+        self._full_messages: dict[str, tuple[tuple[LoadedModel, ...], str]] = {}
+        """Model -> its loaded versions and the queue-full message naming them: formatting
+        it was a fifth of a refusal's cost, and a crowd is refused thousands of times."""
 
     def model_label(self, name: str) -> str:
         """``name`` if it is served, else one placeholder: metric labels stay bounded."""
@@ -245,12 +248,18 @@ class DataPlane:
         return error
 
     def _queue_full(self, name: str) -> QueueFull:
-        versions = self.models.versions.get(name, {})
-        full = ", ".join(f"'{m.spec.key}' {m.batcher.max_queue_size}" for m in versions.values())
-        return QueueFull(
+        loaded = tuple(self.models.versions.get(name, {}).values())
+        cached = self._full_messages.get(name)
+        if cached is not None and cached[0] == loaded:
+            return QueueFull(cached[1])
+        full = ", ".join(f"'{m.spec.key}' {m.batcher.max_queue_size}" for m in loaded)
+        message = (
             f"model '{name}' queue is full: every version's queue holds its "
             f"max_queue_size of waiting requests ({full})"
         )
+        if name in self.models.versions:  # bounded by the models served
+            self._full_messages[name] = (loaded, message)
+        return QueueFull(message)
 
     def check_token(self, headers: Mapping[str, str]) -> str:
         """With ``require_infer_token``: 401/403 unless the headers carry an inference token

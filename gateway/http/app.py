@@ -24,7 +24,7 @@ from gateway.http.codec import HEADER_LENGTH, decode_infer_request, encode_infer
 from gateway.http.protocol import REFUSED_KEY, RESERVED_KEY
 from gateway.routing import REVISION_HEADER
 from gateway.types import InferRequest
-from turnout_contract.trace import TRACEPARENT_HEADER
+from turnout_contract.trace import TRACEPARENT_HEADER, TRACESTATE_HEADER
 
 __all__ = ["HttpApp"]
 
@@ -38,6 +38,9 @@ Send = Callable[[Message], Awaitable[None]]
 _JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
 _TRACEPARENT = TRACEPARENT_HEADER.encode()
+_TRACE_HEADERS = frozenset({_TRACEPARENT, TRACESTATE_HEADER.encode()})
+_CACHED_REFUSALS = 64
+"""429s kept ready, by message (one per model's set of versions, in practice)."""
 
 
 class _Reply(Exception):
@@ -67,6 +70,8 @@ class HttpApp:
         self.max_request_bytes = max_request_bytes
         self.admin = admin
         self.feedback = feedback
+        self._refusals: dict[str, tuple[bytes, bytes]] = {}
+        """A 429's head (without its traceparent) and body, by message."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -206,25 +211,35 @@ class HttpApp:
             return None
         if len(parts) == 6 and (parts[3] != "versions" or not parts[4]):
             return None
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw_headers}
-        if "expect" in headers:
-            return None  # a client awaiting 100 Continue may never send the body to skip
+        # Only the trace headers matter to a refusal (uvicorn's names are lower-case).
+        trace: dict[str, str] = {}
+        for name, value in raw_headers:
+            if name == b"expect":
+                return None  # a client awaiting 100 Continue may never send the body to skip
+            if name in _TRACE_HEADERS:
+                trace[name.decode()] = value.decode("latin-1")
         if not self.dataplane.refusable_from_head(parts[2]):
             if parts[2] not in self.dataplane.models.versions:
                 return None  # not served (a 404 to come): no queue to keep a place in
             self.dataplane.reserve(parts[2])
             return parts[2]
-        context = RequestContext.arrived("http", parts[2], headers, path)
+        context = RequestContext.arrived("http", parts[2], trace, path)
         error = self.dataplane.refuse_from_head(context)
-        body = orjson.dumps({"error": error.message})
-        head = [
-            b"HTTP/1.1 429 Too Many Requests",
-            b"content-type: application/json",
-            b"content-length: " + str(len(body)).encode(),
-            *(f"{k}: {v}".encode() for k, v in error.http_headers().items()),
-            _TRACEPARENT + b": " + context.trace.traceparent().encode(),
-        ]
-        return b"\r\n".join(head) + b"\r\n\r\n" + body
+        refusal = self._refusals.get(error.message)
+        if refusal is None:
+            body = orjson.dumps({"error": error.message})
+            lines = [
+                b"HTTP/1.1 429 Too Many Requests",
+                b"content-type: application/json",
+                b"content-length: " + str(len(body)).encode(),
+                *(f"{k}: {v}".encode() for k, v in error.http_headers().items()),
+            ]
+            if len(self._refusals) >= _CACHED_REFUSALS:
+                self._refusals.clear()
+            refusal = self._refusals[error.message] = (b"\r\n".join(lines), body)
+        head, body = refusal
+        traceparent = context.trace.traceparent().encode()
+        return head + b"\r\n" + _TRACEPARENT + b": " + traceparent + b"\r\n\r\n" + body
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
         assert self.feedback is not None

@@ -80,6 +80,20 @@ async def refused_then_served(port: int) -> None:
         assert headers["retry-after"] == "1" and "traceparent" in headers and "date" in headers
         assert "model 'lazy' queue is full" in orjson.loads(data)["error"]
         assert "'lazy/1' 1" in orjson.loads(data)["error"]
+        # A refusal continues the caller's trace: each is its own span of that trace (the
+        # rest of the 429 is kept ready by message, its traceparent is not).
+        caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        spans = set()
+        for _ in range(2):
+            traced = post("/v2/models/lazy/infer", body).replace(
+                "host: t\r\n", f"host: t\r\ntraceparent: {caller}\r\n"
+            )
+            status, headers, again = await exchange(reader, writer, traced, body)
+            assert status == 429 and again == data
+            version, trace_id, span, _ = headers["traceparent"].split("-")
+            assert (version, trace_id) == ("00", "0af7651916cd43dd8448eb211c80319c")
+            spans.add(span)
+        assert len(spans) == 2 and "b7ad6b7169203331" not in spans
         # The refused request's 200 kB body was skipped: the next request parses cleanly.
         status, _, data = await exchange(
             reader, writer, "GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n"

@@ -177,3 +177,26 @@ async def test_a_full_queue_refuses_before_the_body_is_decoded(tmp_path: Path) -
         await models.stop()  # drains the two waiting requests
     answers = await asyncio.gather(*waiting)
     assert [a.model_version for a in answers] == ["1", "1"]
+
+
+async def test_a_refusal_names_the_versions_loaded_now(tmp_path: Path) -> None:
+    """The queue-full message is kept per model, and made again when a version comes or
+    goes."""
+    model_zoo.write_repository(
+        tmp_path, {"tiny": (model_zoo.add_sub, {**LAZY, "max_queue_size": 2}, [1, 2])}
+    )
+    repository = Repository(tmp_path, ServerSettings())
+    models = ModelTable(repository, LocalBackend())
+    await models.start()
+    plane = DataPlane(models)
+    try:
+        first = plane.refuse_from_head(context("tiny")).message
+        assert "'tiny/1' 2, 'tiny/2' 2" in first
+        assert plane.refuse_from_head(context("tiny")).message == first
+        await models.unload("tiny", 2)
+        assert "'tiny/1' 2)" in plane.refuse_from_head(context("tiny")).message
+        (spec,) = [s for s in repository.read_all() if s.key == "tiny/2"]
+        await models.load(spec)
+        assert plane.refuse_from_head(context("tiny")).message == first
+    finally:
+        await models.stop()
