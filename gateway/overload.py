@@ -45,7 +45,9 @@ class Overload:
     ticks running did (at least ``burst_refusals`` each), or, at once, the refusals since
     the last tick did (at least ``herd_refusals``), or a window's refusals (at least
     ``min_refusals``) were at least what it served while the loop's thread was busy
-    ``busy_share`` of it (``cpu_clock``, the thread's CPU seconds)."""
+    ``busy_share`` of it (``cpu_clock``, the thread's CPU seconds), or, within
+    ``sustain_s`` of ``crowd_connections`` or more accepted at once (:meth:`arrived`), the
+    refusals since the last tick did (at least ``crowd_refusals``)."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class Overload:
         herd_refusals: int = 128,
         first_reads_per_turn: int = 16,
         crowd_connections: int = 16,
+        crowd_refusals: int = 16,
         busy_share: float = 0.95,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
@@ -75,6 +78,7 @@ class Overload:
         self.herd_refusals = herd_refusals
         self.first_reads_per_turn = first_reads_per_turn
         self.crowd_connections = crowd_connections
+        self.crowd_refusals = crowd_refusals
         self.busy_share = busy_share
         self._cpu_clock = cpu_clock
         """The loop thread's CPU seconds (read on the loop's thread, in its ticks)."""
@@ -131,25 +135,30 @@ class Overload:
 
     def arrived(self, connections: int) -> None:
         """The acceptor took ``connections`` waiting in the kernel's queue at once: from
-        ``crowd_connections`` up, a crowd, and for ``sustain_s`` a refusal starts a storm
+        ``crowd_connections`` up, a crowd, and for ``sustain_s`` its refusals start a storm
         (:meth:`_crowded`)."""
         if connections >= self.crowd_connections and self._loop is not None:
             self._crowd_until = self._loop.time() + self.sustain_s
             self._crowd = connections
 
     def _crowded(self) -> bool:
-        """A refusal just after a crowd of new connections arrived: every one of them is
-        about to be refused, and each that was not held sent its next request at once.
-        Under the chaos bench's crowd the ticks saw the storm 70-100 ms in, while 256
-        connections were refused 344 times in turns of 6-23 ms (the crowd's set-ups and
-        refusals, and the retries of those refused before), and a new connection's refusal
-        waited 40-85 ms. Held from its first refusal, each crowd connection costs one."""
+        """Refusals just after a crowd of new connections arrived, ``crowd_refusals`` since
+        the last tick and ``refusal_ratio`` times what was served: each of the crowd's
+        connections is about to be refused, and each that is not held sends its next
+        request at once. Under the chaos bench's crowd the ticks saw the storm 70-100 ms
+        in, while 256 connections were refused 344 times in turns of 6-23 ms (the crowd's
+        set-ups and refusals, and the retries of those refused before), and a new
+        connection's refusal waited 40-85 ms. An open loop's pool that opens many
+        connections at once (all of its others busy) refuses about as many as it serves
+        at twice capacity, and is not held for it."""
         if self._loop is None:
             return False
         now = self._loop.time()
         if now >= self._crowd_until:
             return False
         refused, served = self._since(self._tick_refusals, self._tick_answers)
+        if not self._mostly_refused(refused, served, self.crowd_refusals):
+            return False
         self._overrun(now, f"a crowd of {self._crowd} new connections at once, refused",
                       refused, served)  # fmt: skip
         return True

@@ -260,28 +260,47 @@ def test_a_turn_reads_its_share_of_new_connections_and_those_put_off_have_their_
     assert overload.deferred_first_reads == 2  # connections put off, each counted once
 
 
-def test_a_crowd_of_new_connections_is_held_from_its_first_refusal() -> None:
-    """The acceptor took 40 connections at once: for a window, the first refusal starts a
-    storm (before any tick could see one), so no crowd connection retries at once."""
-    overload = Overload(0.5, crowd_connections=16)
+def test_a_crowd_of_new_connections_is_held_once_its_refusals_are_most_of_the_answers() -> None:
+    """The acceptor took 40 connections at once: for a window, 16 refusals since the last
+    tick, five times what was served, start a storm (before any tick could see one), so
+    the rest of the crowd is held from its first refusal."""
+    overload = Overload(0.5, crowd_connections=16, crowd_refusals=16)
     loop = ticking(overload)
     tick(overload, loop, 0.0)
     overload.arrived(40)
-    overload.answers += 1
-    hold = overload.hold()
-    assert 0.375 <= hold <= 0.5
+    holds = []
+    for _ in range(40):
+        overload.answers += 1  # each refusal is an answer
+        holds.append(overload.hold())
+    assert holds[:15] == [0.0] * 15
+    assert all(0.375 <= h <= 0.5 for h in holds[15:])
     assert overload.storming and overload.storms == 1
 
 
+def test_an_open_loops_new_connections_refused_as_often_as_served_are_not_held() -> None:
+    """An open loop's pool opening many connections at once, at twice capacity: one
+    refused for each served, never held for the crowd."""
+    overload = Overload(0.5, crowd_connections=16, crowd_refusals=16)
+    loop = ticking(overload)
+    tick(overload, loop, 0.0)
+    overload.arrived(64)
+    for _ in range(64):
+        overload.answers += 2  # one refused, one served
+        assert overload.hold() == 0.0
+    assert not overload.storming and overload.storms == 0
+
+
 def test_a_few_connections_at_once_or_a_crowd_long_gone_hold_nothing() -> None:
-    overload = Overload(0.5, crowd_connections=16, sustain_s=0.1)
+    overload = Overload(0.5, crowd_connections=16, crowd_refusals=4, sustain_s=0.1)
     loop = ticking(overload)
     tick(overload, loop, 0.0)
     overload.arrived(15)  # fewer than a crowd
-    overload.answers += 1
-    assert overload.hold() == 0.0
+    for _ in range(8):
+        overload.answers += 1
+        assert overload.hold() == 0.0
     overload.arrived(64)
     loop.now += 0.1  # the window after the crowd's arrival has passed
-    overload.answers += 1
-    assert overload.hold() == 0.0
+    for _ in range(8):
+        overload.answers += 1
+        assert overload.hold() == 0.0
     assert not overload.storming and overload.storms == 0
