@@ -11,12 +11,14 @@ a gRPC connection that multiplexes has its stream limit lowered instead.
 A crowd of new connections is read in slices: at most ``first_reads_per_turn`` new
 connections' first bytes a loop turn, the rest a millisecond later (:meth:`Overload.put_off`).
 
-Overrun is measured four ways, each at its own speed: the loop's lag (the median of a
+Overrun is measured five ways, each at its own speed: the loop's lag (the median of a
 100 ms window of ticks reaches a few ms: each turn is long, not one callback slow);
 refusals outnumbering what is served, five to one, over two windows or two 5 ms ticks
-running (a crowd whose turns stay short); a herd within the one turn that reads it; and a
-loop whose thread never rests in a window while it refuses as much as it serves (an open
-loop at twice capacity, its turns short). Arrivals that merely exceed capacity, with the
+running (a crowd whose turns stay short); a herd within the one turn that reads it; a
+crowd of new connections accepted at once whose refusals outnumber what is served, as
+soon as they do (:meth:`Overload.arrived`); and a loop whose thread never rests in a
+window while it refuses as much as it serves (an open loop at twice capacity, its turns
+short). Arrivals that merely exceed capacity, with the
 loop to spare, are not held. Once storming, the state lasts while many connections are
 held or throttled (the crowd is still there) and ends soon after they leave.
 """
