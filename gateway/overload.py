@@ -131,39 +131,17 @@ class Overload:
         self.refusals += 1
         if self.hold_s <= 0:
             return 0.0
-        if not self.storming and not self._herd() and not self._crowded():
+        if not self.storming and not self._herd():
             return 0.0
         return self.hold_s * (0.75 + 0.25 * random.random())
 
     def arrived(self, connections: int) -> None:
         """The acceptor took ``connections`` waiting in the kernel's queue at once: from
-        ``crowd_connections`` up, a crowd, and for ``sustain_s`` its refusals start a storm
-        (:meth:`_crowded`)."""
+        ``crowd_connections`` up, a crowd, and for ``sustain_s`` fewer refusals make a
+        herd (:meth:`_herd`)."""
         if connections >= self.crowd_connections and self._loop is not None:
             self._crowd_until = self._loop.time() + self.sustain_s
             self._crowd = connections
-
-    def _crowded(self) -> bool:
-        """Refusals just after a crowd of new connections arrived, ``crowd_refusals`` since
-        the last tick and ``refusal_ratio`` times what was served: each of the crowd's
-        connections is about to be refused, and each that is not held sends its next
-        request at once. Under the chaos bench's crowd the ticks saw the storm 70-100 ms
-        in, while 256 connections were refused 344 times in turns of 6-23 ms (the crowd's
-        set-ups and refusals, and the retries of those refused before), and a new
-        connection's refusal waited 40-85 ms. An open loop's pool that opens many
-        connections at once (all of its others busy) refuses about as many as it serves
-        at twice capacity, and is not held for it."""
-        if self._loop is None:
-            return False
-        now = self._loop.time()
-        if now >= self._crowd_until:
-            return False
-        refused, served = self._since(self._tick_refusals, self._tick_answers)
-        if not self._mostly_refused(refused, served, self.crowd_refusals):
-            return False
-        self._overrun(now, f"a crowd of {self._crowd} new connections at once, refused",
-                      refused, served)  # fmt: skip
-        return True
 
     def _herd(self) -> bool:
         """A herd arriving at once, seen within the turn that reads it: ``herd_refusals``
@@ -172,11 +150,25 @@ class Overload:
         refused again in each; from here on this turn's refusals are held, so the next
         turn reads only the clients refused before it. An open loop refuses that many
         between two ticks only after a stall (at 10,000 arrivals a second, one of 13 ms or
-        more), and then its refused connections are held for one storm: backpressure."""
-        refused, served = self._since(self._tick_refusals, self._tick_answers)
-        if self._loop is None or not self._mostly_refused(refused, served, self.herd_refusals):
+        more), and then its refused connections are held for one storm: backpressure.
+
+        Within ``sustain_s`` of a crowd of new connections accepted at once
+        (:meth:`arrived`), ``crowd_refusals`` are enough: each of the crowd's connections
+        is about to be refused, and each that is not held sends its next request at once.
+        Under the chaos bench's crowd the ticks had seen the storm 70-100 ms in, while 256
+        connections were refused 344 times in turns of 6-23 ms. An open loop's pool that
+        opens many connections at once (its others busy) refuses about as many as it
+        serves at twice capacity, and is not held for it."""
+        if self._loop is None:
             return False
-        self._overrun(self._loop.time(), f"{refused} refusals in one turn", refused, served)
+        now = self._loop.time()
+        crowd = now < self._crowd_until
+        at_least = self.crowd_refusals if crowd else self.herd_refusals
+        refused, served = self._since(self._tick_refusals, self._tick_answers)
+        if not self._mostly_refused(refused, served, at_least):
+            return False
+        why = f"a crowd of {self._crowd} new connections, " if crowd else ""
+        self._overrun(now, f"{why}{refused} refusals in one turn", refused, served)
         return True
 
     def first_read_now(self, again: bool = False) -> bool:
