@@ -14,7 +14,10 @@ clients (hey -c 8) for ``--duration`` seconds, ``--rounds`` times, alternating:
   one (on a worker thread): nearly every request is refused from its head (429).
 
 The figure is the loop thread's CPU time (user and kernel, from /proc) per answer, and the
-kernel's share of it. Prints a table; JSON to bench/results/refusal-cost-<stamp>.json.
+kernel's share of it. With ``--new-connections`` every request comes on a new connection
+(hey ``-disable-keepalive``): a refusal's cost then includes accepting and setting up its
+connection, what a crowd of new clients costs the loop. Prints a table; JSON to
+bench/results/refusal-cost-<stamp>.json.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def thread_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
-def measure(root: Path, label: str, duration: float, body: Path) -> dict[str, Any]:
+def measure(
+    root: Path, label: str, duration: float, body: Path, keepalive: bool = True
+) -> dict[str, Any]:
     root.mkdir(parents=True)
     ws = Workspace(root, duration)
     repo = build_repository(root / label, **MODELS[label])
@@ -73,10 +78,13 @@ def measure(root: Path, label: str, duration: float, body: Path) -> dict[str, An
         server.wait_ready()
         assert server.proc is not None
         pid = server.proc.pid
-        subprocess.run(hey_command(url, body, 1, 8), capture_output=True, check=True)
+        subprocess.run(hey_command(url, body, 1, 8, keepalive), capture_output=True, check=True)
         user0, system0 = thread_times(pid)
         done = subprocess.run(
-            hey_command(url, body, duration, 8), capture_output=True, text=True, check=True
+            hey_command(url, body, duration, 8, keepalive),
+            capture_output=True,
+            text=True,
+            check=True,
         )
         user1, system1 = thread_times(pid)
     result = parse_hey(done.stdout)
@@ -96,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--new-connections", action="store_true", help="a new connection for every request"
+    )
     args = parser.parse_args(argv)
+    keepalive = not args.new_connections
     exit_on_sigterm()
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in MODELS}
     with tempfile.TemporaryDirectory(prefix="turnout-refusal-") as tmp:
@@ -105,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for label in MODELS:
                 runs[label].append(
-                    measure(root / f"{label}-{len(runs[label])}", label, args.duration, body)
+                    measure(
+                        root / f"{label}-{len(runs[label])}", label, args.duration, body, keepalive
+                    )
                 )
                 console.print(label, runs[label][-1])
     median = {
@@ -114,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = median["refused"] / median["served"]
     bound = (1 - 2 * ratio) / (1 - ratio) if ratio < 0.5 else 0.0
     table = new_table(
-        "event-loop CPU per answer", ["case", "rounds (us per answer)", "median us", "kernel"],
+        "event-loop CPU per answer" + (", each on a new connection" if not keepalive else ""),
+        ["case", "rounds (us per answer)", "median us", "kernel"],
         left={"case", "rounds (us per answer)"},
     )  # fmt: skip
     for label, rows in runs.items():
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine_info(tools=["hey"]),
         "duration_s": args.duration,
+        "new_connections": not keepalive,
         "runs": runs,
         "median_us_per_answer": median,
         "refusal_to_served": ratio,

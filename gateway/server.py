@@ -51,6 +51,7 @@ from gateway.grpc.servicer import MODEL_INFER, InferenceServicer, build_grpc_ser
 from gateway.grpc.transport import GrpcServer
 from gateway.http.app import HttpApp
 from gateway.http.protocol import HoldingProtocol
+from gateway.http.refusing import RefusingProtocol
 from gateway.limits import RateLimits
 from gateway.metrics import GatewayCollector, RequestMetrics, gateway_registry
 from gateway.models import ModelTable
@@ -382,9 +383,18 @@ class Gateway:
             server_state=server.server_state,
             app_state=server.lifespan.state,
         )
+        first = functools.partial(
+            RefusingProtocol,
+            refusal=app.refusal,
+            protocol=protocol,
+            overload=self.overload,
+            server_state=server.server_state,
+            head_timeout_s=s.http_head_timeout_s,
+            keep_alive_s=config.timeout_keep_alive,
+        )
         self._http_acceptor = Acceptor(
             http_socket,
-            protocol,
+            first,
             ssl_context=config.ssl,
             backlog=config.backlog,
             on_drained=self.overload.arrived,

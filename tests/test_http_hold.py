@@ -1,7 +1,8 @@
 """A connection refused for overload while the loop is overrun is not read for the hold; new
 connections and served ones are read at once. A real uvicorn server on loopback with the
-gateway's protocol class, in front of a two-route ASGI app (/refuse answers 429 as the
-gateway's app does, /ok answers 200)."""
+gateway's protocol classes (each connection starts with the refusing protocol, which hands
+it to uvicorn's), in front of a two-route ASGI app (/refuse answers 429 as the gateway's
+app does, anything else 200) and a refusal from the head for one path (FULL)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import functools
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ import uvicorn
 
 from gateway.acceptor import Acceptor, listening_socket
 from gateway.http.protocol import REFUSED_KEY, HoldingProtocol
+from gateway.http.refusing import RefusingProtocol
 from gateway.overload import Overload
 
 HOLD_S = 0.4
@@ -43,13 +46,30 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 HEAD_TIMEOUT_S = 0.3
-
+KEEP_ALIVE_S = 0.6
 
 FIRST_READS_PER_TURN = 4
 
+FULL = "/v2/models/full/infer"
+REFUSAL = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 6\r\nretry-after: 1\r\n\r\nfull!\n"
+asked: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+
+
+def refusal(path: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """A refusal from the head for FULL, as the gateway's app answers a full model."""
+    asked.append((path, headers))
+    return REFUSAL if path == FULL else None
+
+
+@dataclass
+class Served:
+    port: int
+    overload: Overload
+    server: uvicorn.Server
+
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[int, Overload]]:
+async def served() -> AsyncIterator[Served]:
     """Served as the gateway serves: uvicorn with no socket of its own, the gateway's
     acceptor making each connection's protocol."""
     overload = Storming(HOLD_S, first_reads_per_turn=FIRST_READS_PER_TURN)
@@ -62,12 +82,21 @@ async def served() -> AsyncIterator[tuple[int, Overload]]:
     made = functools.partial(
         protocol, config=config, server_state=server.server_state, app_state={}
     )
-    acceptor = Acceptor(listening_socket("127.0.0.1", 0), made)
+    first = functools.partial(
+        RefusingProtocol,
+        refusal=refusal,
+        protocol=made,
+        overload=overload,
+        server_state=server.server_state,
+        head_timeout_s=HEAD_TIMEOUT_S,
+        keep_alive_s=KEEP_ALIVE_S,
+    )
+    acceptor = Acceptor(listening_socket("127.0.0.1", 0), first)
     await acceptor.start()
-    yield acceptor.port, overload
+    yield Served(acceptor.port, overload, server)
     acceptor.close()
     server.should_exit = True
-    await task
+    await asyncio.wait_for(task, 10)
 
 
 class Connection:
@@ -80,18 +109,26 @@ class Connection:
 
     async def get(self, path: str) -> int:
         self.writer.write(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+        return (await self.answer())[0]
+
+    async def answer(self) -> tuple[int, bytes, bytes]:
+        """The next response's status, head and body (by its content-length)."""
         head = await self.reader.readuntil(b"\r\n\r\n")
-        await self.reader.readexactly(2)
-        return int(head.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        return int(head.split(b" ", 2)[1]), head, await self.reader.readexactly(length)
 
     def close(self) -> None:
         self.writer.close()
 
 
 async def test_a_refused_connection_is_not_read_until_its_hold_ends(
-    served: tuple[int, Overload],
+    served: Served,
 ) -> None:
-    port, overload = served
+    port, overload = served.port, served.overload
     kept = await Connection.to(port)
     assert await kept.get("/refuse") == 429
     assert overload.held == 1
@@ -111,9 +148,9 @@ async def test_a_refused_connection_is_not_read_until_its_hold_ends(
 
 
 async def test_a_connection_closed_while_held_releases_its_hold(
-    served: tuple[int, Overload],
+    served: Served,
 ) -> None:
-    port, overload = served
+    port, overload = served.port, served.overload
     kept = await Connection.to(port)
     assert await kept.get("/refuse") == 429
     assert overload.held == 1
@@ -126,9 +163,9 @@ async def test_a_connection_closed_while_held_releases_its_hold(
 
 
 async def test_silent_and_half_sent_connections_are_closed_after_the_head_timeout(
-    served: tuple[int, Overload],
+    served: Served,
 ) -> None:
-    port, _ = served
+    port = served.port
     silent = await Connection.to(port)
     half = await Connection.to(port)
     half.writer.write(b"POST /ok HTTP/1.1\r\nhost: t\r\ncontent-le")
@@ -144,12 +181,12 @@ async def test_silent_and_half_sent_connections_are_closed_after_the_head_timeou
 
 
 async def test_a_crowd_of_new_connections_is_read_in_slices_and_all_answered(
-    served: tuple[int, Overload],
+    served: Served,
 ) -> None:
     """24 clients connect and send at once (the loop is blocked meanwhile): the acceptor
     takes them in one turn, the next turn reads the first bytes of 4, and the rest are read
     a millisecond later, 4 at a time; every one is answered."""
-    port, overload = served
+    port, overload = served.port, served.overload
     request = b"GET /ok HTTP/1.1\r\nhost: t\r\n\r\n"
     crowd = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
     for client in crowd:
@@ -167,3 +204,128 @@ async def test_a_crowd_of_new_connections_is_read_in_slices_and_all_answered(
     assert (await loop.run_in_executor(None, crowd[-1].recv, 4096)).startswith(b"HTTP/1.1 200 ")
     for client in crowd:
         client.close()
+
+
+def refused_request(body: bytes = b"0123456789", *headers: str) -> bytes:
+    lines = [f"POST {FULL} HTTP/1.1", "Host: t", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_a_request_refused_from_its_head_is_answered_without_the_app_or_its_body(
+    served: Served,
+) -> None:
+    """The refusing protocol writes the refusal as soon as the head is in (the body comes
+    later, in pieces, and is skipped); the connection is held, then handed to uvicorn's
+    protocol for a request it does not refuse."""
+    port, overload = served.port, served.overload
+    asked.clear()
+    kept = await Connection.to(port)
+    request = refused_request(b"0123456789", "X-Custom:  spaced  ", "Traceparent: 00-ab")
+    kept.writer.write(request[:-7])
+    status, head, body = await kept.answer()
+    assert (status, body) == (429, b"full!\n")
+    assert b"\r\ndate: " in head and b"\r\nserver: uvicorn" in head  # uvicorn's own headers
+    assert asked == [
+        (
+            FULL,
+            [
+                (b"host", b"t"),
+                (b"content-length", b"10"),
+                (b"x-custom", b"spaced"),
+                (b"traceparent", b"00-ab"),
+            ],
+        )
+    ]
+    kept.writer.write(request[-7:])  # the rest of the body: skipped, not a request
+    await asyncio.sleep(0.05)
+    assert overload.held == 1
+    assert await kept.get("/ok") == 200  # after the hold, by uvicorn's protocol
+    assert overload.held == 0
+    assert await kept.get("/ok") == 200
+    kept.close()
+
+
+async def test_pipelined_refusals_are_framed_by_their_lengths(served: Served) -> None:
+    port = served.port
+    kept = await Connection.to(port)
+    bodies = (b"", b"x" * 70_000)
+    kept.writer.write(
+        b"".join(refused_request(body) for body in bodies) + b"GET /ok HTTP/1.1\r\nhost: t\r\n\r\n"
+    )
+    answers = [await asyncio.wait_for(kept.answer(), 5) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [429, 429, 200]
+    assert answers[2][2] == b"{}"
+    kept.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # Framing or answering that only uvicorn reads: the request reaches the app.
+        (
+            f"POST {FULL} HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+            "3\r\nabc\r\n0\r\n\r\n",
+            200,
+        ),
+        (
+            f"POST {FULL} HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n"
+            "connection: upgrade\r\n\r\n{}",
+            200,
+        ),
+        (f"POST {FULL} HTTP/1.0\r\nhost: t\r\ncontent-length: 2\r\n\r\n{{}}", 200),
+        (
+            f"POST {FULL}?x=1 HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nupgrade: h2c\r\n\r\n{{}}",
+            200,
+        ),
+        (f"GET {FULL} HTTP/1.1\r\nhost: t\r\n\r\n", 200),
+        (f"POST {FULL} HTTP/1.1\r\nhost: t\r\n\r\n", 200),  # no length: no body
+        # Malformed: uvicorn's 400, as before the refusing protocol.
+        (
+            f"POST {FULL} HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n"
+            "content-length: 3\r\n\r\n{}",
+            400,
+        ),
+        (f"POST {FULL} HTTP/1.1\r\nhost: t\r\ncontent-length: -2\r\n\r\n{{}}", 400),
+        (f"POST {FULL} HTTP/1.1\r\nhost : t\r\ncontent-length: 2\r\n\r\n{{}}", 400),
+        ("POST /v2/models/full/infer HTTP/1.1\nhost: t\ncontent-length: 2\n\n{}", 400),
+    ],
+)
+async def test_anything_the_refusing_protocol_does_not_read_is_uvicorns_from_its_first_byte(
+    served: Served, head: str, status: int
+) -> None:
+    connection = await Connection.to(served.port)
+    connection.writer.write(head.encode())
+    assert (await asyncio.wait_for(connection.answer(), 5))[0] == status
+    connection.close()
+
+
+async def test_a_refused_connection_idle_past_keep_alive_is_closed(served: Served) -> None:
+    connection = await Connection.to(served.port)
+    connection.writer.write(refused_request())
+    assert (await connection.answer())[0] == 429
+    # Held for the hold (not idle meanwhile), then idle for KEEP_ALIVE_S.
+    assert await asyncio.wait_for(connection.reader.read(), 5) == b""
+    assert served.overload.held == 0
+
+
+async def test_a_refused_connection_open_at_shutdown_is_closed(served: Served) -> None:
+    connection = await Connection.to(served.port)
+    connection.writer.write(refused_request())
+    assert (await connection.answer())[0] == 429
+    served.server.should_exit = True
+    assert await asyncio.wait_for(connection.reader.read(), 5) == b""
+
+
+async def test_a_refused_request_that_asks_to_close_is_refused_then_closed(served: Served) -> None:
+    """``connection: close`` (hey without keep-alive sends it): the refusal says so, and the
+    connection closes once the body is in, so the client reads the refusal, not a reset."""
+    connection = await Connection.to(served.port)
+    request = refused_request(b"x" * 5000, "Connection: close")
+    connection.writer.write(request[:-100])
+    status, head, body = await asyncio.wait_for(connection.answer(), 5)
+    assert (status, body) == (429, b"full!\n") and b"\r\nconnection: close\r\n" in head
+    await asyncio.sleep(0.05)
+    assert not connection.reader.at_eof()  # the rest of the body is still to come
+    connection.writer.write(request[-100:])
+    assert await asyncio.wait_for(connection.reader.read(), 5) == b""
+    assert served.overload.held == 0

@@ -196,8 +196,15 @@ class HttpApp:
                 content_type=_OCTETS,
             )
 
+    def refusal(self, path: str, raw_headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The whole 429 :meth:`refusal_from_head` would send, or None, reserving nothing:
+        for :class:`~gateway.http.refusing.RefusingProtocol`, which hands a request it does
+        not refuse to the protocol that asks :meth:`refusal_from_head` again."""
+        answer = self.refusal_from_head(path, raw_headers, reserve=False)
+        return answer if isinstance(answer, bytes) else None
+
     def refusal_from_head(
-        self, path: str, raw_headers: list[tuple[bytes, bytes]]
+        self, path: str, raw_headers: list[tuple[bytes, bytes]], *, reserve: bool = True
     ) -> bytes | str | None:
         """The whole 429 for an inference request the data plane refuses before its body
         (every version's queue full), recorded like any request; or the model it reserved
@@ -219,7 +226,7 @@ class HttpApp:
             if name in _TRACE_HEADERS:
                 trace[name.decode()] = value.decode("latin-1")
         if not self.dataplane.refusable_from_head(parts[2]):
-            if parts[2] not in self.dataplane.models.versions:
+            if not reserve or parts[2] not in self.dataplane.models.versions:
                 return None  # not served (a 404 to come): no queue to keep a place in
             self.dataplane.reserve(parts[2])
             return parts[2]

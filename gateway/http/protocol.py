@@ -1,4 +1,8 @@
-"""The HTTP/1.1 connection: uvicorn's httptools protocol, with four things for overload.
+"""The HTTP/1.1 connection: uvicorn's httptools protocol, with three things for overload.
+
+A connection starts with :class:`gateway.http.refusing.RefusingProtocol`, which refuses
+from the head by itself (and reads a crowd's first bytes in slices); this protocol takes
+the connection over at the first request that one does not refuse (:meth:`take_over`).
 
 - **Refusal from the head.** As soon as an inference request's head is parsed, the data
   plane may refuse it (every queue of the model full): the connection writes the whole 429
@@ -9,8 +13,6 @@
   nothing, while the refusal itself went out at once. New connections, and connections
   that were served, are read as before. The hold never exceeds the Retry-After the refusal
   carried, so a client that honours it never notices.
-- **Slices of a crowd.** At most ``first_reads_per_turn`` new connections' first bytes are
-  read a loop turn, the rest a millisecond later (:meth:`Overload.first_read_now`).
 - **A head timeout.** A connection that sends no head, or part of one, is closed.
 """
 
@@ -24,7 +26,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.overload import Overload
 
-__all__ = ["REFUSED_KEY", "RESERVED_KEY", "HoldingProtocol", "Refuse"]
+__all__ = ["REFUSED_KEY", "RESERVED_KEY", "HoldingProtocol", "Refuse", "with_default_headers"]
 
 REFUSED_KEY = "turnout.refused"
 """Set in a request's ASGI scope by the app when it refused the request for overload."""
@@ -103,8 +105,6 @@ class HoldingProtocol(HttpToolsProtocol):
         self._in_head = False
         self._discarding = False  # the body of a request already refused from its head
         self._one_write: _OneWrite | None = None
-        self._fresh = True  # nothing read on this connection yet
-        self._first_bytes = b""  # what its first read brought, while that read is put off
 
     # A connection that sends nothing, or half a request head, is closed after
     # head_timeout_s (a 408 for the half head): slow clients cannot hold sockets forever.
@@ -112,25 +112,13 @@ class HoldingProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm_head_timer()
 
-    # A crowd's new connections are read in slices (Overload.first_read_now): accepted in
-    # one turn, 256 of them made the next turn read, parse and refuse 256 requests, 20-30 ms
-    # in which every established connection waited, and so did the next new one.
-    def data_received(self, data: bytes) -> None:
-        if self._fresh:
-            self._fresh = False
-            if not self.overload.first_read_now():
-                self._first_bytes = data
-                self.flow.pause_reading()
-                self.overload.put_off(self._first_read)
-                return
-        super().data_received(data)
-
-    def _first_read(self) -> None:
-        data, self._first_bytes = self._first_bytes, b""
-        if self.transport.is_closing():
-            return
-        self.flow.resume_reading()
-        super().data_received(data)
+    def take_over(self, transport: asyncio.Transport, data: bytes) -> None:
+        """The connection from :class:`~gateway.http.refusing.RefusingProtocol`, with the
+        bytes of the request it did not answer (from the request's first byte)."""
+        self.connection_made(transport)
+        transport.set_protocol(self)
+        if data:
+            self.data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -201,9 +189,7 @@ class HoldingProtocol(HttpToolsProtocol):
             return False
         if isinstance(answer, str):
             return answer
-        status_line, _, rest = answer.partition(b"\r\n")
-        defaults = b"".join(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)
-        self.transport.write(status_line + b"\r\n" + defaults + rest)  # date, server, as usual
+        self.transport.write(with_default_headers(answer, self.server_state.default_headers))
         self._discarding = True
         return True
 
@@ -247,3 +233,10 @@ class HoldingProtocol(HttpToolsProtocol):
             self._release = None
             self.overload.held -= 1
         super().connection_lost(exc)
+
+
+def with_default_headers(answer: bytes, defaults: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole response with the server's default headers (uvicorn's date and server) after
+    its status line, as uvicorn writes every response."""
+    status_line, _, rest = answer.partition(b"\r\n")
+    return status_line + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in defaults) + rest

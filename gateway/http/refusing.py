@@ -1,0 +1,275 @@
+"""A new HTTP connection's first protocol: it refuses from the head by itself, and hands the
+connection to uvicorn's (:class:`gateway.http.protocol.HoldingProtocol`) for anything else.
+
+Under a crowd of new clients most connections are refused for overload, once or several
+times, before any of them is served. Each one made uvicorn's protocol (a parser, its
+state, two address lookups, a scope per request), about 45 us of the event loop per
+connection with its first refusal on an idle machine, against about 20 us here
+(``python -m bench.refusal_cost --new-connections``): a crowd's set-up is the queue a
+newcomer waits in. This protocol reads a request's head itself only while it looks like
+the one case it answers, an inference ``POST`` over HTTP/1.1 with a ``content-length``
+and nothing that changes the framing; asks the app for a refusal
+(:data:`Refusal`); writes it, skips the body by its length and waits for the next head.
+A refused request that asked for ``connection: close`` is answered so, and the connection
+closed once its body is in. At the first request it does not refuse, or anything it does
+not read (another method, chunked bodies, ``expect``, an upgrade, a malformed head), it
+gives the connection and every byte of that request to uvicorn's protocol, which parses it
+from the start, so what is served, and every error, is uvicorn's as before.
+
+What it keeps from that protocol's overload handling: a crowd's first reads in slices
+(:meth:`Overload.first_read_now`), the hold of a refused connection, the head timeout
+(408 for half a head) and the keep-alive timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, cast
+
+from gateway.http.protocol import HoldingProtocol, with_default_headers
+from gateway.overload import Overload
+
+__all__ = ["Refusal", "RefusingProtocol"]
+
+Refusal = Callable[[str, list[tuple[bytes, bytes]]], bytes | None]
+"""Given an inference request's path and raw headers (names lower-case): the whole refusal
+to send when the data plane refuses it before its body, else None (nothing reserved)."""
+
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_MAX_HEAD = 16384
+"""A head not complete within this many bytes is uvicorn's to judge."""
+_FRAMING = frozenset((b"transfer-encoding", b"upgrade", b"expect", b"connection"))
+"""Headers that change how a request is framed or answered: uvicorn reads such a request
+(but ``connection: keep-alive`` or ``close``)."""
+_CLOSE = [(b"connection", b"close")]
+
+
+class RefusingProtocol(asyncio.Protocol):
+    """One connection, until uvicorn's protocol takes it over (:meth:`_hand_over`)."""
+
+    def __init__(
+        self,
+        *,
+        refusal: Refusal,
+        protocol: Callable[[], HoldingProtocol],
+        overload: Overload,
+        server_state: Any,
+        head_timeout_s: float,
+        keep_alive_s: float,
+    ) -> None:
+        self._refusal = refusal
+        self._protocol = protocol
+        self._overload = overload
+        self._state = server_state  # uvicorn's: connections to close at shutdown, headers
+        self._head_timeout_s = head_timeout_s
+        self._keep_alive_s = keep_alive_s
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._buffer = b""  # from the start of the request not yet answered
+        self._skip = 0  # body bytes of a refused request still to come
+        self._close = False  # the refused request asked for "connection: close"
+        self._fresh = True  # nothing read on this connection yet
+        self._timer: asyncio.TimerHandle | None = None
+        self._timing_head = False  # the timer is the head timeout (else keep-alive)
+        self._release: asyncio.TimerHandle | None = None  # the end of a hold
+        self._writing_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._state.connections.add(self)
+        self._time(head=True)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if self._fresh:
+            self._fresh = False
+            if not self._overload.first_read_now():
+                self._buffer = data
+                transport.pause_reading()
+                self._overload.put_off(self._first_read)
+                return
+        self._buffer = self._buffer + data if self._buffer else data
+        self._read()
+
+    def _first_read(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.resume_reading()
+        self._read()
+
+    def _read(self) -> None:
+        """Answer every whole refused request in the buffer; hand over at anything else."""
+        transport = self._transport
+        assert transport is not None
+        while self._buffer and not self._writing_paused and self._release is None:
+            buffer = self._buffer
+            if self._skip:
+                skipped = min(self._skip, len(buffer))
+                self._skip -= skipped
+                self._buffer = buffer[skipped:]
+                if self._skip:
+                    return
+                self._answered()
+                continue
+            if not self._timing_head:  # a new request: the head timeout again
+                self._time(head=True)
+            if not buffer.startswith(b"POST /"[: len(buffer)]):
+                self._hand_over()
+                return
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > _MAX_HEAD or b"\n\n" in buffer:
+                    self._hand_over()
+                return
+            head = _inference_head(buffer, end)
+            answer = self._refusal(*head[:2]) if head is not None else None
+            if answer is None or head is None:
+                self._hand_over()
+                return
+            self._cancel_timer()
+            defaults = self._state.default_headers
+            self._close = head[3]
+            transport.write(
+                with_default_headers(answer, defaults + _CLOSE if self._close else defaults)
+            )
+            self._buffer = buffer[end + 4 :]
+            self._skip = head[2]
+            if not self._skip:
+                self._answered()
+        if not self._buffer and not self._skip and self._timer is None and self._release is None:
+            self._time(head=False)  # idle (a held connection is not idle: it is not read)
+
+    def _answered(self) -> None:
+        """A refused request is whole (its body skipped): counted, and perhaps held; or the
+        connection closed, when the request asked for that (after its body, so the client
+        reads the refusal rather than a reset)."""
+        self._state.total_requests += 1
+        self._overload.answers += 1
+        if self._transport is None:
+            return
+        if self._close:
+            self._overload.refusals += 1
+            self._buffer = b""
+            self._transport.close()
+            return
+        hold = self._overload.hold()
+        if hold:
+            self._transport.pause_reading()
+            self._release = self._loop.call_later(hold, self._resume)
+            self._overload.held += 1
+
+    def _resume(self) -> None:
+        self._release = None
+        self._overload.held -= 1
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if not self._writing_paused:
+            transport.resume_reading()
+        self._read()
+
+    def _hand_over(self) -> None:
+        """uvicorn's protocol takes the connection, with the request read so far."""
+        transport = self._transport
+        assert transport is not None
+        self._cancel_timers()
+        self._state.connections.discard(self)
+        self._transport = None
+        data, self._buffer = self._buffer, b""
+        self._protocol().take_over(transport, data)
+
+    def _time(self, *, head: bool) -> None:
+        self._cancel_timer()
+        seconds = self._head_timeout_s if head else self._keep_alive_s
+        self._timer = self._loop.call_later(seconds, self._timed_out)
+        self._timing_head = head
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timing_head = False
+
+    def _timed_out(self) -> None:
+        """No whole head in time (408 for half of one), or idle past keep-alive: closed."""
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._timing_head and self._buffer:
+            transport.write(_TIMED_OUT)
+        transport.close()
+
+    def pause_writing(self) -> None:
+        # A client that sends and never reads: stop reading its requests until it does.
+        self._writing_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._release is not None:
+            return
+        transport.resume_reading()
+        self._read()
+
+    def shutdown(self) -> None:
+        """Called by uvicorn at shutdown: nothing is in flight here, close at once."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        self._state.connections.discard(self)
+        self._transport = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_timer()
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+            self._overload.held -= 1
+
+
+def _inference_head(
+    buffer: bytes, end: int
+) -> tuple[str, list[tuple[bytes, bytes]], int, bool] | None:
+    """(path, headers, content length, close) of a head ``buffer[:end]`` that this protocol
+    may refuse: ``POST <path ending in /infer> HTTP/1.1``, well-formed lines, one decimal
+    ``content-length``, no header in :data:`_FRAMING` but ``connection: keep-alive`` or
+    ``close`` (then ``close`` is true). None for anything else (uvicorn's to read)."""
+    if buffer.count(b"\n", 0, end) != buffer.count(b"\r", 0, end):
+        return None  # a bare CR or LF
+    lines = buffer[:end].split(b"\r\n")
+    request = lines[0].split(b" ")
+    if len(request) != 3 or request[2] != b"HTTP/1.1":
+        return None
+    path = request[1].split(b"?", 1)[0]
+    if not path.endswith(b"/infer"):
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    length = -1
+    close = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or b" " in name or b"\t" in name:
+            return None  # also a folded line (it starts with white space)
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif name in _FRAMING:
+            option = value.lower() if name == b"connection" else b""
+            if option not in (b"keep-alive", b"close"):
+                return None
+            close = close or option == b"close"
+        headers.append((name, value))
+    if length < 0:
+        return None
+    return path.decode("latin-1"), headers, length, close
