@@ -38,7 +38,8 @@ inferences in the middle of a phase (``steady_rate``), capacity, crowd and open 
 alike. ``--pin`` puts the gateway on one core and the load generators on the others
 (``taskset``), as if they ran on separate machines; by default they share every core.
 
-One case at a time with ``--case``; ``--duration`` sets the load phases' length.
+One case at a time with ``--case``; ``--duration`` sets the load phases' length;
+``--protocol http`` (or ``grpc``) runs only that protocol's overload rounds.
 """
 
 from __future__ import annotations
@@ -101,9 +102,16 @@ Row = dict[str, Any]
 
 class Workspace:
     def __init__(
-        self, root: Path, duration: float, rounds: int = 6, pin: bool = False, phase: float = 4.0
+        self,
+        root: Path,
+        duration: float,
+        rounds: int = 6,
+        pin: bool = False,
+        phase: float = 4.0,
+        protocols: tuple[str, ...] = ("http", "grpc"),
     ) -> None:
         self.root = root
+        self.protocols = protocols  # the overload cases' protocols
         self.duration = duration
         self.rounds = rounds
         self.phase = phase
@@ -246,17 +254,19 @@ def overload_rounds(ws: Workspace, server: Server, http: int, grpc: int, repo: P
         server.wait_ready()
         retry(lambda: check_http(http, ws.x, expected_mlp(repo, ws.x)), "HTTP check")
         url = f"http://127.0.0.1:{http}{INFER}"
-        run_hey(url, ws.json_body, 2, 8)  # warm-up
-        http_rounds = [overload_http_round(ws, http) for _ in range(ws.rounds)]
-        grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
-        h2load(grpc_url, ws.grpc_body, 2, "-c", "8", "-m", "1")  # warm-up
-        grpc_rounds = [overload_grpc_round(ws, http, grpc) for _ in range(ws.rounds)]
-    return [
-        merged_rounds([closed for closed, _ in http_rounds]),
-        merged_rounds([open_ for _, open_ in http_rounds]),
-        merged_rounds([closed for closed, _ in grpc_rounds]),
-        merged_rounds([open_ for _, open_ in grpc_rounds]),
-    ]
+        rows: list[Row] = []
+        if "http" in ws.protocols:
+            run_hey(url, ws.json_body, 2, 8)  # warm-up
+            http_rounds = [overload_http_round(ws, http) for _ in range(ws.rounds)]
+            rows += [merged_rounds([closed for closed, _ in http_rounds])]
+            rows += [merged_rounds([open_ for _, open_ in http_rounds])]
+        if "grpc" in ws.protocols:
+            grpc_url = f"http://127.0.0.1:{grpc}/inference.GRPCInferenceService/ModelInfer"
+            h2load(grpc_url, ws.grpc_body, 2, "-c", "8", "-m", "1")  # warm-up
+            grpc_rounds = [overload_grpc_round(ws, http, grpc) for _ in range(ws.rounds)]
+            rows += [merged_rounds([closed for closed, _ in grpc_rounds])]
+            rows += [merged_rounds([open_ for _, open_ in grpc_rounds])]
+    return rows
 
 
 def merged_rounds(rounds: list[Row]) -> Row:
@@ -804,12 +814,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="overload: the gateway on one core, the load generators on the others",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("http", "grpc"),
+        action="append",
+        help="overload: only this protocol's rounds (default: both)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     exit_on_sigterm()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="turnout-chaos-") as tmp:
-        ws = Workspace(Path(tmp), args.duration, args.rounds, args.pin, args.phase)
+        protocols = tuple(args.protocol or ("http", "grpc"))
+        ws = Workspace(Path(tmp), args.duration, args.rounds, args.pin, args.phase, protocols)
         for name in args.case or list(CASES):
             console.print(f"[bold]{name}")
             try:

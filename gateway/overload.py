@@ -217,7 +217,7 @@ class Overload:
         self._reading_put_off = None
         waiting = self._put_off
         while waiting and self.first_read_now(again=True):
-            waiting.popleft()()
+            waiting.pop()()
         if waiting:
             loop = asyncio.get_running_loop()
             self._reading_put_off = loop.call_later(PUT_OFF_S, self._read_put_off)
