@@ -135,6 +135,20 @@ class Overload:
             return 0.0
         return self.hold_s * (0.75 + 0.25 * random.random())
 
+    def hold_reads(
+        self, pause: Callable[[], None], resume: Callable[[], None]
+    ) -> asyncio.TimerHandle | None:
+        """For a connection just refused for overload (counted, as by :meth:`hold`): when it
+        is to be held, ``pause`` its reads now and call ``resume`` after the hold, counted in
+        :attr:`held`; the timer (to cancel, and ``held -= 1``, if the connection closes
+        first), or None: read it as usual. ``resume`` does ``held -= 1``."""
+        hold = self.hold()
+        if not hold:
+            return None
+        pause()
+        self.held += 1
+        return asyncio.get_running_loop().call_later(hold, resume)
+
     def arrived(self, connections: int) -> None:
         """The acceptor took ``connections`` waiting in the kernel's queue at once: from
         ``crowd_connections`` up, a crowd, and for ``sustain_s`` fewer refusals make a

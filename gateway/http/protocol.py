@@ -212,11 +212,7 @@ class HoldingProtocol(HttpToolsProtocol):
         self._hold()
 
     def _hold(self) -> None:
-        hold = self.overload.hold()
-        if hold:
-            self.flow.pause_reading()
-            self._release = self.loop.call_later(hold, self._resume)
-            self.overload.held += 1
+        self._release = self.overload.hold_reads(self.flow.pause_reading, self._resume)
 
     def _resume(self) -> None:
         self._release = None

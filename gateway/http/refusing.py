@@ -155,11 +155,7 @@ class RefusingProtocol(asyncio.Protocol):
             self._buffer = b""
             self._transport.close()
             return
-        hold = self._overload.hold()
-        if hold:
-            self._transport.pause_reading()
-            self._release = self._loop.call_later(hold, self._resume)
-            self._overload.held += 1
+        self._release = self._overload.hold_reads(self._transport.pause_reading, self._resume)
 
     def _resume(self) -> None:
         self._release = None

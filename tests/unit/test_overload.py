@@ -304,3 +304,31 @@ def test_a_few_connections_at_once_or_a_crowd_long_gone_hold_nothing() -> None:
         overload.answers += 1
         assert overload.hold() == 0.0
     assert not overload.storming and overload.storms == 0
+
+
+def test_hold_reads_pauses_a_refused_connection_only_while_storming_and_resumes_it() -> None:
+    class Storming(Overload):
+        storm = False
+
+        @property
+        def storming(self) -> bool:
+            return self.storm
+
+    overload = Storming(0.02)
+    events: list[str] = []
+
+    def resume() -> None:
+        overload.held -= 1
+        events.append("resumed")
+
+    async def main() -> None:
+        assert overload.hold_reads(lambda: events.append("paused"), resume) is None
+        assert events == [] and overload.refusals == 1  # counted, not held: no storm
+        overload.storm = True
+        timer = overload.hold_reads(lambda: events.append("paused"), resume)
+        assert timer is not None and events == ["paused"] and overload.held == 1
+        await asyncio.sleep(0.05)  # the hold is 3/4 to all of 20 ms
+        assert events == ["paused", "resumed"] and overload.held == 0
+        assert overload.refusals == 2
+
+    asyncio.run(main())
