@@ -288,6 +288,8 @@ async def test_pipelined_refusals_are_framed_by_their_lengths(served: Served) ->
         (f"POST {FULL} HTTP/1.1\r\nhost: t\r\ncontent-length: -2\r\n\r\n{{}}", 400),
         (f"POST {FULL} HTTP/1.1\r\nhost : t\r\ncontent-length: 2\r\n\r\n{{}}", 400),
         ("POST /v2/models/full/infer HTTP/1.1\nhost: t\ncontent-length: 2\n\n{}", 400),
+        (f"POST {FULL} HTTP/1.1\r\nhost: t\r\nx: a\x00b\r\ncontent-length: 2\r\n\r\n{{}}", 400),
+        (f"POST {FULL} HTTP/1.1\r\nhost: t\nx: a\rcontent-length: 2\r\n\r\n{{}}", 400),
     ],
 )
 async def test_anything_the_refusing_protocol_does_not_read_is_uvicorns_from_its_first_byte(

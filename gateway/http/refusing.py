@@ -24,6 +24,7 @@ What it keeps from that protocol's overload handling: a crowd's first reads in s
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -43,6 +44,8 @@ _FRAMING = frozenset((b"transfer-encoding", b"upgrade", b"expect", b"connection"
 """Headers that change how a request is framed or answered: uvicorn reads such a request
 (but ``connection: keep-alive`` or ``close``)."""
 _CLOSE = [(b"connection", b"close")]
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Bytes no head may hold (tab, CR and LF aside)."""
 
 
 class RefusingProtocol(asyncio.Protocol):
@@ -238,8 +241,11 @@ def _inference_head(
     may refuse: ``POST <path ending in /infer> HTTP/1.1``, well-formed lines, one decimal
     ``content-length``, no header in :data:`_FRAMING` but ``connection: keep-alive`` or
     ``close`` (then ``close`` is true). None for anything else (uvicorn's to read)."""
-    if buffer.count(b"\n", 0, end) != buffer.count(b"\r", 0, end):
+    lines_ended = buffer.count(b"\r\n", 0, end)
+    if buffer.count(b"\n", 0, end) != lines_ended or buffer.count(b"\r", 0, end) != lines_ended:
         return None  # a bare CR or LF
+    if _CONTROL.search(buffer, 0, end) is not None:
+        return None  # a control character (uvicorn's parser refuses them)
     lines = buffer[:end].split(b"\r\n")
     request = lines[0].split(b" ")
     if len(request) != 3 or request[2] != b"HTTP/1.1":
