@@ -217,12 +217,12 @@ class Overload:
         self._first_reads = self._later_reads = 0
 
     def put_off(self, first_read: Callable[[], None]) -> None:
-        """A new connection's first read, refused by :meth:`first_read_now`: called newest
-        first, ``first_reads_per_turn`` of them a millisecond (one timer for all of them: a
-        timer each, re-armed each turn, had cost a crowd of 256 connections ~200 timer
-        callbacks a millisecond while it was read). Newest first (adaptive LIFO): a
-        newcomer arriving while a crowd's first reads wait is read next, not after the
-        crowd. ``first_read`` checks that its connection is still open."""
+        """A new connection's first read, refused by :meth:`first_read_now`: called
+        ``first_reads_per_turn`` a millisecond (one timer for all of them: a timer each,
+        re-armed each turn, had cost a crowd of 256 connections ~200 timer callbacks a
+        millisecond while it was read), newest first (adaptive LIFO: a newcomer arriving
+        while a crowd's first reads wait is read next, not after the crowd).
+        ``first_read`` checks that its connection is still open."""
         self._put_off.append(first_read)
         if self._reading_put_off is None:
             loop = asyncio.get_running_loop()

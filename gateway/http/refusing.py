@@ -3,13 +3,14 @@ connection to uvicorn's (:class:`gateway.http.protocol.HoldingProtocol`) for any
 
 Under a crowd of new clients most connections are refused for overload, once or several
 times, before any of them is served. Each one made uvicorn's protocol (a parser, its
-state, two address lookups, a scope per request), about 45 us of the event loop per
-connection with its first refusal on an idle machine, against about 20 us here
-(``python -m bench.refusal_cost --new-connections``): a crowd's set-up is the queue a
-newcomer waits in. This protocol reads a request's head itself only while it looks like
-the one case it answers, an inference ``POST`` over HTTP/1.1 with a ``content-length``
-and nothing that changes the framing; asks the app for a refusal
-(:data:`Refusal`); writes it, skips the body by its length and waits for the next head.
+state, two address lookups, a scope per request): 81-85 us of an idle event loop for a
+connection and its first refusal, against 38-45 us here (a side script; under load,
+``python -m bench.refusal_cost --new-connections``: 232 against 193 us). A crowd's
+set-up is the queue a newcomer waits in. This protocol reads a request's head itself
+only while it looks like the one case it answers, an inference ``POST`` over HTTP/1.1
+with a ``content-length`` and nothing that changes the framing; asks the app for a
+refusal (:data:`Refusal`); writes it, skips the body by its length and waits for the
+next head.
 A refused request that asked for ``connection: close`` is answered so, and the connection
 closed once its body is in. At the first request it does not refuse, or anything it does
 not read (another method, chunked bodies, ``expect``, an upgrade, a malformed head), it
@@ -117,8 +118,6 @@ class RefusingProtocol(asyncio.Protocol):
                     return
                 self._answered()
                 continue
-            if not self._timing_head:  # a new request: the head timeout again
-                self._time(head=True)
             if not buffer.startswith(b"POST /"[: len(buffer)]):
                 self._hand_over()
                 return
@@ -126,6 +125,8 @@ class RefusingProtocol(asyncio.Protocol):
             if end < 0:
                 if len(buffer) > _MAX_HEAD or b"\n\n" in buffer:
                     self._hand_over()
+                elif not self._timing_head:  # part of a head: the head timeout again
+                    self._time(head=True)
                 return
             head = _inference_head(buffer, end)
             answer = self._refusal(*head[:2]) if head is not None else None
