@@ -28,8 +28,9 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["Acceptor", "listening_socket"]
+__all__ = ["Acceptor", "Screen", "listening_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,26 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Screen(Protocol):
+    """Looks at each drained connection before it has a transport (plain text only)."""
+
+    def first_look(self, connection: socket.socket) -> float | None:
+        """None: the screen answered the connection and closed it; else the seconds to
+        wait before setting it up (0: now), each wait ended by :meth:`released`."""
+
+    def released(self) -> None:
+        """A wait :meth:`first_look` asked for is over (the connection is set up, or
+        closed with the acceptor)."""
+
+
 class Acceptor:
     """Serves ``sock``: the loop's server accepts, and a crowd waiting in the kernel's
     queue is drained in one turn.
 
     ``protocol_factory`` makes each connection's protocol; with ``ssl_context`` the
     connection is TLS and the protocol sees it once the handshake is done (a handshake
-    that fails closes the connection, logged at debug level as asyncio's servers do)."""
+    that fails closes the connection, logged at debug level as asyncio's servers do).
+    Without TLS, a ``screen`` sees each drained connection first (:class:`Screen`)."""
 
     def __init__(
         self,
@@ -71,6 +85,7 @@ class Acceptor:
         per_turn: int = 4096,
         set_ups_per_turn: int = 32,
         on_drained: Callable[[int], None] | None = None,
+        screen: Screen | None = None,
     ) -> None:
         self.sock = sock
         self.protocol_factory = protocol_factory
@@ -83,6 +98,7 @@ class Acceptor:
         newest first; the rest wait, accepted, for the next turns."""
         self.on_drained = on_drained
         """Told how many connections each drain took (a crowd's size, as it arrives)."""
+        self.screen = screen if ssl_context is None else None
         self.accepted = 0
         """Connections accepted by the loop's server (for tests and the curious)."""
         self.drained = 0
@@ -95,6 +111,7 @@ class Acceptor:
         self._starting: set[asyncio.Task[object]] = set()
         self._accepted: list[socket.socket] = []  # drained, not set up yet; newest last
         self._setting_up = False
+        self._waiting: dict[socket.socket, asyncio.TimerHandle] = {}  # screened, set up later
 
     @property
     def port(self) -> int:
@@ -118,6 +135,12 @@ class Acceptor:
         for connection in self._accepted:
             connection.close()
         self._accepted.clear()
+        for connection, timer in self._waiting.items():
+            timer.cancel()
+            connection.close()
+            assert self.screen is not None
+            self.screen.released()
+        self._waiting.clear()
         if self._watched != -1:
             os.close(self._watched)
             self._watched = -1
@@ -195,10 +218,23 @@ class Acceptor:
             self._setting_up = False
             return
         for _ in range(min(self.set_ups_per_turn, len(waiting))):
-            self._serve(waiting.pop())
+            connection = waiting.pop()
+            wait = self.screen.first_look(connection) if self.screen is not None else 0.0
+            if wait is None:
+                continue
+            if wait > 0:
+                self._waiting[connection] = self._loop.call_later(wait, self._waited, connection)
+                continue
+            self._serve(connection)
         self._setting_up = bool(waiting)
         if self._setting_up:
             self._loop.call_soon(self._set_up)
+
+    def _waited(self, connection: socket.socket) -> None:
+        del self._waiting[connection]
+        assert self.screen is not None
+        self.screen.released()
+        self._serve(connection)
 
     def _serve(self, connection: socket.socket) -> None:
         loop = self._loop

@@ -51,7 +51,7 @@ from gateway.grpc.servicer import MODEL_INFER, InferenceServicer, build_grpc_ser
 from gateway.grpc.transport import GrpcServer
 from gateway.http.app import HttpApp
 from gateway.http.protocol import HoldingProtocol
-from gateway.http.refusing import RefusingProtocol
+from gateway.http.refusing import RefusingProtocol, RefusingScreen
 from gateway.limits import RateLimits
 from gateway.metrics import GatewayCollector, RequestMetrics, gateway_registry
 from gateway.models import ModelTable
@@ -398,6 +398,9 @@ class Gateway:
             ssl_context=config.ssl,
             backlog=config.backlog,
             on_drained=self.overload.arrived,
+            screen=RefusingScreen(
+                refusal=app.refusal, overload=self.overload, server_state=server.server_state
+            ),
         )
         await self._http_acceptor.start()
         if self.monitor is not None:

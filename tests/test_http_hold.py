@@ -7,6 +7,7 @@ app does, anything else 200) and a refusal from the head for one path (FULL)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import socket
 from collections.abc import AsyncIterator
@@ -15,10 +16,11 @@ from typing import Any
 
 import pytest
 import uvicorn
+import uvloop
 
 from gateway.acceptor import Acceptor, listening_socket
 from gateway.http.protocol import REFUSED_KEY, HoldingProtocol
-from gateway.http.refusing import RefusingProtocol
+from gateway.http.refusing import RefusingProtocol, RefusingScreen
 from gateway.overload import Overload
 
 HOLD_S = 0.4
@@ -66,12 +68,14 @@ class Served:
     port: int
     overload: Overload
     server: uvicorn.Server
+    acceptor: Acceptor
+    screen: RefusingScreen
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[Served]:
     """Served as the gateway serves: uvicorn with no socket of its own, the gateway's
-    acceptor making each connection's protocol."""
+    acceptor making each connection's protocol and screening a drained crowd."""
     overload = Storming(HOLD_S, first_reads_per_turn=FIRST_READS_PER_TURN)
     protocol = HoldingProtocol.watching(overload, HEAD_TIMEOUT_S)
     config = uvicorn.Config(app, http=protocol, lifespan="off", log_level="warning")
@@ -91,12 +95,19 @@ async def served() -> AsyncIterator[Served]:
         head_timeout_s=HEAD_TIMEOUT_S,
         keep_alive_s=KEEP_ALIVE_S,
     )
-    acceptor = Acceptor(listening_socket("127.0.0.1", 0), first)
+    screen = RefusingScreen(refusal=refusal, overload=overload, server_state=server.server_state)
+    acceptor = Acceptor(listening_socket("127.0.0.1", 0), first, screen=screen)
     await acceptor.start()
-    yield Served(acceptor.port, overload, server)
+    yield Served(acceptor.port, overload, server, acceptor, screen)
     acceptor.close()
     server.should_exit = True
     await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    async with serving() as served:
+        yield served
 
 
 class Connection:
@@ -331,3 +342,86 @@ async def test_a_refused_request_that_asks_to_close_is_refused_then_closed(serve
     connection.writer.write(request[-100:])
     assert await asyncio.wait_for(connection.reader.read(), 5) == b""
     assert served.overload.held == 0
+
+
+async def answered(client: socket.socket) -> bytes:
+    """Everything a non-blocking client reads until its server closes, or 2 s pass."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    with contextlib.suppress(TimeoutError):
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 2):
+            received += chunk
+    return received
+
+
+def a_crowd(port: int, requests: list[bytes]) -> list[socket.socket]:
+    """Clients that connect and send while the loop is blocked (the loop's server takes the
+    first one; the rest wait in the kernel's queue for the acceptor's drain)."""
+    crowd = [socket.create_connection(("127.0.0.1", port)) for _ in requests]
+    for client, request in zip(crowd, requests, strict=True):
+        client.sendall(request)
+        client.setblocking(False)
+    return crowd
+
+
+def test_a_drained_crowd_is_refused_before_it_has_a_transport() -> None:
+    """On uvloop, whose server takes one connection a turn, the acceptor drains the rest of
+    a crowd and the screen looks at each: a whole request it would refuse is answered on
+    the socket (no protocol made), the connection held, then set up for its next request;
+    ``connection: close`` is refused and closed; half a request, or one not refused, is the
+    protocols' to read from its first byte."""
+
+    async def main() -> None:
+        async with serving() as served:
+            requests = [
+                *(refused_request() for _ in range(12)),
+                *(refused_request(b"x" * 3000, "Connection: close") for _ in range(4)),
+                refused_request()[:-3],  # its body is not whole
+                b"GET /ok HTTP/1.1\r\nhost: t\r\n\r\n",
+            ]
+            crowd = a_crowd(served.port, requests)
+            loop = asyncio.get_running_loop()
+            firsts = await asyncio.gather(*(loop.sock_recv(c, 4096) for c in crowd))
+            refusals, served_one = firsts[:17], firsts[17]
+            assert all(a.startswith(b"HTTP/1.1 429 ") and a.endswith(b"full!\n") for a in refusals)
+            assert all(b"\r\ndate: " in a and b"\r\nserver: uvicorn" in a for a in refusals)
+            assert served_one.startswith(b"HTTP/1.1 200 ")
+            # The loop's server took the first client or two; the drain took the rest, and
+            # the screen answered every whole refused request among them.
+            taken = served.acceptor.accepted
+            assert taken in (1, 2) and served.acceptor.drained == len(crowd) - taken
+            assert served.screen.refused == 16 - taken
+            for client in crowd[12:16]:  # refused, then closed once the body was taken
+                assert await answered(client) == b""
+            assert served.overload.held == 12  # the screen's and the protocols'
+            ok = b"GET /ok HTTP/1.1\r\nhost: t\r\n\r\n"
+            await asyncio.gather(*(loop.sock_sendall(c, ok) for c in crowd[:12]))
+            await loop.sock_sendall(crowd[16], refused_request()[-3:])
+            # Held (not read) for the hold, then served on the same connection.
+            seconds = await asyncio.gather(*(loop.sock_recv(c, 4096) for c in crowd[:12]))
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in seconds)
+            await asyncio.sleep(HOLD_S)  # the half request's hold (refused by its protocol)
+            assert served.overload.held == 0
+            for client in crowd:
+                client.close()
+
+    uvloop.run(main())
+
+
+def test_a_screened_connection_waiting_for_its_set_up_is_closed_with_the_acceptor() -> None:
+    async def main() -> None:
+        async with serving() as served:
+            crowd = a_crowd(served.port, [refused_request() for _ in range(8)])
+            loop = asyncio.get_running_loop()
+            firsts = await asyncio.gather(*(loop.sock_recv(c, 4096) for c in crowd))
+            assert all(a.startswith(b"HTTP/1.1 429 ") for a in firsts)
+            taken = served.acceptor.accepted
+            assert served.screen.refused == 8 - taken and served.overload.held == 8
+            served.acceptor.close()  # before the holds end
+            assert served.overload.held == taken  # the screen's released
+            for client in crowd[taken:]:
+                assert await asyncio.wait_for(loop.sock_recv(client, 1), HOLD_S / 2) == b""
+            for client in crowd:
+                client.close()
+
+    uvloop.run(main())

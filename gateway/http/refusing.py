@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
 from gateway.http.protocol import HoldingProtocol, with_default_headers
 from gateway.overload import Overload
 
-__all__ = ["Refusal", "RefusingProtocol"]
+__all__ = ["Refusal", "RefusingProtocol", "RefusingScreen"]
 
 Refusal = Callable[[str, list[tuple[bytes, bytes]]], bytes | None]
 """Given an inference request's path and raw headers (names lower-case): the whole refusal
@@ -44,6 +45,9 @@ _MAX_HEAD = 16384
 _FRAMING = frozenset((b"transfer-encoding", b"upgrade", b"expect", b"connection"))
 """Headers that change how a request is framed or answered: uvicorn reads such a request
 (but ``connection: keep-alive`` or ``close``)."""
+_PEEK = 32768
+"""How much of a drained connection :class:`RefusingScreen` looks at: a request not whole
+within it is set up and read as usual."""
 _CLOSE = [(b"connection", b"close")]
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 """Bytes no head may hold (tab, CR and LF aside)."""
@@ -233,6 +237,67 @@ class RefusingProtocol(asyncio.Protocol):
             self._release.cancel()
             self._release = None
             self._overload.held -= 1
+
+
+class RefusingScreen:
+    """Refuses a crowd's connections before they have a transport
+    (:class:`gateway.acceptor.Screen`).
+
+    A connection the acceptor drained from the kernel's queue has usually sent its first
+    request already. When the request is whole (head and body) and one this module's
+    protocol would refuse, the screen answers it straight on the socket: a look at the
+    bytes without taking them, the refusal, the bytes taken and the answer sent, no
+    transport, protocol or loop turn. Held for overload as the protocol would hold it, the
+    connection gets its transport only when the hold ends (the acceptor waits), so a crowd
+    refused at its onset costs no set-up until then; a newcomer behind the crowd waits for
+    less. Anything else (no whole request yet, one not refused, not an inference head) is
+    left in the kernel for the protocol to read from the first byte."""
+
+    def __init__(self, *, refusal: Refusal, overload: Overload, server_state: Any) -> None:
+        self._refusal = refusal
+        self._overload = overload
+        self._state = server_state
+        self.refused = 0
+        """Requests refused here (for tests and the curious)."""
+
+    def first_look(self, connection: socket.socket) -> float | None:
+        try:
+            data = connection.recv(_PEEK, socket.MSG_PEEK)
+        except OSError:  # nothing sent yet, or reset: the protocol will see it
+            return 0.0
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or not data.startswith(b"POST /"):
+            return 0.0
+        head = _inference_head(data, end)
+        if head is None or len(data) < end + 4 + head[2]:
+            return 0.0
+        answer = self._refusal(head[0], head[1])
+        if answer is None:
+            return 0.0
+        close = head[3]
+        defaults = self._state.default_headers
+        answer = with_default_headers(answer, defaults + _CLOSE if close else defaults)
+        try:
+            connection.recv(end + 4 + head[2])  # there: it was just seen
+            sent = connection.send(answer)
+        except OSError:
+            sent = -1  # reset meanwhile
+        self.refused += 1
+        self._state.total_requests += 1
+        self._overload.answers += 1
+        if close or sent != len(answer):
+            # An empty send buffer takes a refusal whole; were it not, the client reads a
+            # reset, not half an answer (it was refused either way).
+            self._overload.refusals += 1
+            connection.close()
+            return None
+        hold = self._overload.hold()
+        if hold:
+            self._overload.held += 1
+        return hold
+
+    def released(self) -> None:
+        self._overload.held -= 1
 
 
 def _inference_head(
