@@ -17,6 +17,10 @@ its turn, each given its transport and protocol by ``loop.connect_accepted_socke
 stops once the queue is empty. Accepting everything from Python, every time, cost a
 connection that came alone about 50 us more of the loop than the server's own path
 (``python -m bench.revisions --new-connections``).
+
+A drained connection is set up in a later turn, a slice at a time, newest first; before
+that a :class:`Screen` may look at it (over HTTP, one that refuses a whole request on the
+socket and keeps a held connection waiting for its transport until the hold ends).
 """
 
 from __future__ import annotations
@@ -211,7 +215,9 @@ class Acceptor:
     # first (adaptive LIFO: in order while nothing waits; once a queue has formed, the
     # connection that has waited least is the one whose client is still there, and the
     # crowd's oldest wait a few turns more), so the loop polls its other connections
-    # between slices and a newcomer waits for one slice.
+    # between slices and a newcomer waits for one slice. A screened connection answered
+    # and held waits for its set-up until the hold ends: a crowd refused at its onset
+    # takes no transports while the newcomers behind it wait.
     def _set_up(self) -> None:
         waiting = self._accepted
         if self._loop is None:  # closed meanwhile
