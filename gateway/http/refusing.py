@@ -20,6 +20,9 @@ from the start, so what is served, and every error, is uvicorn's as before.
 What it keeps from that protocol's overload handling: a crowd's first reads in slices
 (:meth:`Overload.first_read_now`), the hold of a refused connection, the head timeout
 (408 for half a head) and the keep-alive timeout.
+
+Before either protocol, :class:`RefusingScreen` answers the same refusals for a crowd the
+acceptor drained from the kernel's queue, on each socket before it has a transport.
 """
 
 from __future__ import annotations
