@@ -383,8 +383,18 @@ class Gateway:
             server_state=server.server_state,
             app_state=server.lifespan.state,
         )
+        # A drained crowd's first requests are refused before their transports (a whole
+        # refused request), or let in with a queue place kept until their protocols read
+        # them; plain text only (TLS bytes are the handshake's).
+        screen = RefusingScreen(
+            refuse=app.refusal_from_head,
+            release=self.dataplane.release,
+            overload=self.overload,
+            server_state=server.server_state,
+        )
         first = functools.partial(
             RefusingProtocol,
+            screen=screen if config.ssl is None else None,
             refusal=app.refusal,
             protocol=protocol,
             overload=self.overload,
@@ -398,9 +408,7 @@ class Gateway:
             ssl_context=config.ssl,
             backlog=config.backlog,
             on_drained=self.overload.arrived,
-            screen=RefusingScreen(
-                refusal=app.refusal, overload=self.overload, server_state=server.server_state
-            ),
+            screen=screen,
         )
         await self._http_acceptor.start()
         if self.monitor is not None:

@@ -63,6 +63,19 @@ def refusal(path: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return REFUSAL if path == FULL else None
 
 
+ROOMY = "/v2/models/roomy/infer"
+kept: list[str] = []
+given_back: list[str] = []
+
+
+def refusal_or_place(path: str, headers: list[tuple[bytes, bytes]]) -> bytes | str | None:
+    """The screen's question: refused (FULL), or let in with a place kept (ROOMY)."""
+    if path == ROOMY:
+        kept.append("roomy")
+        return "roomy"
+    return refusal(path, headers)
+
+
 @dataclass
 class Served:
     port: int
@@ -86,8 +99,15 @@ async def serving() -> AsyncIterator[Served]:
     made = functools.partial(
         protocol, config=config, server_state=server.server_state, app_state={}
     )
+    screen = RefusingScreen(
+        refuse=refusal_or_place,
+        release=given_back.append,
+        overload=overload,
+        server_state=server.server_state,
+    )
     first = functools.partial(
         RefusingProtocol,
+        screen=screen,
         refusal=refusal,
         protocol=made,
         overload=overload,
@@ -95,7 +115,6 @@ async def serving() -> AsyncIterator[Served]:
         head_timeout_s=HEAD_TIMEOUT_S,
         keep_alive_s=KEEP_ALIVE_S,
     )
-    screen = RefusingScreen(refusal=refusal, overload=overload, server_state=server.server_state)
     acceptor = Acceptor(listening_socket("127.0.0.1", 0), first, screen=screen)
     await acceptor.start()
     yield Served(acceptor.port, overload, server, acceptor, screen)
@@ -421,6 +440,33 @@ def test_a_screened_connection_waiting_for_its_set_up_is_closed_with_the_accepto
             assert served.overload.held == taken  # the screen's released
             for client in crowd[taken:]:
                 assert await asyncio.wait_for(loop.sock_recv(client, 1), HOLD_S / 2) == b""
+            for client in crowd:
+                client.close()
+
+    uvloop.run(main())
+
+
+def test_a_drained_crowd_let_in_keeps_its_queue_places_until_each_request_is_read() -> None:
+    """A request the screen lets in keeps a place in its model's queue (the gateway's
+    ``DataPlane.reserve``) until its protocol reads it: the rest of the crowd, screened
+    meanwhile, does not see that place free too. Every place is given back."""
+
+    async def main() -> None:
+        kept.clear()
+        given_back.clear()
+        async with serving() as served:
+            body = b'{"inputs": []}'
+            request = (
+                f"POST {ROOMY} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n\r\n"
+            ).encode() + body
+            crowd = a_crowd(served.port, [request] * 12)
+            loop = asyncio.get_running_loop()
+            answers = await asyncio.gather(*(loop.sock_recv(c, 4096) for c in crowd))
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+            screened = served.acceptor.drained
+            assert screened >= 10 and served.screen.refused == 0
+            assert kept == ["roomy"] * screened  # one place a connection let in
+            assert given_back == kept and served.screen.kept == {}  # each given back
             for client in crowd:
                 client.close()
 

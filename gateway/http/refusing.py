@@ -33,7 +33,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, cast
 
-from gateway.http.protocol import HoldingProtocol, with_default_headers
+from gateway.http.protocol import HoldingProtocol, Refuse, with_default_headers
 from gateway.overload import Overload
 
 __all__ = ["Refusal", "RefusingProtocol", "RefusingScreen"]
@@ -68,8 +68,11 @@ class RefusingProtocol(asyncio.Protocol):
         server_state: Any,
         head_timeout_s: float,
         keep_alive_s: float,
+        screen: RefusingScreen | None = None,
     ) -> None:
         self._refusal = refusal
+        self._screen = screen
+        self._socket = -1  # this connection's descriptor while the screen keeps it a place
         self._protocol = protocol
         self._overload = overload
         self._state = server_state  # uvicorn's: connections to close at shutdown, headers
@@ -89,6 +92,8 @@ class RefusingProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self._state.connections.add(self)
+        if self._screen is not None and self._screen.kept:
+            self._socket = transport.get_extra_info("socket").fileno()
         self._time(head=True)
 
     def data_received(self, data: bytes) -> None:
@@ -102,12 +107,14 @@ class RefusingProtocol(asyncio.Protocol):
                 transport.pause_reading()
                 self._overload.put_off(self._first_read)
                 return
+            self._give_back_place()
         self._buffer = self._buffer + data if self._buffer else data
         self._read()
 
     def _first_read(self) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        self._give_back_place()
         self._transport.resume_reading()
         self._read()
 
@@ -229,7 +236,16 @@ class RefusingProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _give_back_place(self) -> None:
+        """The first request is read now: a queue place the screen kept for it goes back,
+        and the request is refused or let in (a place kept again) as any other."""
+        if self._socket != -1:
+            assert self._screen is not None
+            self._screen.give_back(self._socket)
+            self._socket = -1
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._give_back_place()
         self._cancel_timers()
         self._state.connections.discard(self)
         self._transport = None
@@ -256,10 +272,21 @@ class RefusingScreen:
     less. Anything else (no whole request yet, one not refused, not an inference head) is
     left in the kernel for the protocol to read from the first byte."""
 
-    def __init__(self, *, refusal: Refusal, overload: Overload, server_state: Any) -> None:
-        self._refusal = refusal
+    def __init__(
+        self,
+        *,
+        refuse: Refuse,
+        release: Callable[[str], None],
+        overload: Overload,
+        server_state: Any,
+    ) -> None:
+        self._refuse = refuse
+        self._release = release
         self._overload = overload
         self._state = server_state
+        self.kept: dict[int, str] = {}
+        """Connections let in (by descriptor) and the model whose queue keeps a place for
+        each one's first request until its protocol reads it (:meth:`give_back`)."""
         self.refused = 0
         """Requests refused here (for tests and the curious)."""
 
@@ -274,8 +301,15 @@ class RefusingScreen:
         head = _inference_head(data, end)
         if head is None or len(data) < end + 4 + head[2]:
             return 0.0
-        answer = self._refusal(head[0], head[1])
+        answer = self._refuse(head[0], head[1])
         if answer is None:
+            return 0.0
+        if isinstance(answer, str):
+            # Let in: a place is kept in the model's queue until the protocol reads the
+            # request, so the rest of the crowd screened before then does not see that
+            # place free too (the screen would have let all of a crowd's first slices in).
+            self.give_back(connection.fileno())  # a descriptor closed without a read
+            self.kept[connection.fileno()] = answer
             return 0.0
         close = head[3]
         defaults = self._state.default_headers
@@ -301,6 +335,12 @@ class RefusingScreen:
 
     def released(self) -> None:
         self._overload.held -= 1
+
+    def give_back(self, descriptor: int) -> None:
+        """The place kept for the connection on ``descriptor`` (read now, or closed)."""
+        model = self.kept.pop(descriptor, None)
+        if model is not None:
+            self._release(model)
 
 
 def _inference_head(
