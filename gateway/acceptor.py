@@ -34,7 +34,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Acceptor", "Screen", "listening_socket"]
+__all__ = ["NOTHING_YET", "Acceptor", "Screen", "listening_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,18 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+NOTHING_YET = -1.0
+"""What :meth:`Screen.first_look` says of a connection that has sent nothing yet."""
+
+
 class Screen(Protocol):
     """Looks at each drained connection before it has a transport (plain text only)."""
 
     def first_look(self, connection: socket.socket) -> float | None:
-        """None: the screen answered the connection and closed it; else the seconds to
-        wait before setting it up (0: now), each wait ended by :meth:`released`."""
+        """None: the screen answered the connection and closed it; :data:`NOTHING_YET`:
+        nothing to look at yet (the acceptor looks again when the first bytes come, or
+        sets it up after ``first_bytes_s``); else the seconds to wait before setting it
+        up (0: now), each wait ended by :meth:`released`."""
 
     def released(self) -> None:
         """A wait :meth:`first_look` asked for is over (the connection is set up, or
@@ -90,6 +96,7 @@ class Acceptor:
         set_ups_per_turn: int = 32,
         on_drained: Callable[[int], None] | None = None,
         screen: Screen | None = None,
+        first_bytes_s: float = 0.1,
     ) -> None:
         self.sock = sock
         self.protocol_factory = protocol_factory
@@ -103,6 +110,9 @@ class Acceptor:
         self.on_drained = on_drained
         """Told how many connections each drain took (a crowd's size, as it arrives)."""
         self.screen = screen if ssl_context is None else None
+        self.first_bytes_s = first_bytes_s
+        """How long a screened connection that has sent nothing waits, without a transport,
+        for its first bytes before it is set up anyway (its protocol times it out)."""
         self.accepted = 0
         """Connections accepted by the loop's server (for tests and the curious)."""
         self.drained = 0
@@ -116,6 +126,8 @@ class Acceptor:
         self._accepted: list[socket.socket] = []  # drained, not set up yet; newest last
         self._setting_up = False
         self._waiting: dict[socket.socket, asyncio.TimerHandle] = {}  # screened, set up later
+        self._silent: dict[socket.socket, asyncio.TimerHandle] = {}  # nothing sent yet
+        self._looked: set[socket.socket] = set()  # waited for its first bytes
 
     @property
     def port(self) -> int:
@@ -139,6 +151,13 @@ class Acceptor:
         for connection in self._accepted:
             connection.close()
         self._accepted.clear()
+        for connection, timer in self._silent.items():
+            timer.cancel()
+            if self._loop is not None:
+                self._loop.remove_reader(connection.fileno())
+            connection.close()
+        self._silent.clear()
+        self._looked.clear()
         for connection, timer in self._waiting.items():
             timer.cancel()
             connection.close()
@@ -217,7 +236,9 @@ class Acceptor:
     # crowd's oldest wait a few turns more), so the loop polls its other connections
     # between slices and a newcomer waits for one slice. A screened connection answered
     # and held waits for its set-up until the hold ends: a crowd refused at its onset
-    # takes no transports while the newcomers behind it wait.
+    # takes no transports while the newcomers behind it wait. Most of a crowd's
+    # connections are drained before their clients write: each waits for its first bytes
+    # with a reader (microseconds, against a transport's tens), then is looked at again.
     def _set_up(self) -> None:
         waiting = self._accepted
         if self._loop is None:  # closed meanwhile
@@ -226,6 +247,10 @@ class Acceptor:
         for _ in range(min(self.set_ups_per_turn, len(waiting))):
             connection = waiting.pop()
             wait = self.screen.first_look(connection) if self.screen is not None else 0.0
+            if wait == NOTHING_YET and connection not in self._looked:
+                self._await_first_bytes(connection)
+                continue
+            self._looked.discard(connection)
             if wait is None:
                 continue
             if wait > 0:
@@ -235,6 +260,27 @@ class Acceptor:
         self._setting_up = bool(waiting)
         if self._setting_up:
             self._loop.call_soon(self._set_up)
+
+    def _await_first_bytes(self, connection: socket.socket) -> None:
+        """A reader and a timer, not a transport, until the client writes (a drained
+        connection often has not yet: its client writes once its connect returns)."""
+        assert self._loop is not None
+        self._looked.add(connection)
+        self._loop.add_reader(connection.fileno(), self._first_bytes, connection)
+        self._silent[connection] = self._loop.call_later(
+            self.first_bytes_s, self._first_bytes, connection
+        )
+
+    def _first_bytes(self, connection: socket.socket) -> None:
+        """Bytes came (or the wait ended): looked at again, newest first."""
+        timer = self._silent.pop(connection, None)
+        if timer is None or self._loop is None:
+            return
+        timer.cancel()
+        self._loop.remove_reader(connection.fileno())
+        self._accepted.append(connection)
+        if not self._setting_up:
+            self._set_up()
 
     def _waited(self, connection: socket.socket) -> None:
         del self._waiting[connection]

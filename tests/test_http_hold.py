@@ -471,3 +471,57 @@ def test_a_drained_crowd_let_in_keeps_its_queue_places_until_each_request_is_rea
                 client.close()
 
     uvloop.run(main())
+
+
+def test_a_drained_crowd_that_writes_later_is_screened_when_its_bytes_come() -> None:
+    """Clients drained before they write (the usual case: a client writes once its connect
+    returns) wait with a reader, not a transport, and are screened when their requests
+    come; one that never writes is set up after ``first_bytes_s`` and closed by its
+    protocol's head timeout."""
+
+    async def main() -> None:
+        async with serving() as served:
+            crowd = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(12)]
+            silent = socket.create_connection(("127.0.0.1", served.port))
+            loop = asyncio.get_running_loop()
+            while served.acceptor.accepted + served.acceptor.drained < 13:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02)  # drained, looked at: nothing sent yet
+            assert served.screen.refused == 0
+            for client in crowd:
+                client.setblocking(False)
+                await loop.sock_sendall(client, refused_request())
+            firsts = await asyncio.gather(*(loop.sock_recv(c, 4096) for c in crowd))
+            assert all(a.startswith(b"HTTP/1.1 429 ") for a in firsts)
+            # Every drained one was screened when its bytes came (none had a transport).
+            assert served.screen.refused >= served.acceptor.drained - 1 >= 10
+            silent.setblocking(False)
+            assert await asyncio.wait_for(loop.sock_recv(silent, 1), 5) == b""  # timed out
+            ok = b"GET /ok HTTP/1.1\r\nhost: t\r\n\r\n"
+            await asyncio.gather(*(loop.sock_sendall(c, ok) for c in crowd))
+            seconds = await asyncio.gather(*(loop.sock_recv(c, 4096) for c in crowd))
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in seconds)
+            for client in [*crowd, silent]:
+                client.close()
+
+    uvloop.run(main())
+
+
+def test_connections_waiting_for_their_first_bytes_are_closed_with_the_acceptor() -> None:
+    async def main() -> None:
+        async with serving() as served:
+            crowd = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(8)]
+            while served.acceptor.accepted + served.acceptor.drained < 8:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.01)
+            served.acceptor.close()
+            loop = asyncio.get_running_loop()
+            for client in crowd[served.acceptor.accepted :]:
+                client.setblocking(False)
+                assert (
+                    await asyncio.wait_for(loop.sock_recv(client, 1), 0.2) == b""
+                )  # before any timeout
+            for client in crowd:
+                client.close()
+
+    uvloop.run(main())

@@ -33,6 +33,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, cast
 
+from gateway.acceptor import NOTHING_YET
 from gateway.http.protocol import HoldingProtocol, Refuse, with_default_headers
 from gateway.overload import Overload
 
@@ -270,7 +271,8 @@ class RefusingScreen:
     connection gets its transport only when the hold ends (the acceptor waits), so a crowd
     refused at its onset costs no set-up until then; a newcomer behind the crowd waits for
     less. Anything else (no whole request yet, one not refused, not an inference head) is
-    left in the kernel for the protocol to read from the first byte."""
+    left in the kernel for the protocol to read from the first byte; a request let in
+    keeps a place in its model's queue until then (:attr:`kept`)."""
 
     def __init__(
         self,
@@ -293,7 +295,9 @@ class RefusingScreen:
     def first_look(self, connection: socket.socket) -> float | None:
         try:
             data = connection.recv(_PEEK, socket.MSG_PEEK)
-        except OSError:  # nothing sent yet, or reset: the protocol will see it
+        except BlockingIOError:
+            return NOTHING_YET
+        except OSError:  # reset: the protocol will see it
             return 0.0
         end = data.find(b"\r\n\r\n")
         if end < 0 or not data.startswith(b"POST /"):
