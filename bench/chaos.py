@@ -93,7 +93,7 @@ from bench.harness import (
 from bench.models import INPUT_DIM, build_repository, build_rollout_repository
 from bench.serving import grpc_body
 
-OVERLOADED = {"max_batch_size": 4, "max_queue_size": 8}
+OVERLOADED: dict[str, Any] = {"max_batch_size": 4, "max_queue_size": 8}
 STATS = "/v2/models/mlp/stats"
 INFER = "/v2/models/mlp/infer"
 
