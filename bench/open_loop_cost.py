@@ -21,7 +21,6 @@ Usage:
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import sys
@@ -50,15 +49,9 @@ from bench.harness import (
     save_results,
 )
 from bench.models import build_repository
+from bench.refusal_cost import thread_times
 
-TICK = os.sysconf("SC_CLK_TCK")
 _REFUSED = re.compile(r'^turnout_requests_total\{[^}]*status="429"[^}]*\} ([0-9.e+]+)$', re.M)
-
-
-def loop_times(pid: int) -> tuple[float, float]:
-    """The event loop thread's (the main thread's) user and system CPU seconds."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def refused(port: int) -> int:
@@ -72,10 +65,10 @@ def window(pid: int, port: int, phase: float, settle: float = 1.0) -> dict[str, 
     """A phase that has just started, measured from ``settle`` in to ``settle`` before its
     end: served and refused per second, and the loop's CPU per served request."""
     time.sleep(settle)
-    user0, system0 = loop_times(pid)
+    user0, system0 = thread_times(pid)
     served0, refused0, at0 = served(port), refused(port), time.monotonic()
     time.sleep(max(0.0, phase - 2 * settle))
-    user1, system1 = loop_times(pid)
+    user1, system1 = thread_times(pid)
     served1, refused1, at1 = served(port), refused(port), time.monotonic()
     count = max(served1 - served0, 1)
     return {
