@@ -19,7 +19,7 @@ import pytest
 import uvloop
 from certificates import certificate, new_key, write_pem
 
-from gateway.acceptor import Acceptor, listening_socket
+from gateway.acceptor import NOTHING_YET, Acceptor, listening_socket
 
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
     "uvloop": uvloop.run,
@@ -232,6 +232,70 @@ def test_a_drained_crowd_gets_its_tls_handshakes(tmp_path: Path) -> None:
         assert answers[1:] == [b"ping"] * 40
         assert len(made) == 40 and acceptor.accepted + acceptor.drained == 41
         assert acceptor.drained >= 30, (acceptor.accepted, acceptor.drained)
+        acceptor.close()
+
+    uvloop.run(main())
+
+
+class PeekingScreen:
+    """Looks at a connection's bytes without taking them: nothing yet, or set it up now;
+    records the loop turn of every look."""
+
+    def __init__(self, turn: list[int]) -> None:
+        self.turn = turn
+        self.looks: list[tuple[int, bool]] = []  # (turn, whether bytes had come)
+
+    def first_look(self, connection: socket.socket) -> float | None:
+        try:
+            connection.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            self.looks.append((self.turn[0], False))
+            return NOTHING_YET
+        self.looks.append((self.turn[0], True))
+        return 0.0
+
+    def released(self) -> None:
+        raise AssertionError("this screen asks for no waits")
+
+
+def test_a_crowds_first_bytes_heard_in_one_turn_are_looked_at_a_slice_a_turn() -> None:
+    """A crowd drained before its clients write waits for their first bytes with a reader
+    each; the bytes come in a burst, every reader in one turn. The looks go a slice a turn
+    from the next turn on, not one in each reader's callback: a crowd's burst of refusals
+    had made one long turn that every established connection waited out."""
+    protocol, made, turn = echo_protocol()
+    screen = PeekingScreen(turn)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        acceptor = Acceptor(
+            listening_socket("127.0.0.1", 0),
+            protocol,
+            set_ups_per_turn=8,
+            screen=screen,
+            first_bytes_s=30.0,  # no silent connection is set up for want of bytes here
+        )
+        await acceptor.start()
+        clients = [socket.create_connection(("127.0.0.1", acceptor.port)) for _ in range(64)]
+        counting_turns(loop, turn)
+        while acceptor.accepted + len(screen.looks) < 64:
+            await asyncio.sleep(0)
+        screened = len(screen.looks)
+        assert screened >= 56 and not any(sent for _, sent in screen.looks), screen.looks
+        drained_in = turn[0]
+        for client in clients:  # the loop is not running: every reader is ready at once
+            client.sendall(b"ping")
+        while len(made) < 64:
+            await asyncio.sleep(0)
+        second = [t for t, sent in screen.looks if sent]
+        assert len(second) == screened
+        per_turn = {t: second.count(t) for t in set(second)}
+        assert max(per_turn.values()) <= 8, per_turn
+        assert len(per_turn) >= screened // 8 and min(per_turn) > drained_in, per_turn
+        for client in clients:
+            client.settimeout(5)
+            assert await loop.run_in_executor(None, client.recv, 4) == b"ping"
+            client.close()
         acceptor.close()
 
     uvloop.run(main())
