@@ -258,9 +258,9 @@ class Acceptor:
                 self._waiting[connection] = self._loop.call_later(wait, self._waited, connection)
                 continue
             self._serve(connection)
-        self._setting_up = bool(waiting)
-        if self._setting_up:
-            self._loop.call_soon(self._set_up)
+        self._setting_up = False
+        if waiting:
+            self._set_up_later()
 
     def _await_first_bytes(self, connection: socket.socket) -> None:
         """A reader and a timer, not a transport, until the client writes (a drained
